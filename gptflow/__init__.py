@@ -1,0 +1,15 @@
+"""gptflow: declarative, cached, resumable pipelines for GPT models.
+
+Plugin authors import from here only: ``hookimpl`` and the node declaration types.
+"""
+
+import pluggy
+
+from gptflow.errors import NodeError
+from gptflow.nodes import Artifact, Context, Input, NodeType, PathRef
+
+__version__ = "0.1.0"
+
+hookimpl = pluggy.HookimplMarker("gptflow")
+
+__all__ = ["Artifact", "Context", "Input", "NodeError", "NodeType", "PathRef", "hookimpl"]

@@ -1,0 +1,296 @@
+"""The ``gptflow`` command. Verbs that only read pipelines (validate, plan,
+graph, plugins, schema, --help) import no torch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from gptflow.errors import InputError
+
+EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_INPUT
+    try:
+        code: int = args.func(args)
+        return code
+    except InputError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # a bug or an environment problem: one line unless debugging
+        if os.environ.get("GPTFLOW_DEBUG") == "1":
+            traceback.print_exc()
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gptflow", description="Declarative, cached, resumable pipelines for GPT models.")
+    verbs = parser.add_subparsers(metavar="VERB")
+
+    def verb(name: str, func: Callable[[argparse.Namespace], int], help: str,
+             pipeline: bool = False) -> argparse.ArgumentParser:
+        p = verbs.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        p.add_argument("--store", help="store folder (default: $GPTFLOW_STORE or .gptflow)")
+        if pipeline:
+            p.add_argument("pipeline", metavar="PIPELINE", help="pipeline YAML file")
+            p.add_argument("--set", dest="overrides", action="append", default=[],
+                           metavar="PATH=VALUE", help="override a value: vars.X=1 or NODE.params.a.b=2")
+        return p
+
+    p = verb("run", cmd_run, "run what is not cached, in dependency order", pipeline=True)
+    p.add_argument("--only", nargs="+", default=[], metavar="NODE", help="run only these nodes")
+    p.add_argument("--from", dest="start", nargs="+", default=[], metavar="NODE",
+                   help="run these nodes and everything downstream")
+    p.add_argument("--force", nargs="*", metavar="NODE",
+                   help="re-run these nodes (all selected nodes when none named) even if cached")
+    p.add_argument("--dry-run", action="store_true", help="say what would run, run nothing")
+    p.add_argument("--jobs", "-j", type=int, default=1, metavar="K",
+                   help="run up to K independent nodes in parallel processes")
+    verb("validate", cmd_validate, "check a pipeline; runs nothing", pipeline=True)
+    verb("plan", cmd_plan, "which nodes would run and which are cached, and why", pipeline=True)
+    p = verb("graph", cmd_graph, "draw the DAG", pipeline=True)
+    p.add_argument("--format", choices=("text", "mermaid", "dot"), default="text")
+    p = verb("plugins", cmd_plugins, "installed node types, their slots and params")
+    p.add_argument("name", nargs="?", metavar="NAME", help="show one node type in full")
+    verb("schema", cmd_schema, "JSON Schema of the pipeline format")
+    verb("runs", cmd_runs, "list past runs")
+    p = verb("show", cmd_show, "one run: node statuses, timings, metrics")
+    p.add_argument("run", metavar="RUN", help="a run id (or a unique prefix) or 'latest'")
+    p.add_argument("--json", action="store_true", help="print run.json")
+    p = verb("path", cmd_path, "print the folder of an output artifact")
+    p.add_argument("run", metavar="RUN", help="a run id or 'latest'")
+    p.add_argument("target", metavar="NODE[.OUTPUT]")
+    return parser
+
+
+# -- helpers ------------------------------------------------------------------------
+def _store(args: argparse.Namespace) -> Any:
+    from gptflow.store import Store
+
+    return Store(args.store)
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    from gptflow.manager import load_plugins
+    from gptflow.pipeline import load_pipeline
+
+    plugins = load_plugins()
+    return load_pipeline(args.pipeline, plugins, args.overrides), plugins
+
+
+def _console() -> Any:
+    from gptflow.console import make_console
+
+    return make_console()
+
+
+# -- verbs --------------------------------------------------------------------------
+def cmd_validate(args: argparse.Namespace) -> int:
+    pipeline, _ = _load(args)
+    print(f"{args.pipeline}: ok ({len(pipeline.nodes)} nodes)")
+    return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace, steps: Any = None) -> int:
+    from rich.table import Table
+
+    from gptflow.plan import make_plan
+
+    if steps is None:
+        pipeline, _ = _load(args)
+        steps = make_plan(pipeline, _store(args))
+    table = Table(title="plan", title_justify="left")
+    for col in ("node", "plugin", "action", "why", "fingerprint"):
+        table.add_column(col)
+    for s in steps:
+        action = "[green]run[/]" if s.action == "run" else "[cyan]cached[/]"
+        table.add_row(s.node.name, s.node.plugin, action, s.reason, s.fingerprint[:12])
+    _console().print(table)
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gptflow.console import Display
+    from gptflow.plan import make_plan
+    from gptflow.runner import Runner
+
+    pipeline, plugins = _load(args)
+    store = _store(args)
+    if args.jobs < 1:
+        raise InputError(f"--jobs {args.jobs}: must be at least 1")
+    steps = make_plan(pipeline, store, args.only, args.start, args.force)
+    if args.dry_run:
+        return cmd_plan(args, steps)
+    with Display(_console()) as display:
+        record = Runner(pipeline, plugins, store, display, args.jobs).run(
+            steps, ["gptflow", *sys.argv[1:]])
+    return {"ok": EXIT_OK, "interrupted": EXIT_INTERRUPTED}.get(record["status"], EXIT_FAILED)
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    pipeline, _ = _load(args)
+    print(draw_graph(pipeline, args.format))
+    return EXIT_OK
+
+
+def draw_graph(pipeline: Any, fmt: str) -> str:
+    edges = [(r.node, node.name, f"{r.output}->{slot}")
+             for node in pipeline.nodes.values() for slot, refs in node.inputs.items()
+             for r in refs]
+    if fmt == "mermaid":
+        lines = ["graph TD"]
+        lines += [f'  {n.name}["{n.name}<br/>({n.plugin})"]' for n in pipeline.nodes.values()]
+        lines += [f"  {a} -->|{label}| {b}" for a, b, label in edges]
+    elif fmt == "dot":
+        lines = [f'digraph "{pipeline.name}" {{', "  rankdir=LR;"]
+        lines += [f'  "{n.name}" [label="{n.name}\\n({n.plugin})", shape=box];'
+                  for n in pipeline.nodes.values()]
+        lines += [f'  "{a}" -> "{b}" [label="{label}"];' for a, b, label in edges]
+        lines.append("}")
+    else:
+        lines = [f"{pipeline.name}"]
+        for node in pipeline.nodes.values():
+            ups = ", ".join(f"{r}" for refs in node.inputs.values() for r in refs)
+            lines.append(f"  {node.name} ({node.plugin})" + (f" <- {ups}" if ups else ""))
+    return "\n".join(lines)
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from gptflow.describe import param_rows
+    from gptflow.manager import load_plugins
+
+    plugins = load_plugins()
+    console = _console()
+    if args.name:
+        reg = plugins.node_types.get(args.name)
+        if reg is None:
+            raise InputError(f"no node type {args.name!r}; installed: "
+                             f"{', '.join(sorted(plugins.node_types)) or 'none'}")
+        nt = reg.node_type
+        console.print(f"[bold]{nt.name}[/] (version {nt.version}, from {reg.provider})\n"
+                      f"{nt.description}\n")
+        for title, rows in (
+            ("inputs", [(s, " | ".join(i.types) + ("[]" if i.many else ""),
+                         "optional" if i.optional else "required", i.doc)
+                        for s, i in nt.inputs.items()]),
+            ("outputs", [(n, t, "", "") for n, t in nt.outputs.items()]),
+            ("params", list(param_rows(nt.params))),
+        ):
+            table = Table(title=title, title_justify="left")
+            for col in ("name", "type", "default" if title == "params" else "", "doc"):
+                table.add_column(col, overflow="fold")
+            for row in rows:
+                table.add_row(*row)
+            console.print(table)
+        return EXIT_OK
+    table = Table(title="node types", title_justify="left")
+    for col in ("name", "inputs", "outputs", "version", "from", "description"):
+        table.add_column(col, overflow="fold")
+    for name in sorted(plugins.node_types):
+        reg = plugins.node_types[name]
+        nt = reg.node_type
+        table.add_row(name, ", ".join(f"{s}: {'|'.join(i.types)}" for s, i in nt.inputs.items()),
+                      ", ".join(f"{n}: {t}" for n, t in nt.outputs.items()), nt.version,
+                      reg.provider, nt.description.split("\n")[0])
+    console.print(table)
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from gptflow.describe import pipeline_schema
+    from gptflow.manager import load_plugins
+
+    print(json.dumps(pipeline_schema(load_plugins()), indent=2))
+    return EXIT_OK
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from gptflow.console import styled
+
+    store = _store(args)
+    table = Table(title=f"runs in {store.root}", title_justify="left")
+    for col in ("run", "pipeline", "status", "started", "ran", "cached", "failed"):
+        table.add_column(col)
+    for run_id in store.run_ids():
+        r = store.load_run(run_id)
+        counts = [sum(n["status"] == s for n in r["nodes"].values())
+                  for s in ("ran", "cached", "failed")]
+        table.add_row(run_id, r["pipeline"]["name"], styled(r["status"]),
+                      r["started"][:19].replace("T", " "), *map(str, counts))
+    _console().print(table)
+    return EXIT_OK
+
+
+def _run_record(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    store = _store(args)
+    try:
+        run_id = store.resolve_run(args.run)
+    except KeyError as e:
+        raise InputError(str(e.args[0])) from None
+    return store, store.load_run(run_id)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from gptflow.console import summary_table
+
+    store, record = _run_record(args)
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return EXIT_OK
+    console = _console()
+    console.print(summary_table(record))
+    for name, node in record["nodes"].items():
+        if node.get("error"):
+            console.print(f"[red]{name}: {node['error']}[/] (log: {node['log']})")
+        for output in node.get("outputs", {}).values():
+            table = Path(output) / "report.md"
+            if table.is_file():
+                console.print(f"\n[bold]{name}[/]\n{table.read_text(encoding='utf-8')}")
+    return EXIT_OK
+
+
+def cmd_path(args: argparse.Namespace) -> int:
+    _, record = _run_record(args)
+    node, _, output = args.target.partition(".")
+    entry = record["nodes"].get(node)
+    if entry is None:
+        raise InputError(f"run {record['run_id']} has no node {node!r}")
+    outputs = entry.get("outputs") or {}
+    if not outputs:
+        raise InputError(f"node {node!r} has no outputs in run {record['run_id']} "
+                         f"(status: {entry['status']})")
+    if not output:
+        if len(outputs) != 1:
+            raise InputError(f"node {node!r} has outputs {', '.join(outputs)}: write {node}.OUTPUT")
+        output = next(iter(outputs))
+    if output not in outputs:
+        raise InputError(f"node {node!r} has no output {output!r}; outputs: {', '.join(outputs)}")
+    print(outputs[output])
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""What the user sees while a pipeline runs: one line per node, a live progress
+display for long nodes (on a terminal), and a summary table at the end."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+STYLE = {"ran": "green", "ok": "green", "cached": "cyan", "failed": "bold red",
+         "skipped": "yellow", "interrupted": "bold red", "running": "magenta",
+         "killed": "bold red", "pending": "dim"}
+
+
+def styled(status: str) -> str:
+    return f"[{STYLE.get(status, 'default')}]{status}[/]"
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A console on a private copy of stdout, so node output redirected into
+    log files never mixes with ours."""
+    stream = sys.stderr if stderr else sys.stdout
+    stream.flush()
+    try:
+        own = os.fdopen(os.dup(stream.fileno()), "w", buffering=1)
+    except (OSError, ValueError):  # no real file descriptor (e.g. captured in tests)
+        own = stream
+    return Console(file=own, highlight=False, soft_wrap=True)
+
+
+def fmt_duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes} min {secs:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def fmt_metric(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+    return str(value)
+
+
+class Display:
+    """Status lines and live progress; plain lines when not on a terminal."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress = Progress(TextColumn("  [magenta]{task.fields[node]}"), BarColumn(),
+                                 TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
+                                 TextColumn("{task.description}"), console=console)
+        self.tasks: dict[str, TaskID] = {}
+        self.live: Live | None = None
+
+    def __enter__(self) -> Display:
+        if self.console.is_terminal:
+            self.live = Live(self.progress, console=self.console, refresh_per_second=4,
+                             transient=True)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live:
+            self.live.__exit__(None, None, None)
+
+    def line(self, text: str) -> None:
+        self.console.print(text)
+
+    def started(self, node: str, plugin: str, reason: str) -> None:
+        self.line(f"[magenta]●[/] {node} [dim]({plugin})[/] running: {reason}")
+        self.tasks[node] = self.progress.add_task("", node=node, total=None)
+
+    def update(self, node: str, completed: float, total: float | None, text: str) -> None:
+        if node in self.tasks:
+            self.progress.update(self.tasks[node], completed=completed, total=total,
+                                 description=text)
+
+    def finished(self, node: str, status: str, detail: str) -> None:
+        if node in self.tasks:
+            self.progress.remove_task(self.tasks.pop(node))
+        mark = {"ran": "✓", "cached": "○", "skipped": "-"}.get(status, "✗")
+        self.line(f"[{STYLE.get(status, 'default')}]{mark} {node}[/] {detail}")
+
+    def summary(self, record: Mapping[str, Any]) -> None:
+        self.console.print(summary_table(record))
+
+
+def summary_table(record: Mapping[str, Any]) -> Table:
+    """Node, status, duration and headline metrics of one run."""
+    status = record["status"]
+    table = Table(title=f"run {record['run_id']} · {record['pipeline']['name']} · "
+                        f"{styled(status)}", title_justify="left")
+    for col in ("node", "plugin", "status", "time", "metrics"):
+        table.add_column(col, overflow="fold")
+    for name, node in record["nodes"].items():
+        metrics = node.get("metrics") or {}
+        shown = ", ".join(f"{k}={fmt_metric(v)}" for k, v in list(metrics.items())[:6])
+        duration = node.get("duration_s")
+        table.add_row(name, node["plugin"], styled(node["status"]),
+                      fmt_duration(duration) if duration is not None else "", shown)
+    return table

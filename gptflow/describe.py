@@ -1,0 +1,91 @@
+"""Describing node types to people and tools: params help and JSON Schema.
+
+The params model of a node is the single source of truth: field docstrings
+become `gptflow plugins NAME` help and the pipeline's JSON Schema.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Iterator
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+from pydantic_core import PydanticUndefined
+
+from gptflow.manager import Plugins
+
+
+def type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return type_name(typing.get_args(annotation)[0])
+    if origin is typing.Literal:
+        return "|".join(repr(a) for a in typing.get_args(annotation))
+    if origin is not None:
+        args = ", ".join(type_name(a) for a in typing.get_args(annotation))
+        name = getattr(origin, "__name__", str(origin)).replace("UnionType", "Union")
+        return f"{name}[{args}]" if name != "Union" else " | ".join(
+            type_name(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def param_rows(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, str, str, str]]:
+    """(dotted name, type, default, doc) for every field, nested models flattened."""
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield f"{prefix}{name}", annotation.__name__, "", info.description or ""
+            yield from param_rows(annotation, f"{prefix}{name}.")
+            continue
+        if info.is_required():
+            default = "required"
+        elif info.default_factory is not None:
+            default = repr(info.default_factory())  # type: ignore[call-arg]
+        else:
+            default = repr(info.default) if info.default is not PydanticUndefined else ""
+        yield f"{prefix}{name}", type_name(annotation), default, info.description or ""
+
+
+def pipeline_schema(plugins: Plugins) -> dict[str, Any]:
+    """JSON Schema of a pipeline file, with the params of every installed node type."""
+    names = sorted(plugins.node_types)
+    models = [(plugins.node_types[n].node_type.params, "validation") for n in names]
+    refs, defs = models_json_schema(models, ref_template="#/$defs/{model}")
+    variants = []
+    for name, model in zip(names, models):
+        node_type = plugins.node_types[name].node_type
+        variants.append({
+            "type": "object",
+            "description": node_type.description,
+            "properties": {
+                "plugin": {"const": name},
+                "description": {"type": "string"},
+                "inputs": {"type": "object", "additionalProperties": False, "properties": {
+                    slot: {"description": f"{' or '.join(spec.types)}; NODE or NODE.OUTPUT",
+                           **({"type": "array", "items": {"type": "string"}} if spec.many
+                              else {"type": "string"})}
+                    for slot, spec in node_type.inputs.items()}},
+                "params": refs[model],
+            },
+            "required": ["plugin"],
+            "additionalProperties": False,
+        })
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "gptflow pipeline",
+        "type": "object",
+        "required": ["name", "nodes"],
+        "additionalProperties": False,
+        "properties": {
+            "name": {"type": "string"},
+            "description": {"type": "string"},
+            "vars": {"type": "object", "description": "values used as ${vars.NAME}"},
+            "nodes": {"type": "object", "minProperties": 1,
+                      "additionalProperties": {"oneOf": variants}},
+        },
+        "$defs": defs.get("$defs", {}),
+    }

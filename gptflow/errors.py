@@ -1,0 +1,31 @@
+"""Errors that reach the user: one line per problem, never a traceback."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the user's input, with where it is when known."""
+
+    message: str
+    file: str | None = None
+    line: int | None = None
+    col: int | None = None
+
+    def __str__(self) -> str:
+        where = ":".join(str(p) for p in (self.file, self.line, self.col) if p is not None)
+        return f"{where}: error: {self.message}" if where else f"error: {self.message}"
+
+
+class InputError(Exception):
+    """Bad input from the user (exit code 2): the store is left untouched."""
+
+    def __init__(self, problems: list[Problem] | str) -> None:
+        self.problems = [Problem(problems)] if isinstance(problems, str) else problems
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class NodeError(Exception):
+    """Raised by a node's run() for a failure worth one clear line (no traceback)."""

@@ -1,0 +1,108 @@
+"""The plugin manager: which plugins are loaded, and what they registered.
+
+Built-ins come from an explicit tuple of module names and use the same
+``@hookimpl`` a third party uses. Third parties come from the entry-point group
+``gptflow`` (off with ``GPTFLOW_DISABLE_PLUGIN_AUTOLOAD=1``), and extra plugin
+modules from ``GPTFLOW_PLUGINS=mod1,mod2`` (handy for tests and for parallel
+workers, which rebuild the manager from names). ``GPTFLOW_TRACE_HOOKS=1``
+prints every hook call to stderr.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pluggy
+
+from gptflow import hookspecs
+from gptflow.nodes import NodeType
+
+BUILTIN_PLUGINS: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A node type and the distribution that provided it."""
+
+    node_type: NodeType
+    provider: str
+
+
+class Plugins:
+    """The typed facade the runner calls: node types plus lifecycle hooks.
+
+    With no plugins at all it still works: every hook is a no-op.
+    """
+
+    def __init__(self, pm: pluggy.PluginManager, extra_modules: tuple[str, ...] = ()) -> None:
+        self.pm = pm
+        self.extra_modules = extra_modules  # rebuilt by name in worker processes
+        self.node_types: dict[str, Registered] = {}
+        providers = {id(plugin): dist.project_name for plugin, dist in pm.list_plugin_distinfo()}
+        for impl in pm.hook.register_node_types.get_hookimpls():
+            provider = providers.get(id(impl.plugin), _module_provider(impl.plugin))
+            impl.function(register=lambda nt, p=provider: self._register(nt, p))
+
+    def _register(self, node_type: NodeType, provider: str) -> None:
+        if not isinstance(node_type, NodeType):
+            raise TypeError(f"{provider}: register() takes a gptflow.NodeType, got {node_type!r}")
+        taken = self.node_types.get(node_type.name)
+        if taken:
+            raise ValueError(f"node type {node_type.name!r} is registered twice: "
+                             f"by {taken.provider} and by {provider}")
+        self.node_types[node_type.name] = Registered(node_type, provider)
+
+    def training_callbacks(self, node: str) -> list[Any]:
+        callbacks: list[Any] = []
+        self.pm.hook.register_training_callbacks(node=node, register=callbacks.append)
+        return callbacks
+
+    def before_pipeline_run(self, run_id: str, pipeline: str, nodes: list[str]) -> None:
+        self.pm.hook.before_pipeline_run(run_id=run_id, pipeline=pipeline, nodes=nodes)
+
+    def before_node_run(self, run_id: str, node: str, plugin: str, fingerprint: str) -> None:
+        self.pm.hook.before_node_run(run_id=run_id, node=node, plugin=plugin,
+                                     fingerprint=fingerprint)
+
+    def after_node_run(self, run_id: str, node: str, status: str, metrics: Mapping[str, Any],
+                       outputs: Mapping[str, str]) -> None:
+        self.pm.hook.after_node_run(run_id=run_id, node=node, status=status, metrics=metrics,
+                                    outputs=outputs)
+
+    def on_node_error(self, run_id: str, node: str, error: str, log_path: str) -> None:
+        self.pm.hook.on_node_error(run_id=run_id, node=node, error=error, log_path=log_path)
+
+    def after_pipeline_run(self, run_id: str, status: str, record: Mapping[str, Any]) -> None:
+        self.pm.hook.after_pipeline_run(run_id=run_id, status=status, record=record)
+
+
+def _module_provider(plugin: object) -> str:
+    module = getattr(plugin, "__name__", None) or type(plugin).__module__
+    return "gptflow" if module in BUILTIN_PLUGINS else module
+
+
+def load_plugins(extra: Iterable[object] = (), builtins: bool = True) -> Plugins:
+    """Build a fresh manager: built-ins, entry points, GPTFLOW_PLUGINS, then ``extra``."""
+    pm = pluggy.PluginManager("gptflow")
+    pm.add_hookspecs(hookspecs)
+    if builtins:
+        for name in BUILTIN_PLUGINS:
+            pm.register(importlib.import_module(name), name)
+    if os.environ.get("GPTFLOW_DISABLE_PLUGIN_AUTOLOAD") != "1":
+        pm.load_setuptools_entrypoints("gptflow")
+    modules = tuple(m for m in os.environ.get("GPTFLOW_PLUGINS", "").split(",") if m.strip())
+    for name in modules:
+        if pm.get_plugin(name.strip()) is None:
+            pm.register(importlib.import_module(name.strip()), name.strip())
+    for plugin in extra:
+        pm.register(plugin)
+    pm.check_pending()
+    if os.environ.get("GPTFLOW_TRACE_HOOKS") == "1":
+        pm.trace.root.setwriter(sys.stderr.write)
+        pm.enable_tracing()
+    return Plugins(pm, modules)

@@ -1,0 +1,146 @@
+"""What a node type declares, and what its run() receives.
+
+A node type is a small declared object, not a class to inherit from. Declaring
+one imports no torch: heavy imports happen inside ``run``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+ARTIFACT_TYPES = ("tokenizer", "tokens", "model", "adapter", "dataset", "report")
+
+
+@dataclass(frozen=True)
+class Input:
+    """An input slot: the artifact type(s) it accepts, whether it may be absent,
+    whether it takes a list of upstream outputs."""
+
+    types: tuple[str, ...]
+    optional: bool = False
+    many: bool = False
+    doc: str = ""
+
+    def __init__(self, *types: str, optional: bool = False, many: bool = False, doc: str = "") -> None:
+        object.__setattr__(self, "types", types)
+        object.__setattr__(self, "optional", optional)
+        object.__setattr__(self, "many", many)
+        object.__setattr__(self, "doc", doc)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A published artifact as a downstream node sees it."""
+
+    path: Path
+    type: str
+    fingerprint: str
+    producer: str  # the pipeline node that made it
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Context(Protocol):
+    """What the runner hands to ``run``: where to write, where to keep state."""
+
+    node: str
+    fingerprint: str
+    work_dir: Path  # survives crashes, keyed by fingerprint: checkpoints go here
+    log: logging.Logger
+
+    def output_dir(self, name: str) -> Path:
+        """The private folder to write output ``name`` into (published on success)."""
+
+    def progress(self, completed: float, total: float | None = None, text: str = "") -> None:
+        """Report progress of long work to the live display."""
+
+    def set_meta(self, output: str, **meta: Any) -> None:
+        """Attach JSON metadata to an output's artifact.json."""
+
+    def training_callbacks(self) -> list[Any]:
+        """Lightning callbacks that plugins add to every training node."""
+
+
+Metrics = Mapping[str, float | int | str]
+RunFn = Callable[[Context, dict[str, Any], Any], "Metrics | None"]
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """A node type: its slots, its params model, a version that is part of the
+    cache key (bump it when outputs would change), and ``run``."""
+
+    name: str
+    run: RunFn
+    params: type[BaseModel]
+    outputs: Mapping[str, str]
+    inputs: Mapping[str, Input] = field(default_factory=dict)
+    version: str = "1"
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        for slot in self.inputs.values():
+            _check_types(self.name, slot.types)
+        _check_types(self.name, tuple(self.outputs.values()))
+
+
+def _check_types(node: str, types: tuple[str, ...]) -> None:
+    unknown = [t for t in types if t not in ARTIFACT_TYPES]
+    if unknown:
+        raise ValueError(f"node type {node!r}: unknown artifact type(s) {unknown}; "
+                         f"known: {', '.join(ARTIFACT_TYPES)}")
+
+
+class PathRef:
+    """Marks a params field whose value names local files, folders or globs:
+    their content becomes part of the node's fingerprint.
+
+    Use as ``Annotated[str, PathRef()]``; ``builtin:NAME`` values are not paths.
+    """
+
+    def __repr__(self) -> str:
+        return "PathRef()"
+
+
+def path_refs(params: BaseModel, loc: tuple[str | int, ...] = ()) -> list[tuple[tuple[str | int, ...], str]]:
+    """Every (location, value) in ``params`` that a :class:`PathRef` field names."""
+    found: list[tuple[tuple[str | int, ...], str]] = []
+    for name, info in type(params).model_fields.items():
+        value = getattr(params, name)
+        if isinstance(value, BaseModel):
+            found += path_refs(value, (*loc, name))
+        elif any(isinstance(m, PathRef) for m in info.metadata) or _marks_paths(info.annotation):
+            values = value if isinstance(value, list) else [value]
+            found += [((*loc, name, i) if isinstance(value, list) else (*loc, name), v)
+                      for i, v in enumerate(values) if isinstance(v, str)]
+    return found
+
+
+def _marks_paths(annotation: Any) -> bool:
+    if any(isinstance(m, PathRef) for m in getattr(annotation, "__metadata__", ())):
+        return True
+    return any(_marks_paths(a) for a in getattr(annotation, "__args__", ()))
+
+
+def expand_path(value: str) -> list[Path]:
+    """The files or folders a path, folder or glob names; ``builtin:`` names none.
+
+    Raises FileNotFoundError when nothing matches.
+    """
+    if value.startswith("builtin:"):
+        return []
+    if any(c in value for c in "*?["):
+        matches = sorted(Path().glob(value)) if not Path(value).is_absolute() else sorted(
+            Path("/").glob(value.lstrip("/")))
+        if not matches:
+            raise FileNotFoundError(f"no file matches {value!r}")
+        return matches
+    path = Path(value)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or folder: {value!r}")
+    return [path]

@@ -1,0 +1,129 @@
+"""Fingerprints and decisions: which nodes run, which are cached, and why.
+
+The fingerprint of a node is the sha256 of its plugin name and version, its
+validated params in canonical JSON, the fingerprints of its inputs, and the
+content of every file or folder its params point to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from gptflow.errors import InputError, Problem
+from gptflow.pipeline import Node, Pipeline, _suggest
+from gptflow.nodes import expand_path, path_refs
+from gptflow.store import Store, canonical_json
+
+FINGERPRINT_CHARS = 32
+
+
+@dataclass
+class Step:
+    node: Node
+    fingerprint: str
+    manifest: dict[str, Any]
+    action: str  # "run" or "cached"
+    reason: str
+
+
+def manifest(node: Node, upstream: dict[str, str], store: Store) -> dict[str, Any]:
+    """Everything a node's fingerprint is made of, kept so `plan` can say what changed."""
+    files: dict[str, dict[str, str]] = {}
+    for _, value in path_refs(node.params):
+        files[value] = {p.as_posix(): store.hash_path(p) for p in expand_path(value)}
+    return {
+        "plugin": node.plugin,
+        "version": node.node_type.version,
+        "params": node.params.model_dump(mode="json"),
+        "inputs": {slot: [f"{upstream[r.node]}/{r.output}" for r in refs]
+                   for slot, refs in sorted(node.inputs.items())},
+        "files": files,
+    }
+
+
+def fingerprint(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(parts).encode()).hexdigest()[:FINGERPRINT_CHARS]
+
+
+def make_plan(pipeline: Pipeline, store: Store, only: Collection[str] = (),
+              start: Collection[str] = (), force: Collection[str] | None = None) -> list[Step]:
+    """Decide every node's action. ``force=()`` forces all selected nodes."""
+    for flag, names in (("--only", only), ("--from", start), ("--force", force or ())):
+        for name in names:
+            if name not in pipeline.nodes:
+                raise InputError([Problem(f"{flag} {name}: no node named {name!r}"
+                                          f"{_suggest(name, pipeline.nodes)}",
+                                          str(pipeline.path))])
+    selected = set(pipeline.nodes)
+    if only:
+        selected &= set(only)
+    if start:
+        selected &= set(pipeline.downstream(start))
+    forced = selected if force is not None and not force else set(force or ())
+    needed = set(pipeline.upstream(selected))
+    fingerprints: dict[str, str] = {}
+    steps = []
+    previous = _previous_manifests(store, pipeline.name)
+    for node in pipeline.nodes.values():
+        parts = manifest(node, fingerprints, store)
+        fp = fingerprints[node.name] = fingerprint(parts)
+        if node.name not in needed:
+            continue
+        if node.name in forced:
+            steps.append(Step(node, fp, parts, "run", "forced"))
+        elif store.has(fp):
+            steps.append(Step(node, fp, parts, "cached", "same fingerprint"))
+        elif node.name in selected:
+            steps.append(Step(node, fp, parts, "run", _why(parts, previous.get(node.name))))
+        else:
+            flag = "--only" if only else "--from"
+            raise InputError([Problem(f"node {node.name!r} is needed but not selected by {flag} "
+                                      "and has no cached output; select it too",
+                                      str(pipeline.path))])
+    return steps
+
+
+def _previous_manifests(store: Store, pipeline: str, runs: int = 20) -> dict[str, dict[str, Any]]:
+    """The manifests of each node's most recent artifact in this pipeline's past runs."""
+    found: dict[str, dict[str, Any]] = {}
+    for run_id in reversed(store.run_ids()[-runs:]):
+        record = store.load_run(run_id)
+        if record.get("pipeline", {}).get("name") != pipeline:
+            continue
+        for name, node in record.get("nodes", {}).items():
+            fp = node.get("fingerprint")
+            if name not in found and fp and store.has(fp):
+                found[name] = store.node_record(fp)["manifest"]
+    return found
+
+
+def _why(new: dict[str, Any], old: dict[str, Any] | None) -> str:
+    if old is None:
+        return "not run before"
+    if old["plugin"] != new["plugin"]:
+        return f"plugin changed: {old['plugin']} -> {new['plugin']}"
+    if old["version"] != new["version"]:
+        return f"plugin version {old['version']} -> {new['version']}"
+    changed = _changed_keys(old["params"], new["params"])
+    if changed:
+        return "params changed: " + ", ".join(changed[:3]) + (" ..." if len(changed) > 3 else "")
+    slots = [s for s in set(old["inputs"]) | set(new["inputs"])
+             if old["inputs"].get(s) != new["inputs"].get(s)]
+    if slots:
+        return "upstream changed: " + ", ".join(sorted(slots))
+    files = [f for f in set(old["files"]) | set(new["files"])
+             if old["files"].get(f) != new["files"].get(f)]
+    if files:
+        return "data changed: " + ", ".join(sorted(files))
+    return "output missing"
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys: Iterable[str] = sorted(set(old) | set(new))
+        return [k for key in keys
+                for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if old != new else []

@@ -1,0 +1,266 @@
+"""The content-addressed store: artifacts, locks, hash cache, run records.
+
+Layout under the store root (``.gptflow/`` by default)::
+
+    artifacts/<fingerprint>/node.json            what made it, its metrics
+    artifacts/<fingerprint>/<output>/artifact.json + files
+    work/<fingerprint>/                          checkpoints that survive a crash
+    tmp/                                         staging folders, never trusted
+    locks/<fingerprint>.lock                     one writer per fingerprint
+    runs/<run-id>/run.json, logs/<node>.log
+    hashes.sqlite                                file hashes by path, size, mtime
+
+A node writes into a staging folder; :meth:`Store.publish` writes the checksums
+and makes it visible with one atomic rename, so a crash at any moment leaves
+nothing half-written that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import sqlite3
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from gptflow.nodes import Artifact
+
+FORMAT_VERSION = 1
+RUN_SCHEMA = 1
+CHUNK = 1 << 20
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("GPTFLOW_STORE", ".gptflow"))
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write JSON atomically: a reader sees the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as e:
+        return e.errno == errno.EPERM
+    return True
+
+
+class CorruptArtifact(Exception):
+    """A published artifact whose files do not match their checksums."""
+
+
+class Store:
+    def __init__(self, root: Path | str | None = None) -> None:
+        self.root = Path(root) if root is not None else default_root()
+        self._db: sqlite3.Connection | None = None
+
+    # -- paths ---------------------------------------------------------------
+    def artifact_dir(self, fingerprint: str) -> Path:
+        return self.root / "artifacts" / fingerprint
+
+    def work_dir(self, fingerprint: str) -> Path:
+        return self.root / "work" / fingerprint
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.root / "runs" / run_id
+
+    # -- content hashes, remembered by (path, size, mtime, inode) ------------
+    def _hashes(self) -> sqlite3.Connection:
+        if self._db is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.root / "hashes.sqlite", timeout=30,
+                                       isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, "
+                             "size INTEGER, mtime_ns INTEGER, ino INTEGER, sha256 TEXT)")
+        return self._db
+
+    def hash_file(self, path: Path) -> str:
+        """sha256 of a file; unchanged files (same size, mtime, inode) cost one stat."""
+        key = str(path.resolve())
+        st = path.stat()
+        db = self._hashes()
+        row = db.execute("SELECT size, mtime_ns, ino, sha256 FROM hashes WHERE path=?",
+                         (key,)).fetchone()
+        if row and tuple(row[:3]) == (st.st_size, st.st_mtime_ns, st.st_ino):
+            return str(row[3])
+        digest = sha256_file(path)
+        db.execute("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?, ?)",
+                   (key, st.st_size, st.st_mtime_ns, st.st_ino, digest))
+        return digest
+
+    def hash_path(self, path: Path) -> str:
+        """sha256 of a file, or of a folder's relative names and file hashes."""
+        if path.is_file():
+            return self.hash_file(path)
+        h = hashlib.sha256()
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(f"{f.relative_to(path).as_posix()}\0{self.hash_file(f)}\n".encode())
+        return h.hexdigest()
+
+    # -- artifacts -------------------------------------------------------------
+    def has(self, fingerprint: str) -> bool:
+        return (self.artifact_dir(fingerprint) / "node.json").is_file()
+
+    def node_record(self, fingerprint: str) -> dict[str, Any]:
+        return dict(json.loads((self.artifact_dir(fingerprint) / "node.json").read_text()))
+
+    def outputs(self, fingerprint: str, verify: bool = True) -> dict[str, Artifact]:
+        """The published outputs of a node, checked against their checksums."""
+        record = self.node_record(fingerprint)
+        found = {}
+        for name in record["outputs"]:
+            path = self.artifact_dir(fingerprint) / name
+            try:
+                info = json.loads((path / "artifact.json").read_text())
+            except (OSError, ValueError) as e:
+                raise CorruptArtifact(f"{path}: unreadable artifact.json ({e})") from None
+            if verify:
+                self._verify(path, info)
+            found[name] = Artifact(path=path, type=info["type"], fingerprint=info["fingerprint"],
+                                   producer=info["producer"]["node"], meta=info.get("meta", {}))
+        return found
+
+    def _verify(self, path: Path, info: Mapping[str, Any]) -> None:
+        for rel, expected in info["files"].items():
+            f = path / rel
+            if not f.is_file():
+                raise CorruptArtifact(f"{f}: missing")
+            if f.stat().st_size != expected["size"]:
+                raise CorruptArtifact(f"{f}: size {f.stat().st_size}, expected {expected['size']}")
+            if self.hash_file(f) != expected["sha256"]:
+                raise CorruptArtifact(f"{f}: sha256 mismatch")
+
+    def stage(self, fingerprint: str) -> Path:
+        """A fresh private folder to build a node's outputs in."""
+        path = self.root / "tmp" / f"{fingerprint}.{os.getpid()}.{secrets.token_hex(4)}"
+        path.mkdir(parents=True)
+        return path
+
+    def publish(self, staging: Path, fingerprint: str, record: dict[str, Any],
+                outputs: Mapping[str, tuple[str, Mapping[str, Any]]]) -> None:
+        """Checksum every output, write node.json, then rename into place.
+
+        ``outputs`` maps each output name to its (artifact type, meta).
+        """
+        for name, (kind, meta) in outputs.items():
+            path = staging / name
+            files = {}
+            for f in sorted(p for p in path.rglob("*") if p.is_file()):
+                files[f.relative_to(path).as_posix()] = {"sha256": sha256_file(f, sync=True),
+                                                         "size": f.stat().st_size}
+            write_json(path / "artifact.json", {
+                "type": kind, "format_version": FORMAT_VERSION,
+                "fingerprint": f"{fingerprint}/{name}",
+                "producer": {"node": record["node"], "plugin": record["plugin"],
+                             "plugin_version": record["version"], "run_id": record["run_id"]},
+                "files": files, "meta": dict(meta)})
+        write_json(staging / "node.json", {**record, "outputs": list(outputs)})
+        target = self.artifact_dir(fingerprint)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():  # --force over an old or corrupt copy
+            trash = self.root / "tmp" / f"trash.{fingerprint}.{secrets.token_hex(4)}"
+            os.rename(target, trash)
+            os.rename(staging, target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(staging, target)
+        _fsync_dir(target.parent)
+
+    def clean_tmp(self) -> None:
+        """Remove staging folders whose process is gone (a crash left them)."""
+        for path in (self.root / "tmp").glob("*"):
+            pid = path.name.split(".")[1] if path.name.count(".") >= 2 else ""
+            if path.name.startswith("trash.") or (pid.isdigit() and not pid_alive(int(pid))):
+                shutil.rmtree(path, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def lock(self, fingerprint: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+        """Hold the one-writer lock of a fingerprint (released if the process dies)."""
+        path = self.root / "locks" / f"{fingerprint}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait:
+                    on_wait()
+                fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    # -- runs --------------------------------------------------------------------
+    def new_run_id(self) -> str:
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        return f"{stamp}-{secrets.token_hex(2)}"
+
+    def run_ids(self) -> list[str]:
+        runs = self.root / "runs"
+        return sorted(p.name for p in runs.iterdir() if (p / "run.json").is_file()) \
+            if runs.is_dir() else []
+
+    def resolve_run(self, run: str) -> str:
+        ids = self.run_ids()
+        if run == "latest":
+            if not ids:
+                raise KeyError(f"no runs in {self.root}")
+            return ids[-1]
+        matches = [i for i in ids if i == run] or [i for i in ids if i.startswith(run)]
+        if len(matches) != 1:
+            raise KeyError(f"no run {run!r} in {self.root}" if not matches
+                           else f"run {run!r} is ambiguous: {', '.join(matches)}")
+        return matches[0]
+
+    def load_run(self, run_id: str) -> dict[str, Any]:
+        record = dict(json.loads((self.run_dir(run_id) / "run.json").read_text()))
+        if record.get("status") == "running" and not pid_alive(record.get("pid", 0)):
+            record["status"] = "killed"
+        return record
+
+    def save_run(self, record: Mapping[str, Any]) -> None:
+        path = self.run_dir(record["run_id"])
+        (path / "logs").mkdir(parents=True, exist_ok=True)
+        write_json(path / "run.json", record)
+
+
+def sha256_file(path: Path, sync: bool = False) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+        if sync:
+            os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

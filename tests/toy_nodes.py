@@ -1,0 +1,99 @@
+"""Small node types for testing the core (loaded with GPTFLOW_PLUGINS=toy_nodes)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict
+
+from gptflow import Context, Input, NodeError, NodeType, PathRef, hookimpl
+
+VERSION = os.environ.get("TOY_VERSION", "1")
+
+
+class TextParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    text: str = "hello"
+    """The text to write."""
+    repeat: int = 1
+    """How many times."""
+
+
+def run_text(ctx: Context, inputs: dict[str, Any], p: TextParams) -> dict[str, Any]:
+    (ctx.output_dir("data") / "text.txt").write_text(p.text * p.repeat)
+    return {"chars": len(p.text) * p.repeat}
+
+
+class ConcatParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sep: str = "+"
+
+
+def run_concat(ctx: Context, inputs: dict[str, Any], p: ConcatParams) -> None:
+    parts = [(a.path / "text.txt").read_text() for a in inputs["parts"]]
+    (ctx.output_dir("data") / "text.txt").write_text(p.sep.join(parts))
+
+
+class ReadParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: Annotated[str, PathRef()]
+
+
+def run_read(ctx: Context, inputs: dict[str, Any], p: ReadParams) -> None:
+    (ctx.output_dir("data") / "text.txt").write_text(Path(p.path).read_text())
+
+
+class SlowParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    chunks: int = 10
+    seconds: float = 0.1
+    """Pause after each chunk."""
+
+
+def run_slow(ctx: Context, inputs: dict[str, Any], p: SlowParams) -> dict[str, Any]:
+    """Writes chunk by chunk and keeps a resume point in its work folder."""
+    done_file = ctx.work_dir / "done"
+    start = int(done_file.read_text()) if done_file.exists() else 0
+    with open(ctx.output_dir("data") / "text.txt", "a") as out:
+        for i in range(p.chunks):
+            out.write(f"chunk {i}\n")
+            out.flush()
+            if i >= start:
+                time.sleep(p.seconds)
+                done_file.write_text(str(i + 1))
+            ctx.progress(i + 1, p.chunks, "writing")
+    return {"resumed_from": start}
+
+
+class FailParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    message: str = "boom"
+
+
+def run_fail(ctx: Context, inputs: dict[str, Any], p: FailParams) -> None:
+    raise NodeError(p.message)
+
+
+class ModelParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def run_model(ctx: Context, inputs: dict[str, Any], p: ModelParams) -> None:
+    (ctx.output_dir("model") / "config.json").write_text("{}")
+
+
+@hookimpl
+def register_node_types(register: Any) -> None:
+    register(NodeType("text", run_text, TextParams, {"data": "dataset"}, version=VERSION,
+                      description="Write a text."))
+    register(NodeType("concat", run_concat, ConcatParams, {"data": "dataset"},
+                      {"parts": Input("dataset", many=True)}, description="Join texts."))
+    register(NodeType("read", run_read, ReadParams, {"data": "dataset"}))
+    register(NodeType("slow", run_slow, SlowParams, {"data": "dataset"},
+                      {"after": Input("dataset", optional=True)}))
+    register(NodeType("fail", run_fail, FailParams, {"data": "dataset"},
+                      {"after": Input("dataset", optional=True)}))
+    register(NodeType("make-model", run_model, ModelParams, {"model": "model"}))
