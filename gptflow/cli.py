@@ -98,9 +98,9 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _console() -> Any:
-    from gptflow.console import make_console
+    from rich.console import Console
 
-    return make_console()
+    return Console(highlight=False, soft_wrap=True)
 
 
 # -- verbs --------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def cmd_plan(args: argparse.Namespace, steps: Any = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from gptflow.console import Display
+    from gptflow.console import Display, private_console
     from gptflow.plan import make_plan
     from gptflow.runner import Runner
 
@@ -140,7 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     steps = make_plan(pipeline, store, args.only, args.start, args.force)
     if args.dry_run:
         return cmd_plan(args, steps)
-    with Display(_console()) as display:
+    with private_console() as console, Display(console) as display:
         record = Runner(pipeline, plugins, store, display, args.jobs).run(
             steps, ["gptflow", *sys.argv[1:]])
     return {"ok": EXIT_OK, "interrupted": EXIT_INTERRUPTED}.get(record["status"], EXIT_FAILED)

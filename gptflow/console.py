@@ -3,9 +3,10 @@ display for long nodes (on a terminal), and a summary table at the end."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from rich.console import Console
@@ -22,16 +23,18 @@ def styled(status: str) -> str:
     return f"[{STYLE.get(status, 'default')}]{status}[/]"
 
 
-def make_console(stderr: bool = False) -> Console:
-    """A console on a private copy of stdout, so node output redirected into
+@contextlib.contextmanager
+def private_console() -> Iterator[Console]:
+    """A console on a private copy of stdout, so that node output redirected into
     log files never mixes with ours."""
-    stream = sys.stderr if stderr else sys.stdout
-    stream.flush()
+    sys.stdout.flush()
     try:
-        own = os.fdopen(os.dup(stream.fileno()), "w", buffering=1)
+        own = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     except (OSError, ValueError):  # no real file descriptor (e.g. captured in tests)
-        own = stream
-    return Console(file=own, highlight=False, soft_wrap=True)
+        yield Console(highlight=False, soft_wrap=True)
+        return
+    with own:
+        yield Console(file=own, highlight=False, soft_wrap=True)
 
 
 def fmt_duration(seconds: float) -> str:

@@ -90,10 +90,15 @@ class _Loader:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.file = str(path)
-        self.marks: dict[Key, tuple[str, int | None, int | None]] = {}
+        self.marks: dict[Key, tuple[str, int | None, int | None]] = {}  # of values
+        self.key_marks: dict[Key, tuple[str, int | None, int | None]] = {}  # of mapping keys
         self.problems: list[Problem] = []
 
-    def error(self, key: Key, message: str) -> None:
+    def error(self, key: Key, message: str, at_key: bool = False) -> None:
+        """Report a problem at the value of ``key`` (or at the key itself)."""
+        if at_key and key in self.key_marks:
+            self.problems.append(Problem(message, *self.key_marks[key]))
+            return
         for i in range(len(key), -1, -1):  # the nearest marked ancestor
             if key[:i] in self.marks:
                 file, line, col = self.marks[key[:i]]
@@ -120,10 +125,10 @@ class _Loader:
             out: dict[str, Any] = {}
             for k, v in node.value:
                 name = str(yaml.safe_load(yaml.serialize(k)))
-                if name in out:
-                    self.marks[(*key, name)] = (self.file, k.start_mark.line + 1,
+                self.key_marks[(*key, name)] = (self.file, k.start_mark.line + 1,
                                                 k.start_mark.column + 1)
-                    self.error((*key, name), f"duplicate key {name!r}")
+                if name in out:
+                    self.error((*key, name), f"duplicate key {name!r}", at_key=True)
                 out[name] = self._value(v, (*key, name))
             return out
         if isinstance(node, yaml.SequenceNode):
@@ -162,6 +167,8 @@ def load_pipeline(path: str | Path, plugins: Plugins, overrides: Iterable[str] =
                      "a pipeline needs a 'nodes' mapping with at least one node")
         raise InputError(loader.problems)
     nodes = _interpolate(nodes, variables, ("nodes",), loader)
+    if loader.problems:  # later checks would only repeat them
+        raise InputError(loader.problems)
     raw: dict[str, Node] = {}
     for name, spec in nodes.items():
         node = _node(loader, plugins, name, spec)
@@ -186,7 +193,7 @@ def _check_keys(loader: _Loader, data: Mapping[str, Any], key: Key, allowed: Ite
                 what: str) -> None:
     for k in data:
         if k not in allowed:
-            loader.error((*key, k), f"unknown {what} {k!r}{_suggest(k, allowed)}")
+            loader.error((*key, k), f"unknown {what} {k!r}{_suggest(k, allowed)}", at_key=True)
 
 
 def _suggest(word: str, choices: Iterable[str]) -> str:
@@ -332,7 +339,8 @@ def _param_error(loader: _Loader, key: Key, model: type[BaseModel], err: Any) ->
     dotted = ".".join(str(p) for p in loc)
     if err["type"] == "extra_forbidden":
         fields = _fields_at(model, loc[:-1])
-        loader.error(where, f"unknown param {dotted!r}{_suggest(str(loc[-1]), fields)}")
+        loader.error(where, f"unknown param {dotted!r}{_suggest(str(loc[-1]), fields)}",
+                     at_key=True)
     elif err["type"] == "missing":
         loader.error(key, f"missing required param {dotted!r}")
     else:
@@ -367,7 +375,7 @@ def _check_edges(loader: _Loader, nodes: dict[str, Node]) -> None:
         for slot, spec in slots.items():
             if not spec.optional and not node.inputs.get(slot):
                 loader.error(("nodes", node.name), f"node {node.name!r} ({node.plugin}) needs "
-                             f"input {slot!r} ({' or '.join(spec.types)})")
+                             f"input {slot!r} ({' or '.join(spec.types)})", at_key=True)
 
 
 def _check_ref(loader: _Loader, nodes: Mapping[str, Node], node: Node, ref: Ref,
@@ -406,7 +414,7 @@ def _order(loader: _Loader, nodes: dict[str, Node]) -> list[str]:
             return True
         if state.get(name) == 1:
             cycle = [*stack[stack.index(name):], name]
-            loader.error(("nodes", cycle[0]), f"cycle: {' -> '.join(cycle)}")
+            loader.error(("nodes", cycle[0]), f"cycle: {' -> '.join(cycle)}", at_key=True)
             return False
         state[name] = 1
         stack.append(name)

@@ -216,8 +216,9 @@ class Store:
 
     # -- runs --------------------------------------------------------------------
     def new_run_id(self) -> str:
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        return f"{stamp}-{secrets.token_hex(2)}"
+        """Sortable by start time (to the millisecond), unique by a random suffix."""
+        t = dt.datetime.now()
+        return f"{t:%Y%m%d-%H%M%S}.{t.microsecond // 1000:03d}-{secrets.token_hex(2)}"
 
     def run_ids(self) -> list[str]:
         runs = self.root / "runs"

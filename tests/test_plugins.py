@@ -1,0 +1,170 @@
+"""The plugin system: registration, lifecycle hooks, documentation, isolation."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import pluggy
+import pytest
+
+from gptflow import NodeType, hookimpl, hookspecs
+from gptflow.manager import load_plugins
+
+ROOT = Path(__file__).parent.parent
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    @hookimpl
+    def before_pipeline_run(self, run_id, pipeline, nodes):
+        self.calls.append(("before_pipeline_run", pipeline, tuple(nodes)))
+
+    @hookimpl
+    def before_node_run(self, run_id, node, plugin, fingerprint):
+        self.calls.append(("before_node_run", node))
+
+    @hookimpl
+    def after_node_run(self, run_id, node, status, metrics, outputs):
+        self.calls.append(("after_node_run", node, status))
+
+    @hookimpl
+    def on_node_error(self, run_id, node, error, log_path):
+        self.calls.append(("on_node_error", node, error))
+
+    @hookimpl
+    def after_pipeline_run(self, run_id, status, record):
+        self.calls.append(("after_pipeline_run", status))
+
+
+def test_lifecycle_hooks_in_order(tmp_path):
+    from gptflow.console import Display
+    from gptflow.pipeline import load_pipeline
+    from gptflow.plan import make_plan
+    from gptflow.runner import Runner
+    from gptflow.store import Store
+    from rich.console import Console
+
+    recorder = Recorder()
+    plugins = load_plugins(extra=[recorder])
+    path = tmp_path / "p.yaml"
+    path.write_text("name: h\nnodes:\n  a: {plugin: text}\n  b: {plugin: fail, inputs: {after: a}}\n")
+    pipeline = load_pipeline(path, plugins)
+    store = Store(tmp_path / "store")
+    display = Display(Console(file=open(tmp_path / "out.txt", "w")))
+    with display:
+        Runner(pipeline, plugins, store, display).run(make_plan(pipeline, store))
+    display.console.file.close()
+    assert recorder.calls == [
+        ("before_pipeline_run", "h", ("a", "b")),
+        ("before_node_run", "a"), ("after_node_run", "a", "ran"),
+        ("before_node_run", "b"), ("on_node_error", "b", "boom"),
+        ("after_pipeline_run", "failed"),
+    ]
+
+
+def test_duplicate_node_type_names_both_providers():
+    class Dup:
+        @hookimpl
+        def register_node_types(self, register):
+            register(NodeType("text", print, object, {}))  # type: ignore[arg-type]
+
+    with pytest.raises(ValueError, match="'text' is registered twice: by toy_nodes and by"):
+        load_plugins(extra=[Dup()])
+
+
+def test_misspelled_hook_fails_loudly():
+    class Typo:
+        @hookimpl
+        def before_node_runn(self, run_id):
+            pass
+
+    with pytest.raises(pluggy.PluginValidationError, match="before_node_runn"):
+        load_plugins(extra=[Typo()])
+
+
+def test_runs_with_no_plugins_at_all(monkeypatch):
+    monkeypatch.delenv("GPTFLOW_PLUGINS")
+    plugins = load_plugins(builtins=False)
+    assert plugins.node_types == {}
+    plugins.before_pipeline_run("r", "p", [])  # every hook is a no-op
+    assert plugins.training_callbacks("n") == []
+
+
+def test_training_callbacks_hook():
+    marker = object()
+
+    class Adds:
+        @hookimpl
+        def register_training_callbacks(self, node, register):
+            register((node, marker))
+
+    assert load_plugins(extra=[Adds()]).training_callbacks("base") == [("base", marker)]
+
+
+def test_every_hook_is_documented():
+    reference = (ROOT / "docs" / "plugins.md").read_text()
+    for name, fn in inspect.getmembers(hookspecs, inspect.isfunction):
+        if hasattr(fn, "gptflow_spec"):
+            doc = inspect.getdoc(fn) or ""
+            assert "Args:" in doc and "Returns:" in doc, name
+            assert f"### `{name}" in reference, f"{name} missing from docs/plugins.md"
+
+
+@pytest.mark.parametrize("verb", [["validate", "P"], ["plan", "P"], ["graph", "P"],
+                                  ["plugins"], ["schema"], ["--help"]])
+def test_light_verbs_import_no_torch(verb, tmp_path):
+    (tmp_path / "p.yaml").write_text("name: t\nnodes:\n  a: {plugin: text}\n")
+    args = [str(tmp_path / "p.yaml") if a == "P" else a for a in verb]
+    code = ("import sys; from gptflow.cli import main\n"
+            "try: main(%r)\nexcept SystemExit: pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n"
+            "assert 'lightning' not in sys.modules, 'lightning imported'\n" % args)
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr
+
+
+def test_schema_and_plugin_help(capsys):
+    import json
+
+    from gptflow.cli import main
+
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    variants = schema["properties"]["nodes"]["additionalProperties"]["oneOf"]
+    text = next(v for v in variants if v["properties"]["plugin"]["const"] == "text")
+    assert text["properties"]["params"] == {"$ref": "#/$defs/TextParams"}
+    assert schema["$defs"]["TextParams"]["properties"]["text"]["description"] == "The text to write."
+    assert main(["plugins", "text"]) == 0
+    out = capsys.readouterr().out
+    assert "The text to write." in out and "toy_nodes" in out
+
+
+def test_graph_formats(run_pipeline):
+    text = "name: g\nnodes:\n  a: {plugin: text}\n  b: {plugin: concat, inputs: {parts: [a]}}\n"
+    assert "a -->|data->parts| b" in run_pipeline(text, "--format", "mermaid", verb="graph").out
+    assert '"a" -> "b"' in run_pipeline(text, "--format", "dot", verb="graph").out
+    assert "b (concat) <- a.data" in run_pipeline(text, verb="graph").out
+
+
+def test_show_path_runs(run_pipeline, capfd):
+    from gptflow.cli import main
+
+    result = run_pipeline("name: s\nnodes:\n  a: {plugin: text}\n")
+    store = ["--store", str(result.store.root)]
+    assert main(["path", "latest", "a", *store]) == 0
+    path = Path(capfd.readouterr().out.strip())
+    assert (path / "artifact.json").is_file() and (path / "text.txt").read_text() == "hello"
+    assert main(["path", "latest", "a.nope", *store]) == 2
+    assert main(["show", "latest", "--json", *store]) == 0
+    import json
+
+    record = json.loads(capfd.readouterr().out)
+    assert record["nodes"]["a"]["metrics"]["chars"] == 5
+    assert main(["show", "nope", *store]) == 2
+    assert main(["runs", *store]) == 0

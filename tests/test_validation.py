@@ -1,0 +1,178 @@
+"""Every class of bad input: one FILE:LINE:COL line, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+CASES = {
+    "missing node": ("""\
+name: t
+nodes:
+  a: {plugin: text}
+  b:
+    plugin: concat
+    inputs: {parts: [nope]}
+""", r":6:22: error: input 'nope': no node named 'nope'"),
+    "missing output": ("""\
+name: t
+nodes:
+  a: {plugin: text}
+  b:
+    plugin: concat
+    inputs:
+      parts: [a.dat]
+""", r":7:15: error: node 'a' \(text\) has no output 'dat'; did you mean 'data'\?"),
+    "type mismatch": ("""\
+name: t
+nodes:
+  m: {plugin: make-model}
+  b:
+    plugin: concat
+    inputs: {parts: [m]}
+""", r":6:22: error: type mismatch: m.model is a 'model', but this input takes 'dataset'"),
+    "cycle": ("""\
+name: t
+nodes:
+  a:
+    plugin: concat
+    inputs: {parts: [b]}
+  b:
+    plugin: concat
+    inputs: {parts: [a]}
+""", r":3:3: error: cycle: a -> b -> a"),
+    "unknown plugin": ("""\
+name: t
+nodes:
+  a: {plugin: txet}
+""", r":3:15: error: unknown plugin 'txet'; did you mean 'text'\?"),
+    "unknown param": ("""\
+name: t
+nodes:
+  a:
+    plugin: text
+    params:
+      txt: hi
+""", r":6:7: error: unknown param 'txt'; did you mean 'text'\?"),
+    "ill-typed param": ("""\
+name: t
+nodes:
+  a:
+    plugin: text
+    params: {repeat: many}
+""", r":5:22: error: param 'repeat': Input should be a valid integer.*\(got 'many'\)"),
+    "bad YAML": ("""\
+name: t
+nodes:
+  a: {plugin: text
+  b: 1
+""", r":4:4: error: invalid YAML"),
+    "bad interpolation": ("""\
+name: t
+nodes:
+  a:
+    plugin: text
+    params: {text: "${vars.missing}"}
+""", r":5:20: error: undefined variable \$\{vars.missing\}"),
+    "code in interpolation": ("""\
+name: t
+nodes:
+  a:
+    plugin: text
+    params: {text: "${__import__('os')}"}
+""", r":5:20: error: unknown interpolation"),
+    "unset env": ("""\
+name: t
+nodes:
+  a:
+    plugin: text
+    params: {text: "${env:GPTFLOW_TEST_UNSET}"}
+""", r":5:20: error: environment variable GPTFLOW_TEST_UNSET is not set"),
+    "missing file": ("""\
+name: t
+nodes:
+  a:
+    plugin: read
+    params: {path: no/such/file.txt}
+""", r":5:20: error: no such file or folder: 'no/such/file.txt'"),
+    "missing required input": ("""\
+name: t
+nodes:
+  b: {plugin: concat}
+""", r":3:3: error: node 'b' \(concat\) needs input 'parts' \(dataset\)"),
+    "unknown top-level key": ("""\
+name: t
+nodes: {a: {plugin: text}}
+var: {}
+""", r":3:1: error: unknown top-level key 'var'; did you mean 'vars'\?"),
+    "list into single slot": ("""\
+name: t
+nodes:
+  a: {plugin: text}
+  s:
+    plugin: slow
+    inputs: {after: [a, a]}
+""", r":6:21: error: input 'after' takes one artifact, not a list"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("verb", ["validate", "run"])
+def test_bad_input_is_one_line_exit_2_nothing_written(run_pipeline, case, verb):
+    text, expected = CASES[case]
+    result = run_pipeline(text, verb=verb)
+    assert result.code == 2, result.err
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1, result.err
+    assert re.search(re.escape(str(result.pipeline)) + expected, lines[0]), lines[0]
+    assert "Traceback" not in result.err
+    assert not result.store.root.exists()
+
+
+def test_all_problems_reported_at_once(run_pipeline):
+    result = run_pipeline("""\
+name: t
+nodes:
+  a: {plugin: text, params: {txt: 1}}
+  b: {plugin: nope}
+""", verb="validate")
+    assert result.code == 2
+    assert len(result.err.strip().splitlines()) == 2
+
+
+def test_set_override_bad_node(run_pipeline):
+    result = run_pipeline("name: t\nnodes:\n  a: {plugin: text}\n", "--set", "x.params.text=1",
+                          verb="validate")
+    assert result.code == 2
+    assert "--set x.params.text: no node named 'x'" in result.err
+
+
+def test_set_override_is_typed_and_located(run_pipeline):
+    result = run_pipeline("name: t\nnodes:\n  a: {plugin: text}\n",
+                          "--set", "a.params.repeat=oops", verb="validate")
+    assert result.code == 2
+    assert result.err.startswith("--set a.params.repeat: error: param 'repeat'")
+    ok = run_pipeline("name: t\nnodes:\n  a: {plugin: text}\n", "--set", "a.params.repeat=3")
+    assert ok.code == 0, ok.err
+    assert (ok.output("a") / "text.txt").read_text() == "hello" * 3
+
+
+def test_interpolation_keeps_types_and_reads_env(run_pipeline, monkeypatch):
+    monkeypatch.setenv("GPTFLOW_TEST_REPEAT", "2")
+    result = run_pipeline("""\
+name: t
+vars: {word: ab}
+nodes:
+  a:
+    plugin: text
+    params: {text: "<${vars.word}>", repeat: "${env:GPTFLOW_TEST_REPEAT,5}"}
+""")
+    assert result.code == 0, result.err
+    assert (result.output("a") / "text.txt").read_text() == "<ab><ab>"
+
+
+def test_missing_pipeline_file(run_pipeline, tmp_path):
+    from gptflow.cli import main
+
+    assert main(["validate", str(tmp_path / "nope.yaml")]) == 2
