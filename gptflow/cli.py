@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
         if pipeline:
             p.add_argument("pipeline", metavar="PIPELINE", help="pipeline YAML file")
             p.add_argument("--set", dest="overrides", action="append", default=[],
-                           metavar="PATH=VALUE", help="override a value: vars.X=1 or NODE.params.a.b=2")
+                           metavar="PATH=VALUE",
+                           help="override a value: vars.X=1 or NODE.params.a.b=2")
         return p
 
     p = verb("run", cmd_run, "run what is not cached, in dependency order", pipeline=True)
@@ -256,7 +257,7 @@ def _run_record(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 def cmd_show(args: argparse.Namespace) -> int:
     from gptflow.console import summary_table
 
-    store, record = _run_record(args)
+    _, record = _run_record(args)
     if args.json:
         print(json.dumps(record, indent=2))
         return EXIT_OK

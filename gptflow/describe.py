@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
@@ -53,10 +53,11 @@ def param_rows(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, 
 def pipeline_schema(plugins: Plugins) -> dict[str, Any]:
     """JSON Schema of a pipeline file, with the params of every installed node type."""
     names = sorted(plugins.node_types)
-    models = [(plugins.node_types[n].node_type.params, "validation") for n in names]
+    models: list[tuple[type[BaseModel], Literal["validation"]]] = [
+        (plugins.node_types[n].node_type.params, "validation") for n in names]
     refs, defs = models_json_schema(models, ref_template="#/$defs/{model}")
     variants = []
-    for name, model in zip(names, models):
+    for name, model in zip(names, models, strict=True):
         node_type = plugins.node_types[name].node_type
         variants.append({
             "type": "object",

@@ -27,7 +27,8 @@ class Input:
     many: bool = False
     doc: str = ""
 
-    def __init__(self, *types: str, optional: bool = False, many: bool = False, doc: str = "") -> None:
+    def __init__(self, *types: str, optional: bool = False, many: bool = False,
+                 doc: str = "") -> None:
         object.__setattr__(self, "types", types)
         object.__setattr__(self, "optional", optional)
         object.__setattr__(self, "many", many)
@@ -107,9 +108,12 @@ class PathRef:
         return "PathRef()"
 
 
-def path_refs(params: BaseModel, loc: tuple[str | int, ...] = ()) -> list[tuple[tuple[str | int, ...], str]]:
+Loc = tuple[str | int, ...]
+
+
+def path_refs(params: BaseModel, loc: Loc = ()) -> list[tuple[Loc, str]]:
     """Every (location, value) in ``params`` that a :class:`PathRef` field names."""
-    found: list[tuple[tuple[str | int, ...], str]] = []
+    found: list[tuple[Loc, str]] = []
     for name, info in type(params).model_fields.items():
         value = getattr(params, name)
         if isinstance(value, BaseModel):

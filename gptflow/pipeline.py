@@ -365,7 +365,8 @@ def _check_edges(loader: _Loader, nodes: dict[str, Node]) -> None:
             spec = slots.get(slot)
             if spec is None:
                 loader.error((*base, slot), f"node {node.name!r} ({node.plugin}) has no input "
-                             f"{slot!r}{_suggest(slot, slots)}; inputs: {', '.join(slots) or 'none'}")
+                             f"{slot!r}{_suggest(slot, slots)}; "
+                             f"inputs: {', '.join(slots) or 'none'}")
                 continue
             if len(refs) > 1 and not spec.many:
                 loader.error((*base, slot), f"input {slot!r} takes one artifact, not a list")

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from gptflow.errors import InputError, Problem
-from gptflow.pipeline import Node, Pipeline, _suggest
 from gptflow.nodes import expand_path, path_refs
+from gptflow.pipeline import Node, Pipeline, _suggest
 from gptflow.store import Store, canonical_json
 
 FINGERPRINT_CHARS = 32

@@ -263,7 +263,8 @@ class Runner:
                 proc = running.pop(node)
                 if proc is not None:
                     proc.join()
-            self.store.save_run(self.record)
+                if self.record["nodes"][node]["status"] != "cached":
+                    self.store.save_run(self.record)
 
     def _start(self, step: Step, events: Any) -> Any:
         entry = self.record["nodes"][step.node.name]
@@ -289,7 +290,9 @@ class Runner:
                   inputs, dict(step.node.node_type.outputs), str(self.store.root), entry["log"],
                   step.reason == "forced")
         if self.jobs == 1:
-            report: Report = lambda event, payload: self._progress(job.node, event, payload, events)
+            def report(event: str, payload: Any) -> None:
+                self._progress(job.node, event, payload, events)
+
             execute(job, self.plugins, report)
             return None
         proc = _context().Process(target=_worker, args=(job, self.plugins.extra_modules, events),

@@ -94,6 +94,7 @@ class Store:
             self._db = sqlite3.connect(self.root / "hashes.sqlite", timeout=30,
                                        isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # a cache: speed over durability
             self._db.execute("CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, "
                              "size INTEGER, mtime_ns INTEGER, ino INTEGER, sha256 TEXT)")
         return self._db

@@ -17,7 +17,8 @@ def test_example_plugin_in_fresh_venv(tmp_path):
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
-    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+    where = "import sysconfig; print(sysconfig.get_path('purelib'))"
+    purelib = subprocess.run([python, "-c", where],
                              capture_output=True, text=True, check=True).stdout.strip()
     # gptflow and its dependencies come from this interpreter's environment
     (Path(purelib) / "parent_env.pth").write_text(

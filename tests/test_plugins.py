@@ -42,23 +42,23 @@ class Recorder:
 
 
 def test_lifecycle_hooks_in_order(tmp_path):
+    from rich.console import Console
+
     from gptflow.console import Display
     from gptflow.pipeline import load_pipeline
     from gptflow.plan import make_plan
     from gptflow.runner import Runner
     from gptflow.store import Store
-    from rich.console import Console
 
     recorder = Recorder()
     plugins = load_plugins(extra=[recorder])
     path = tmp_path / "p.yaml"
-    path.write_text("name: h\nnodes:\n  a: {plugin: text}\n  b: {plugin: fail, inputs: {after: a}}\n")
+    path.write_text("name: h\nnodes:\n  a: {plugin: text}\n"
+                    "  b: {plugin: fail, inputs: {after: a}}\n")
     pipeline = load_pipeline(path, plugins)
     store = Store(tmp_path / "store")
-    display = Display(Console(file=open(tmp_path / "out.txt", "w")))
-    with display:
+    with open(tmp_path / "out.txt", "w") as out, Display(Console(file=out)) as display:
         Runner(pipeline, plugins, store, display).run(make_plan(pipeline, store))
-    display.console.file.close()
     assert recorder.calls == [
         ("before_pipeline_run", "h", ("a", "b")),
         ("before_node_run", "a"), ("after_node_run", "a", "ran"),
@@ -121,9 +121,9 @@ def test_light_verbs_import_no_torch(verb, tmp_path):
     (tmp_path / "p.yaml").write_text("name: t\nnodes:\n  a: {plugin: text}\n")
     args = [str(tmp_path / "p.yaml") if a == "P" else a for a in verb]
     code = ("import sys; from gptflow.cli import main\n"
-            "try: main(%r)\nexcept SystemExit: pass\n"
+            f"try: main({args!r})\nexcept SystemExit: pass\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n"
-            "assert 'lightning' not in sys.modules, 'lightning imported'\n" % args)
+            "assert 'lightning' not in sys.modules, 'lightning imported'\n")
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                          text=True)
     assert run.returncode == 0, run.stderr
@@ -139,7 +139,8 @@ def test_schema_and_plugin_help(capsys):
     variants = schema["properties"]["nodes"]["additionalProperties"]["oneOf"]
     text = next(v for v in variants if v["properties"]["plugin"]["const"] == "text")
     assert text["properties"]["params"] == {"$ref": "#/$defs/TextParams"}
-    assert schema["$defs"]["TextParams"]["properties"]["text"]["description"] == "The text to write."
+    text_param = schema["$defs"]["TextParams"]["properties"]["text"]
+    assert text_param["description"] == "The text to write."
     assert main(["plugins", "text"]) == 0
     out = capsys.readouterr().out
     assert "The text to write." in out and "toy_nodes" in out

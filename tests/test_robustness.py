@@ -34,9 +34,11 @@ def test_sigkill_mid_node_then_rerun_resumes_and_trusts_nothing_half_written(tmp
     (tmp_path / "p.yaml").write_text(SLOW)
     store = tmp_path / ".gptflow"
     proc = gptflow(tmp_path, "run", "p.yaml")
-    done = lambda: list(store.glob("work/*/done")) and int(list(store.glob("work/*/done"))[0]
-                                                          .read_text() or 0) >= 5
-    wait_for(done)
+    def halfway() -> bool:
+        marks = list(store.glob("work/*/done"))
+        return bool(marks) and int(marks[0].read_text() or 0) >= 5
+
+    wait_for(halfway)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
     assert not list(store.glob("artifacts/*"))  # nothing published

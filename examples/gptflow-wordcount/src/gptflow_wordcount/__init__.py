@@ -34,7 +34,9 @@ class WordCountParams(BaseModel):
     """Fold case before counting."""
 
 
-def count_words(context: Context, inputs: dict[str, Any], params: WordCountParams) -> dict[str, Any]:
+def count_words(
+    context: Context, inputs: dict[str, Any], params: WordCountParams
+) -> dict[str, Any]:
     paths = [p for pattern in params.files for p in sorted(Path().glob(pattern))]
     if inputs["text"] is not None:
         paths += sorted(inputs["text"].path.glob("*.txt"))

@@ -1,0 +1,35 @@
+"""Keeps benchmarks/RESULTS.md: one section per benchmark, replaced in place."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import platform
+import re
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "RESULTS.md"
+HEADER = ("# Benchmark results\n\nEach section is written by the script it names, "
+          "run on the machine it names. Figures are measured, never typed in.\n")
+
+
+def machine() -> str:
+    import importlib.metadata as md
+
+    versions = []
+    for pkg in ("torch", "lightning"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            versions.append(f"{pkg} {md.version(pkg)}")
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, Python "
+            f"{platform.python_version()}" + (f", {', '.join(versions)}" if versions else ""))
+
+
+def write_section(title: str, command: str, note: str, body: str) -> None:
+    text = RESULTS.read_text() if RESULTS.exists() else HEADER
+    stamp = dt.date.today().isoformat()
+    section = (f"## {title}\n\n`{command}` — {stamp}, {machine()}.\n{note}\n\n{body}\n")
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(section + "\n", text) if pattern.search(text) else \
+        text.rstrip("\n") + "\n\n" + section
+    RESULTS.write_text(text)
