@@ -19,6 +19,10 @@ STYLE = {"ran": "green", "ok": "green", "cached": "cyan", "failed": "bold red",
          "killed": "bold red", "pending": "dim"}
 
 
+HEADLINE = ("val_loss", "accuracy", "macro_f1", "train_loss", "tokens_per_s", "mfu", "params",
+            "trainable_params", "bytes_on_disk")
+
+
 def styled(status: str) -> str:
     return f"[{STYLE.get(status, 'default')}]{status}[/]"
 
@@ -105,7 +109,9 @@ def summary_table(record: Mapping[str, Any]) -> Table:
         table.add_column(col, overflow="fold")
     for name, node in record["nodes"].items():
         metrics = node.get("metrics") or {}
-        shown = ", ".join(f"{k}={fmt_metric(v)}" for k, v in list(metrics.items())[:6])
+        first = [k for k in HEADLINE if k in metrics]
+        keys = (first + [k for k in metrics if k not in HEADLINE and k != "peak_mem_bytes"])[:6]
+        shown = ", ".join(f"{k}={fmt_metric(metrics[k])}" for k in keys)
         duration = node.get("duration_s")
         table.add_row(name, node["plugin"], styled(node["status"]),
                       fmt_duration(duration) if duration is not None else "", shown)

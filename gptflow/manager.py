@@ -22,7 +22,10 @@ import pluggy
 from gptflow import hookspecs
 from gptflow.nodes import NodeType
 
-BUILTIN_PLUGINS: tuple[str, ...] = ()
+BUILTIN_PLUGINS = (
+    "gptflow_tokenize",
+    "gptflow_pretrain",
+)
 
 
 @dataclass(frozen=True)

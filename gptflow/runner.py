@@ -87,6 +87,8 @@ def execute(job: Job, plugins: Plugins, report: Report) -> None:
             report("done", {"status": "cached", "metrics": store.node_record(job.fingerprint)
                             .get("metrics", {})})
             return
+        if job.force:  # recompute from scratch, not from an old checkpoint
+            shutil.rmtree(store.work_dir(job.fingerprint), ignore_errors=True)
         staging = store.stage(job.fingerprint)
         for name in job.outputs:
             (staging / name).mkdir()
@@ -109,6 +111,7 @@ def execute(job: Job, plugins: Plugins, report: Report) -> None:
                       "created": now()}
             store.publish(staging, job.fingerprint, record,
                           {n: (t, context.meta[n]) for n, t in job.outputs.items()})
+            shutil.rmtree(store.work_dir(job.fingerprint), ignore_errors=True)  # resume state
         except BaseException as e:
             shutil.rmtree(staging, ignore_errors=True)
             log.error("%s", traceback.format_exc())

@@ -1,0 +1,101 @@
+"""The GPT configuration: one dataclass whose switches select the classic or the
+modern recipe, and a registry of named presets. Pure Python (no torch), so
+pipelines can be validated against it without importing torch."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Position = Literal["learned", "rope"]
+Norm = Literal["layernorm", "rmsnorm"]
+MLP = Literal["gelu", "swiglu"]
+Attention = Literal["sdpa", "naive"]
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 50304  # set from the tokenizer when a model is built for one
+    context: int = 1024  # the longest sequence the model attends over (nanoGPT's block_size)
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # grouped-query attention: fewer K/V heads; None = n_head
+    d_model: int = 768
+    d_ff: int | None = None  # MLP hidden width; None = 4*d (gelu) or ~8/3*d (swiglu, same params)
+    position: Position = "rope"  # learned absolute positions (GPT-2) or rotary (RoPE)
+    norm: Norm = "rmsnorm"  # LayerNorm (GPT-2) or RMSNorm (Llama): no mean, no bias, cheaper
+    mlp: MLP = "swiglu"  # GELU MLP (GPT-2) or gated SwiGLU (Llama)
+    attention: Attention = "sdpa"  # fused scaled_dot_product_attention (Flash kernels) or naive
+    rope_theta: float = 10000.0  # RoPE base frequency
+    norm_eps: float = 1e-5
+    bias: bool = False  # biases in linear layers and LayerNorm (GPT-2 has them)
+    dropout: float = 0.0
+    tie_embeddings: bool = True  # output head reuses the token embedding: softmax(W^T h)
+    init_std: float = 0.02  # residual projections get init_std / sqrt(2 * n_layer)
+
+    def __post_init__(self) -> None:
+        kv = self.kv_heads
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % kv:
+            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({kv})")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"rope needs an even head size, got {self.head_dim}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.mlp == "swiglu":  # 2/3 of 4d keeps the parameter count of a 4d GELU MLP
+            return 64 * ((8 * self.d_model // 3 + 63) // 64)
+        return 4 * self.d_model
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GPTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config field(s): {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+CLASSIC: dict[str, Any] = dict(position="learned", norm="layernorm", mlp="gelu", bias=True)
+MODERN: dict[str, Any] = dict(position="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU tests: well under 1M parameters
+    "tiny": dict(context=64, n_layer=2, n_head=4, d_model=64, **MODERN),
+    # the quickstart: trains to readable text in a couple of CPU minutes
+    "nano": dict(context=128, n_layer=4, n_head=4, d_model=128, **MODERN),
+    # nanoGPT's Shakespeare-char CPU config (baby GPT)
+    "shakespeare-char": dict(context=64, n_layer=4, n_head=4, d_model=128, **MODERN),
+    "micro": dict(context=256, n_layer=6, n_head=6, d_model=384, **MODERN),
+    # GPT-2 small (124M): the classic recipe
+    "gpt2-small": dict(vocab_size=50304, context=1024, n_layer=12, n_head=12, d_model=768,
+                       **CLASSIC),
+    # a Llama-shaped model of GPT-2-small size: RoPE, RMSNorm, SwiGLU, GQA, untied head
+    "llama-160m": dict(vocab_size=32000, context=2048, n_layer=12, n_head=12, n_kv_head=4,
+                       d_model=768, tie_embeddings=False, rope_theta=500000.0, **MODERN),
+}
+
+
+def preset_config(name: str | None, **overrides: Any) -> GPTConfig:
+    """A preset with any field overridden; unknown names and fields are errors."""
+    base: dict[str, Any] = {}
+    if name is not None:
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
+        base = dict(PRESETS[name])
+    return GPTConfig.from_dict({**base, **{k: v for k, v in overrides.items() if v is not None}})

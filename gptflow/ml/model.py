@@ -1,0 +1,210 @@
+"""One GPT decoder whose parts are switches (see :class:`GPTConfig`).
+
+H0 = W_e[x] (+ P for learned positions); each block is
+h = h + attn(norm(h)); h = h + mlp(norm(h)); logits = W^T norm(h) with W the
+token embedding when tied. Shapes: B batch, T time, C d_model, nh heads,
+nkv key/value heads, hs head size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gptflow.ml.config import GPTConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.d_model, config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_cache(config: GPTConfig, length: int, device: torch.device | None = None
+               ) -> tuple[Tensor, Tensor]:
+    """cos and sin tables, (length, hs), in the rotate-half layout (as Llama)."""
+    hs = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hs, 2, device=device).float() / hs))
+    angles = torch.outer(torch.arange(length, device=device).float(), inv_freq)  # (L, hs/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (L, hs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (B, nh, T, hs); cos, sin: (T, hs)."""
+    half = x.size(-1) // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).type_as(x)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: generation costs O(T) per token."""
+
+    def __init__(self, config: GPTConfig, batch: int, length: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        shape = (batch, config.kv_heads, length, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.length = length
+
+    def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = start + k.size(2)
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int) -> None:
+        super().__init__()
+        self.config, self.layer = config, layer
+        hs, nh, nkv = config.head_dim, config.n_head, config.kv_heads
+        self.q_proj = nn.Linear(config.d_model, nh * hs, bias=config.bias)
+        self.k_proj = nn.Linear(config.d_model, nkv * hs, bias=config.bias)
+        self.v_proj = nn.Linear(config.d_model, nkv * hs, bias=config.bias)
+        self.o_proj = nn.Linear(nh * hs, config.d_model, bias=config.bias)
+        self.o_proj.residual = True  # type: ignore[assignment]  # scaled init
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None,
+                start: int) -> Tensor:
+        B, T, C = x.shape
+        cfg = self.config
+        q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, start, k, v)  # (B, nkv, start+T, hs)
+        dropout = cfg.dropout if self.training else 0.0
+        # causal over the whole cache: query i (at start+i) sees keys 0..start+i
+        mask = None if start == 0 else torch.ones(T, k.size(2), dtype=torch.bool,
+                                                   device=x.device).tril(start)
+        if cfg.attention == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                               is_causal=mask is None and T > 1,
+                                               enable_gqa=cfg.kv_heads != cfg.n_head)
+        else:
+            y = naive_attention(q, k, v, mask, dropout)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
+
+def naive_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float
+                    ) -> Tensor:
+    """softmax(QK^T / sqrt(hs) + causal mask) V, written out; the reference for sdpa."""
+    T, S = q.size(2), k.size(2)
+    if k.size(1) != q.size(1):  # grouped-query: each K/V head serves n_head/nkv query heads
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+        v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, S)
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    att = F.dropout(att, p=dropout, training=dropout > 0)
+    return att @ v  # (B, nh, T, hs)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.gated = config.mlp == "swiglu"
+        hidden = config.ff_dim
+        self.up_proj = nn.Linear(config.d_model, hidden, bias=config.bias)
+        if self.gated:
+            self.gate_proj = nn.Linear(config.d_model, hidden, bias=config.bias)
+        self.down_proj = nn.Linear(hidden, config.d_model, bias=config.bias)
+        self.down_proj.residual = True  # type: ignore[assignment]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gated:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm, self.mlp_norm = make_norm(config), make_norm(config)
+        self.attn, self.mlp = Attention(config, layer), MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None,
+                start: int) -> Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache, start))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_embed = (nn.Embedding(config.context, config.d_model)
+                          if config.position == "learned" else None)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        if config.position == "rope":
+            cos, sin = rope_cache(config, config.context)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init)
+
+    def _init(self, module: nn.Module) -> None:
+        std = self.config.init_std
+        if isinstance(module, nn.Linear):
+            scale = math.sqrt(2 * self.config.n_layer) if getattr(module, "residual", False) else 1
+            nn.init.normal_(module.weight, mean=0.0, std=std / scale)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.pos_embed is not None:
+            n -= self.pos_embed.weight.numel()
+        return n
+
+    def forward(self, idx: Tensor, cache: KVCache | None = None, start: int = 0,
+                last_only: bool = False) -> Tensor:
+        """idx (B, T) token ids at positions start..start+T -> logits (B, T or 1, V)."""
+        T = idx.size(1)
+        if start + T > self.config.context:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context "
+                             f"({self.config.context})")
+        x = self.embed(idx)  # (B, T, C)
+        rope = None
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        x = self.dropout(x)
+        for block in self.blocks:
+            x = block(x, rope, cache, start)
+        x = self.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)  # (B, T, V)
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6N for the weights plus 12·L·C·T for attention (PaLM)."""
+        cfg = self.config
+        n = self.num_params() - (self.pos_embed.weight.numel() if self.pos_embed is not None else 0)
+        return 6 * n + 12 * cfg.n_layer * cfg.d_model * (seq_len or cfg.context)

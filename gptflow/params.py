@@ -1,0 +1,148 @@
+"""Params models shared by training nodes (pure pydantic: no torch).
+
+Field docstrings are the help text of ``gptflow plugins NAME`` and the JSON
+Schema; cross-field checks name the YAML key in their message.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from gptflow.ml.config import PRESETS, GPTConfig, preset_config
+
+
+class Params(BaseModel):
+    """Base of every params model: unknown keys are errors, docstrings are help."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class ModelParams(Params):
+    """The GPT to build: a preset, with any field overridden."""
+
+    preset: str | None = "nano"
+    """Named size and recipe: tiny, nano, shakespeare-char, micro, gpt2-small, llama-160m."""
+    context: int | None = None
+    """Longest sequence the model attends over."""
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_kv_head: int | None = None
+    """Key/value heads for grouped-query attention (divides n_head)."""
+    d_model: int | None = None
+    d_ff: int | None = None
+    position: Literal["learned", "rope"] | None = None
+    """learned absolute positions (GPT-2) or rotary embeddings (RoPE)."""
+    norm: Literal["layernorm", "rmsnorm"] | None = None
+    mlp: Literal["gelu", "swiglu"] | None = None
+    attention: Literal["sdpa", "naive"] | None = None
+    """sdpa = torch's fused scaled_dot_product_attention (FlashAttention kernels on GPU)."""
+    rope_theta: float | None = None
+    norm_eps: float | None = None
+    bias: bool | None = None
+    dropout: float | None = Field(None, ge=0, lt=1)
+    tie_embeddings: bool | None = None
+    """Reuse the token embedding as the output head: softmax(W^T h)."""
+
+    @model_validator(mode="after")
+    def _builds(self) -> ModelParams:
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown model preset {self.preset!r}; presets: {', '.join(PRESETS)}")
+        self.config(vocab_size=256)  # raises ValueError naming the inconsistent fields
+        return self
+
+    def config(self, vocab_size: int) -> GPTConfig:
+        overrides = self.model_dump(exclude={"preset"}, exclude_none=True)
+        return preset_config(self.preset, **overrides, vocab_size=vocab_size)
+
+
+class OptimParams(Params):
+    """AdamW with linear warmup and cosine decay; weight decay on matrices only."""
+
+    lr: float = Field(1e-3, gt=0)
+    """Peak learning rate, reached after warmup_steps."""
+    min_lr: float = Field(1e-4, ge=0)
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = Field(100, ge=0)
+    beta1: float = 0.9
+    beta2: float = 0.99
+    weight_decay: float = Field(0.1, ge=0)
+    """Applied to weight matrices and embeddings only, never to norms or biases."""
+
+
+class TrainerParams(Params):
+    """Maps onto lightning.Trainer: scaling out is Lightning's job."""
+
+    max_steps: int = Field(1000, ge=1)
+    """Optimizer steps to train (replaced by a token or FLOP budget when given)."""
+    max_time: str | None = None
+    """Stop after this wall time, DD:HH:MM:SS (e.g. 00:00:30:00)."""
+    precision: str = "32-true"
+    """32-true, bf16-mixed, 16-mixed, bf16-true, ..."""
+    accelerator: str = "auto"
+    """cpu, gpu, cuda, mps, auto."""
+    devices: int | str = 1
+    strategy: str = "auto"
+    """auto, ddp, fsdp, deepspeed, ..."""
+    num_nodes: int = Field(1, ge=1)
+    accumulate_grad_batches: int = Field(1, ge=1)
+    gradient_clip_val: float | None = 1.0
+    val_check_interval: int | None = None
+    """Steps between validations (a sample of limit_val_batches); None: only at the end."""
+    limit_val_batches: int = Field(50, ge=1)
+    """Batches per intermediate validation; the final one covers the whole split."""
+    log_every_n_steps: int = Field(10, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
+    """Steps between resumable checkpoints (kept in the node's work folder)."""
+    loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
+    """Extra Lightning loggers; CSV metrics are always written."""
+
+    @field_validator("max_time")
+    @classmethod
+    def _time(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"\d{2}:\d{2}:\d{2}:\d{2}", v):
+            raise ValueError("max_time is DD:HH:MM:SS, e.g. 00:00:30:00")
+        return v
+
+    @model_validator(mode="after")
+    def _fsdp_needs_gpu(self) -> TrainerParams:
+        if self.strategy.startswith("fsdp") and self.accelerator == "cpu":
+            raise ValueError("trainer.strategy: fsdp requires a GPU accelerator "
+                             "(use ddp on CPU)")
+        return self
+
+
+class Budget(Params):
+    """How long to train, as Chinchilla would say it."""
+
+    tokens: str | int | None = None
+    """Training tokens: a number, or a multiple of the parameter count like '20x'
+    (Chinchilla-optimal is about 20 tokens per parameter). Sets max_steps."""
+    compute_budget_flops: float | None = None
+    """Training FLOPs (6·N·D); sets max_steps."""
+
+    @field_validator("tokens")
+    @classmethod
+    def _tokens(cls, v: str | int | None) -> str | int | None:
+        if isinstance(v, str) and not re.fullmatch(r"\d+(\.\d+)?x", v):
+            raise ValueError("tokens is a number or a multiple of the parameter count like '20x'")
+        return v
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> Budget:
+        if self.tokens is not None and self.compute_budget_flops is not None:
+            raise ValueError("give tokens or compute_budget_flops, not both")
+        return self
+
+    def steps(self, params: int, tokens_per_step: int, default: int) -> int:
+        """max_steps implied by the budget (``default`` when there is none)."""
+        if self.tokens is not None:
+            total = (float(self.tokens[:-1]) * params if isinstance(self.tokens, str)
+                     else self.tokens)
+        elif self.compute_budget_flops is not None:
+            total = self.compute_budget_flops / (6 * params)
+        else:
+            return default
+        return max(1, round(total / tokens_per_step))
