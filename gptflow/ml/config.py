@@ -37,7 +37,8 @@ class GPTConfig:
     def __post_init__(self) -> None:
         kv = self.kv_heads
         if self.d_model % self.n_head:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by "
+                             f"n_head ({self.n_head})")
         if self.n_head % kv:
             raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({kv})")
         if self.position == "rope" and self.head_dim % 2:

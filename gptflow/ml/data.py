@@ -83,7 +83,7 @@ class ShardWriter:
     def _open(self) -> None:
         self.close()
         name = f"{self.split}-{len(self.shards):05d}.bin"
-        self._file = open(self.folder / name, "wb")
+        self._file = open(self.folder / name, "wb")  # noqa: SIM115 (closed in close())
         self.shards.append({"file": name, "tokens": 0})
         self._in_shard = 0
 
@@ -215,7 +215,8 @@ class SequentialWindows(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         array, start = self.index[i]
-        window = torch.from_numpy(np.asarray(array[start: start + self.context + 1], dtype=np.int64))
+        window = array[start: start + self.context + 1]
+        window = torch.from_numpy(np.asarray(window, dtype=np.int64))
         x, y = window[:-1], window[1:]
         pad = self.context - len(x)
         if pad:  # the last window of a shard: targets beyond it are ignored

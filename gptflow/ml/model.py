@@ -194,7 +194,8 @@ class GPT(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(torch.arange(start, start + T, device=idx.device))
         else:
-            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+            cos, sin = self.get_buffer("rope_cos"), self.get_buffer("rope_sin")
+            rope = (cos[start:start + T], sin[start:start + T])
         x = self.dropout(x)
         for block in self.blocks:
             x = block(x, rope, cache, start)

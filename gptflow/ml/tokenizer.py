@@ -152,7 +152,8 @@ class Tokenizer:
         points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
         table = self._char_table
         known = points < len(table)
-        return np.where(known, table[np.where(known, points, 0)], self.hf.token_to_id(UNK))
+        unk = int(self.hf.token_to_id(UNK) or 0)
+        return np.where(known, table[np.where(known, points, 0)], unk)
 
     @cached_property
     def _tiktoken(self) -> Any:
