@@ -77,6 +77,15 @@ def _parser() -> argparse.ArgumentParser:
     p = verb("show", cmd_show, "one run: node statuses, timings, metrics")
     p.add_argument("run", metavar="RUN", help="a run id (or a unique prefix) or 'latest'")
     p.add_argument("--json", action="store_true", help="print run.json")
+    p = verb("generate", cmd_generate, "sample text from a model artifact (KV cache)")
+    p.add_argument("model", metavar="MODEL_DIR", help="a model artifact folder (gptflow path ...)")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-samples", type=int, default=1)
     p = verb("path", cmd_path, "print the folder of an output artifact")
     p.add_argument("run", metavar="RUN", help="a run id or 'latest'")
     p.add_argument("target", metavar="NODE[.OUTPUT]")
@@ -270,6 +279,31 @@ def cmd_show(args: argparse.Namespace) -> int:
             table = Path(output) / "report.md"
             if table.is_file():
                 console.print(f"\n[bold]{name}[/]\n{table.read_text(encoding='utf-8')}")
+    return EXIT_OK
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    folder = Path(args.model)
+    if not (folder / "config.json").is_file():
+        raise InputError(f"{folder}: not a model folder (no config.json)")
+    if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1) \
+            or (args.top_k is not None and args.top_k < 1) or args.max_new_tokens < 1:
+        raise InputError("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 1, "
+                         "--max-new-tokens >= 1")
+    from gptflow.ml.checkpoint import ModelLoadError, load_model
+    from gptflow.ml.generate import generate
+
+    try:
+        model, tokenizer = load_model(folder)
+    except ModelLoadError as e:
+        raise InputError(str(e)) from None
+    for i in range(args.num_samples):
+        seed = None if args.seed is None else args.seed + i
+        ids = generate(model, tokenizer.encode(args.prompt), args.max_new_tokens,
+                       args.temperature, args.top_k, args.top_p, seed, tokenizer.eot_id)
+        print(args.prompt + tokenizer.decode(ids))
+        if i + 1 < args.num_samples:
+            print("---")
     return EXIT_OK
 
 

@@ -123,13 +123,24 @@ class _Loader:
         self.marks[key] = (self.file, node.start_mark.line + 1, node.start_mark.column + 1)
         if isinstance(node, yaml.MappingNode):
             out: dict[str, Any] = {}
+            merged: list[Any] = []
             for k, v in node.value:
+                if k.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` (explicit keys win)
+                    merged += [self._value(m, key) for m in
+                               (v.value if isinstance(v, yaml.SequenceNode) else [v])]
+                    continue
                 name = str(yaml.safe_load(yaml.serialize(k)))
                 self.key_marks[(*key, name)] = (self.file, k.start_mark.line + 1,
                                                 k.start_mark.column + 1)
                 if name in out:
                     self.error((*key, name), f"duplicate key {name!r}", at_key=True)
                 out[name] = self._value(v, (*key, name))
+            for extra in merged:
+                if not isinstance(extra, dict):
+                    self.error(key, "a merge key (<<) takes a mapping")
+                    continue
+                for name, value in extra.items():
+                    out.setdefault(name, value)
             return out
         if isinstance(node, yaml.SequenceNode):
             return [self._value(v, (*key, i)) for i, v in enumerate(node.value)]

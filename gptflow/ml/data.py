@@ -215,8 +215,8 @@ class SequentialWindows(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         array, start = self.index[i]
-        window = array[start: start + self.context + 1]
-        window = torch.from_numpy(np.asarray(window, dtype=np.int64))
+        ids = np.asarray(array[start: start + self.context + 1], dtype=np.int64)
+        window = torch.from_numpy(ids)
         x, y = window[:-1], window[1:]
         pad = self.context - len(x)
         if pad:  # the last window of a shard: targets beyond it are ignored
