@@ -109,8 +109,7 @@ class TrainerParams(Params):
     @model_validator(mode="after")
     def _fsdp_needs_gpu(self) -> TrainerParams:
         if self.strategy.startswith("fsdp") and self.accelerator == "cpu":
-            raise ValueError("trainer.strategy: fsdp requires a GPU accelerator "
-                             "(use ddp on CPU)")
+            raise ValueError("strategy: fsdp requires a GPU accelerator (use ddp on CPU)")
         return self
 
 

@@ -355,10 +355,15 @@ def _param_error(loader: _Loader, key: Key, model: type[BaseModel], err: Any) ->
     elif err["type"] == "missing":
         loader.error(key, f"missing required param {dotted!r}")
     else:
+        message = err["msg"].removeprefix("Value error, ")
+        named = re.match(r"(\w+): (.*)", message)  # a cross-field check naming its key
+        if named and named.group(1) in _fields_at(model, loc):
+            loc, message = (*loc, named.group(1)), named.group(2)
+            where, dotted = (*key, *loc), ".".join(str(p) for p in loc)
         got = err.get("input")
         shown = f" (got {got!r})" if not isinstance(got, dict | list) else ""
         label = f"param {dotted!r}: " if dotted else "params: "
-        loader.error(where, f"{label}{err['msg'].removeprefix('Value error, ')}{shown}")
+        loader.error(where, f"{label}{message}{shown}")
 
 
 def _fields_at(model: Any, loc: Key) -> list[str]:

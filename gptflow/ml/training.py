@@ -92,7 +92,7 @@ def make_trainer(context: Context, tp: TrainerParams, max_steps: int,
         num_nodes=tp.num_nodes, accumulate_grad_batches=tp.accumulate_grad_batches,
         gradient_clip_val=tp.gradient_clip_val, log_every_n_steps=tp.log_every_n_steps,
         val_check_interval=tp.val_check_interval, check_val_every_n_epoch=None,
-        limit_val_batches=tp.limit_val_batches,
+        limit_val_batches=tp.limit_val_batches if tp.val_check_interval else 0,
         num_sanity_val_steps=0, logger=loggers, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=str(context.work_dir),
         callbacks=[checkpoints, *callbacks, *context.training_callbacks()],
@@ -112,11 +112,12 @@ def fit(context: Context, module: L.LightningModule, train: IterableDataset[Any]
         context.log.info("resuming from %s", last)
     val_loader = DataLoader(val, batch_size=val_batch_size)
     trainer.fit(module, train_dataloaders=DataLoader(train, batch_size=None),
-                val_dataloaders=val_loader if tp.val_check_interval else None,
+                val_dataloaders=val_loader,
                 ckpt_path=str(last) if last.exists() else None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     trainer.limit_val_batches = 1.0  # the final validation covers the whole split
     (final,) = trainer.validate(module, dataloaders=val_loader, verbose=False)
+    metrics["resumed_from_step"] = resume.start_step
     return trainer, throughput, {**metrics, **{k: float(v) for k, v in final.items()}}
 
 
@@ -125,9 +126,12 @@ class ResumeData(Callback):
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
+        self.start_step = 0
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.start_step = trainer.global_step
         self.dataset.start_batch = trainer.global_step * trainer.accumulate_grad_batches
+        self.dataset.rank = trainer.global_rank
 
 
 def loss_curve(context: Context, out: Path) -> None:

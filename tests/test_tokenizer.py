@@ -1,0 +1,102 @@
+"""Tokenizers round-trip text losslessly; token shards keep documents apart."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from gptflow.ml.data import TokenShards, write_tokens
+from gptflow.ml.tokenizer import Tokenizer
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "日本語のテキストも、そのまま往復します。",
+    "emoji 🎉🚀 and accents: naïve café, Ærøskøbing",
+    "  leading spaces\n\n\ttabs and\r\nwindows newlines  ",
+    "code: def f(x):\n    return x ** 2  # comment",
+    "<|endoftext|> in the text stays text",
+]
+CORPUS = [t * 3 for t in TEXTS] + [f"document number {i} says hello" for i in range(200)]
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return Tokenizer.train_bpe(CORPUS, vocab_size=400, min_frequency=1)
+
+
+def test_bpe_round_trips_any_utf8(bpe):
+    for text in [*TEXTS, "完全に未知の漢字列：龘靐齉", "\x00\x01 control bytes"]:
+        assert bpe.decode(bpe.encode(text)) == text
+
+
+def test_fast_path_gives_the_same_ids_as_hugging_face(bpe):
+    assert bpe.kind == "bpe"
+    fast = bpe.encode_batch(TEXTS)
+    for text, ids in zip(TEXTS[:-1], fast, strict=False):  # HF treats specials in text as specials
+        assert ids.tolist() == bpe.hf.encode(text, add_special_tokens=False).ids
+    stream = bpe.encode_documents(TEXTS[:-1])
+    expected = [i for t in TEXTS[:-1] for i in [*bpe.encode(t), bpe.eot_id]]
+    assert stream.tolist() == expected
+
+
+def test_end_of_text_inside_a_document_is_not_a_boundary(bpe):
+    ids = bpe.encode_documents([TEXTS[-1]]).tolist()
+    assert ids.count(bpe.eot_id) == 1 and ids[-1] == bpe.eot_id
+
+
+def test_char_tokenizer(tmp_path):
+    tok = Tokenizer.train_char(["hello\nworld 日本"])
+    assert tok.kind == "char"
+    assert tok.decode(tok.encode("hello 日本\n")) == "hello 日本\n"
+    assert tok.encode("hé") == [tok.encode("h")[0], tok.hf.token_to_id("<|unk|>")]
+    tok.save(tmp_path / "tokenizer.json")
+    again = Tokenizer.load(tmp_path / "tokenizer.json")
+    assert again.kind == "char" and again.encode("world") == tok.encode("world")
+
+
+def test_load_existing_tokenizer_json(bpe, tmp_path):
+    bpe.save(tmp_path / "tokenizer.json")
+    loaded = Tokenizer.load(tmp_path)
+    assert loaded.encode(TEXTS[1]) == bpe.encode(TEXTS[1])
+    assert loaded.eot_id == bpe.eot_id == 0 and loaded.pad_id == 1
+
+
+def test_shards_split_by_document_without_overlap(bpe, tmp_path):
+    docs = [f"doc {i} " + "word " * (i % 7) for i in range(500)]
+    meta = write_tokens(docs, bpe, tmp_path, val_fraction=0.1, shard_tokens=1000, batch_docs=64)
+    assert meta["splits"]["val"]["documents"] == pytest.approx(50, abs=2)
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 500
+    assert len(meta["splits"]["train"]["shards"]) > 1  # rotated at 1000 tokens
+    train, val = TokenShards(tmp_path, "train"), TokenShards(tmp_path, "val")
+    assert train.tokens == meta["splits"]["train"]["tokens"]
+
+    def documents(shards):
+        ids = np.concatenate(shards.arrays).tolist()
+        text = bpe.decode(ids)  # specials are dropped: split on the eot ids instead
+        out, current = [], []
+        for i in ids:
+            if i == bpe.eot_id:
+                out.append(bpe.decode(current))
+                current = []
+            else:
+                current.append(i)
+        return out, text
+
+    train_docs, _ = documents(train)
+    val_docs, _ = documents(val)
+    assert not set(train_docs) & set(val_docs)
+    assert sorted(train_docs + val_docs) == sorted(docs)
+    assert json.loads((tmp_path / "meta.json").read_text())["dtype"] == "uint16"
+
+
+def test_tail_split_holds_out_the_end(tmp_path):
+    text = "".join(chr(ord("a") + i % 26) for i in range(10_000))
+    tok = Tokenizer.train_char([text])
+    meta = write_tokens([text], tok, tmp_path, val_fraction=0.1, split="tail", shard_tokens=3000)
+    train, val = TokenShards(tmp_path, "train"), TokenShards(tmp_path, "val")
+    assert (train.tokens, val.tokens) == (9001, 1000)  # 10,000 chars + one eot
+    stream = np.concatenate(train.arrays + val.arrays)
+    assert tok.decode(stream[:10_000]) == text
+    assert meta["splits"]["val"]["tokens"] == 1000

@@ -1,0 +1,112 @@
+"""tokenize -> pretrain end to end on tiny data, generation, resume, budgets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gptflow.corpora import reviews
+
+
+def pipeline(corpus: Path, steps: int = 20, **extra: str) -> str:
+    trainer = ", ".join([f"max_steps: {steps}", *(f"{k}: {v}" for k, v in extra.items())])
+    return f"""\
+name: tiny
+nodes:
+  tok:
+    plugin: tokenize
+    params: {{corpus: ["{corpus}"], vocab_size: 320, val_fraction: 0.1}}
+  base:
+    plugin: pretrain
+    inputs: {{tokens: tok.tokens}}
+    params:
+      model: {{preset: tiny, context: 32}}
+      trainer: {{{trainer}}}
+      optim: {{lr: 3.0e-3, warmup_steps: 5}}
+      batch_size: 8
+"""
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in reviews(400)))
+    return path
+
+
+def test_tokenize_pretrain_generate(run_pipeline, corpus, capfd):
+    result = run_pipeline(pipeline(corpus))
+    assert result.code == 0, result.out + result.err
+    metrics = result.record["nodes"]["base"]["metrics"]
+    for key in ("params", "tokens", "flops", "chinchilla_tokens", "tokens_per_s", "mfu",
+                "train_loss", "val_loss", "val_ppl", "bytes_on_disk"):
+        assert key in metrics, key
+    assert metrics["steps"] == 20 and metrics["tokens"] == 20 * 8 * 32
+    assert metrics["flops"] == 6 * metrics["params"] * metrics["tokens"]
+    assert metrics["val_loss"] < 5.5  # well below uniform: ln(320) = 5.77
+    model = result.output("base")
+    assert {p.name for p in model.iterdir()} >= {"config.json", "model.safetensors",
+                                                 "tokenizer.json", "loss.png", "artifact.json"}
+    tokens = result.output("tok", "tokens")
+    assert (tokens / "meta.json").is_file() and (tokens / "tokenizer.json").is_file()
+
+    from gptflow.cli import main
+
+    capfd.readouterr()
+    assert main(["generate", str(model), "--prompt", "The movie", "--seed", "1",
+                 "--max-new-tokens", "12"]) == 0
+    assert capfd.readouterr().out.startswith("The movie")
+    assert main(["generate", str(result.pipeline.parent), "--prompt", "x"]) == 2
+
+
+def test_token_budget_sets_steps(run_pipeline, corpus):
+    text = pipeline(corpus).replace("batch_size: 8", "batch_size: 8\n      tokens: 0.01x")
+    result = run_pipeline(text)
+    assert result.code == 0, result.out
+    metrics = result.record["nodes"]["base"]["metrics"]
+    assert metrics["steps"] == round(0.01 * metrics["params"] / (8 * 32))
+
+
+def test_fsdp_on_cpu_is_a_validation_error(run_pipeline, corpus):
+    result = run_pipeline(pipeline(corpus, strategy="fsdp", accelerator="cpu"), verb="validate")
+    assert result.code == 2
+    assert "param 'trainer.strategy': fsdp requires a GPU accelerator" in result.err
+    assert ":11:" in result.err  # the line of `trainer:` in the file
+
+
+def test_resume_after_kill_continues_from_saved_step(tmp_path, corpus):
+    (tmp_path / "p.yaml").write_text(pipeline(corpus, steps=150, checkpoint_every=20))
+    store = tmp_path / ".gptflow"
+    cmd = [sys.executable, "-m", "gptflow.cli", "run", "p.yaml"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while _checkpoint_step(store) < 40:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    rerun = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    record = json.loads(sorted(store.glob("runs/*/run.json"))[-1].read_text())
+    metrics = record["nodes"]["base"]["metrics"]
+    assert record["nodes"]["tok"]["status"] == "cached"
+    assert metrics["resumed_from_step"] >= 40  # continued, not restarted
+    assert metrics["steps"] == 150
+
+
+def _checkpoint_step(store: Path) -> int:
+    import torch
+
+    found = list(store.glob("work/*/checkpoints/last.ckpt"))
+    try:
+        return int(torch.load(found[0], map_location="cpu", weights_only=False)["global_step"])
+    except Exception:  # not there yet, or being written right now
+        return 0
