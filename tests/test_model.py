@@ -105,5 +105,5 @@ def test_load_names_shape_mismatch(tmp_path):
 
 
 def test_bad_config_is_clear():
-    with pytest.raises(ValueError, match="n_head .4. must be divisible by n_kv_head .3."):
+    with pytest.raises(ValueError, match=r"n_head \(4\) must be divisible by n_kv_head \(3\)"):
         preset_config("tiny", n_kv_head=3)
