@@ -141,7 +141,7 @@ def cmd_plan(args: argparse.Namespace, steps: Any = None) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from gptflow.console import Display, private_console
     from gptflow.plan import make_plan
-    from gptflow.runner import Runner
+    from gptflow.runner import Runner, follow, follower_rank
 
     pipeline, plugins = _load(args)
     store = _store(args)
@@ -150,6 +150,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     steps = make_plan(pipeline, store, args.only, args.start, args.force)
     if args.dry_run:
         return cmd_plan(args, steps)
+    rank = follower_rank()
+    if rank:  # another process of a distributed run: rank 0 keeps the store and the record
+        follow(steps, plugins, store, rank)
+        return EXIT_OK
     with private_console() as console, Display(console) as display:
         record = Runner(pipeline, plugins, store, display, args.jobs).run(
             steps, ["gptflow", *sys.argv[1:]])

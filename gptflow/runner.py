@@ -95,16 +95,12 @@ def execute(job: Job, plugins: Plugins, report: Report) -> None:
         log = _node_logger(job)
         started = time.perf_counter()
         try:
-            with _redirect_output(job.log_path), PeakMemory() as peak:
-                node_type = plugins.node_types[job.plugin].node_type
-                params = node_type.params.model_validate(job.params)
-                context = NodeContext(job, staging, store, plugins, report, log)
-                metrics = dict(node_type.run(context, job.inputs, params) or {})
+            metrics, context, peak = run_node(job, plugins, store, staging, report, log)
             empty = [n for n in job.outputs if not any((staging / n).iterdir())]
             if empty:
                 raise NodeError(f"wrote nothing to output(s) {', '.join(empty)}")
             duration = time.perf_counter() - started
-            metrics.setdefault("peak_mem_bytes", peak.bytes)
+            metrics.setdefault("peak_mem_bytes", peak)
             record = {"node": job.node, "plugin": job.plugin, "version": job.manifest["version"],
                       "run_id": job.run_id, "fingerprint": job.fingerprint,
                       "manifest": job.manifest, "metrics": metrics, "duration_s": duration,
@@ -124,7 +120,19 @@ def execute(job: Job, plugins: Plugins, report: Report) -> None:
                 handler.close()
                 log.removeHandler(handler)
         report("done", {"status": "ran", "metrics": metrics, "duration_s": duration,
-                        "peak_mem_bytes": peak.bytes})
+                        "peak_mem_bytes": peak})
+
+
+def run_node(job: Job, plugins: Plugins, store: Store, staging: Path, report: Report,
+             log: logging.Logger) -> tuple[dict[str, Any], NodeContext, int]:
+    """Call the node's run() with its output going to the log; returns
+    (metrics, context, peak resident bytes)."""
+    with _redirect_output(job.log_path), PeakMemory() as peak:
+        node_type = plugins.node_types[job.plugin].node_type
+        params = node_type.params.model_validate(job.params)
+        context = NodeContext(job, staging, store, plugins, report, log)
+        metrics = dict(node_type.run(context, job.inputs, params) or {})
+    return metrics, context, peak.bytes
 
 
 def _one_line(e: BaseException) -> str:
@@ -288,10 +296,7 @@ class Runner:
         self.display.started(step.node.name, step.node.plugin, step.reason)
         self.plugins.before_node_run(self.record["run_id"], step.node.name, step.node.plugin,
                                      step.fingerprint)
-        job = Job(self.record["run_id"], step.node.name, step.node.plugin,
-                  step.node.params.model_dump(mode="json"), step.fingerprint, step.manifest,
-                  inputs, dict(step.node.node_type.outputs), str(self.store.root), entry["log"],
-                  step.reason == "forced")
+        job = make_job(self.record["run_id"], step, inputs, self.store, entry["log"])
         if self.jobs == 1:
             def report(event: str, payload: Any) -> None:
                 self._progress(job.node, event, payload, events)
@@ -353,12 +358,63 @@ class Runner:
 
     def _inputs(self, step: Step) -> dict[str, Any]:
         fps = {s: self.record["nodes"][s]["fingerprint"] for s in step.node.upstream()}
-        inputs: dict[str, Any] = {}
-        for slot, spec in step.node.node_type.inputs.items():
-            arts: list[Artifact] = [self.store.outputs(fps[r.node])[r.output]
-                                    for r in step.node.inputs.get(slot, [])]
-            inputs[slot] = arts if spec.many else (arts[0] if arts else None)
-        return inputs
+        return resolve_inputs(step, self.store, fps)
+
+
+def make_job(run_id: str, step: Step, inputs: dict[str, Any], store: Store, log: str) -> Job:
+    return Job(run_id, step.node.name, step.node.plugin, step.node.params.model_dump(mode="json"),
+               step.fingerprint, step.manifest, inputs, dict(step.node.node_type.outputs),
+               str(store.root), log, step.reason == "forced")
+
+
+def resolve_inputs(step: Step, store: Store, fingerprints: dict[str, str]) -> dict[str, Any]:
+    """Slot -> verified upstream artifact(s), as the node's run() receives them."""
+    inputs: dict[str, Any] = {}
+    for slot, spec in step.node.node_type.inputs.items():
+        arts: list[Artifact] = [store.outputs(fingerprints[r.node])[r.output]
+                                for r in step.node.inputs.get(slot, [])]
+        inputs[slot] = arts if spec.many else (arts[0] if arts else None)
+    return inputs
+
+
+def follower_rank() -> int:
+    """This process's rank when it is one of several processes of a distributed
+    run (torchrun, SLURM, Lightning's launcher); 0 for the leader or a plain run."""
+    for name in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK"):
+        value = os.environ.get(name, "0")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 0
+
+
+def is_distributed(params: Any) -> bool:
+    trainer = getattr(params, "trainer", None)
+    devices = getattr(trainer, "devices", 1)
+    return trainer is not None and (devices not in (1, "1") or trainer.num_nodes > 1)
+
+
+def follow(steps: list[Step], plugins: Plugins, store: Store, rank: int,
+           poll: float = 0.5) -> None:
+    """The part of a non-zero rank: train the distributed nodes beside rank 0,
+    write nothing to the store, and wait for rank 0 to publish each node."""
+    fingerprints = {s.node.name: s.fingerprint for s in steps}
+    for step in steps:
+        if step.action == "cached":
+            continue
+        if is_distributed(step.node.params):
+            staging = store.stage(step.fingerprint)
+            log = store.root / "tmp" / f"follower-{step.fingerprint}.rank{rank}.log"
+            job = make_job(f"rank{rank}", step, resolve_inputs(step, store, fingerprints), store,
+                           str(log))
+            for name in job.outputs:
+                (staging / name).mkdir()
+            try:
+                run_node(job, plugins, store, staging, lambda event, payload: None,
+                         _node_logger(job))
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        while not store.has(step.fingerprint):
+            time.sleep(poll)
 
 
 def _context() -> Any:

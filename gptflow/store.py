@@ -74,7 +74,7 @@ class CorruptArtifact(Exception):
 
 class Store:
     def __init__(self, root: Path | str | None = None) -> None:
-        self.root = Path(root) if root is not None else default_root()
+        self.root = (Path(root) if root is not None else default_root()).absolute()
         self._db: sqlite3.Connection | None = None
 
     # -- paths ---------------------------------------------------------------

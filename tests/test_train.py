@@ -110,3 +110,23 @@ def _checkpoint_step(store: Path) -> int:
         return int(torch.load(found[0], map_location="cpu", weights_only=False)["global_step"])
     except Exception:  # not there yet, or being written right now
         return 0
+
+
+def test_ddp_two_cpu_processes(tmp_path, corpus):
+    """strategy ddp, 2 processes (gloo): one run record, one valid model artifact."""
+    text = pipeline(corpus, strategy="ddp", accelerator="cpu", devices=2)
+    (tmp_path / "p.yaml").write_text(text)
+    run = subprocess.run([sys.executable, "-m", "gptflow.cli", "run", "p.yaml"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    store = tmp_path / ".gptflow"
+    (record_path,) = store.glob("runs/*/run.json")  # exactly one process wrote a record
+    record = json.loads(record_path.read_text())
+    assert record["status"] == "ok"
+    log = Path(record["nodes"]["base"]["log"]).read_text()
+    assert "Starting with 2 processes" in log
+    from gptflow.ml.checkpoint import load_model
+
+    model, tokenizer = load_model(record["nodes"]["base"]["outputs"]["model"])
+    assert model.num_params() == record["nodes"]["base"]["metrics"]["params"]
+    assert not list(store.glob("tmp/*.*.*"))  # no staging folder left by either rank

@@ -76,8 +76,8 @@ class CausalLM(L.LightningModule):
         count = self.trainer.strategy.reduce(
             torch.tensor(float(self._val_count), device=self.device), reduce_op="sum")
         loss = float(total / max(float(count), 1.0))
-        self.log("val_loss", loss, sync_dist=False)
-        self.log("val_ppl", math.exp(min(loss, 50.0)), sync_dist=False)
+        self.log("val_loss", loss, rank_zero_only=True)
+        self.log("val_ppl", math.exp(min(loss, 50.0)), rank_zero_only=True)
 
     def configure_optimizers(self) -> Any:
         groups = param_groups(self.model, self.optim.weight_decay)

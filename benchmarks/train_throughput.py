@@ -1,0 +1,147 @@
+"""Training and generation speed: gptflow vs a lean plain-PyTorch reference.
+
+Both train the same model (nanoGPT's Shakespeare-char CPU config: 4 layers,
+4 heads, 128 wide, context 64, batch 12) with the same AdamW, schedule and
+gradient clipping on the same character tokens, in one process:
+
+* lean: a bare loop written here (random windows, forward, backward, clip, step);
+* gptflow: the ``pretrain`` node run by gptflow's runner (Lightning inside).
+
+Tokens/s exclude the first steps (warm-up) and validation in both. Then
+generation at batch 1: gptflow's ``generate`` (KV cache, sampling filters) vs a
+lean cached decoding loop. Writes the "Training throughput" section of RESULTS.md.
+
+    python benchmarks/train_throughput.py [--data PATH] [--steps 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from results import write_section
+
+from gptflow.ml.config import preset_config
+from gptflow.ml.lm import lr_lambda, param_groups, token_loss
+from gptflow.ml.model import GPT, KVCache
+from gptflow.params import OptimParams
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+BATCH, CONTEXT, WARMUP_STEPS = 12, 64, 3
+
+
+def lean_train(tokens: np.ndarray, vocab: int, steps: int, precision: str) -> float:
+    """A plain PyTorch loop; returns tokens/s."""
+    torch.manual_seed(1337)
+    model = GPT(preset_config("shakespeare-char", vocab_size=vocab))
+    optim = OptimParams()
+    opt = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
+                            betas=(optim.beta1, optim.beta2))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, steps))
+    rng = np.random.default_rng(0)
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed"
+                else contextlib.nullcontext())
+    elapsed = 0.0
+    for step in range(steps):
+        start = time.perf_counter()
+        ix = rng.integers(0, len(tokens) - CONTEXT - 1, BATCH)
+        batch = torch.from_numpy(np.stack([tokens[i:i + CONTEXT + 1] for i in ix]).astype(np.int64))
+        with autocast:
+            loss = token_loss(model(batch[:, :-1]), batch[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step >= WARMUP_STEPS:
+            elapsed += time.perf_counter() - start
+    return (steps - WARMUP_STEPS) * BATCH * CONTEXT / elapsed
+
+
+def gptflow_train(data: Path, steps: int, precision: str, store: Path) -> dict[str, float]:
+    from rich.console import Console
+
+    from gptflow.console import Display
+    from gptflow.manager import load_plugins
+    from gptflow.pipeline import load_pipeline
+    from gptflow.plan import make_plan
+    from gptflow.runner import Runner
+    from gptflow.store import Store
+
+    pipeline = Path(__file__).parents[1] / "pipelines" / "shakespeare-char.yaml"
+    plugins = load_plugins()
+    loaded = load_pipeline(pipeline, plugins, [f"vars.data={data}", f"vars.steps={steps}",
+                                                f"modern.params.trainer.precision={precision}"])
+    s = Store(store)
+    steps_ = [st for st in make_plan(loaded, s, only=["chars", "modern"], force=["modern"])]
+    with open(store.parent / "log.txt", "w") as out:
+        Runner(loaded, plugins, s, Display(Console(file=out))).run(steps_)
+    record = s.load_run(s.resolve_run("latest"))
+    return dict(record["nodes"]["modern"]["metrics"])
+
+
+def lean_generate(model: GPT, prompt: list[int], n: int) -> float:
+    """A bare cached decoding loop (multinomial sampling); returns tokens/s."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        cache = KVCache(model.config, 1, len(prompt) + n, torch.device("cpu"), torch.float32)
+        logits = model(torch.tensor([prompt]), cache=cache)[:, -1]
+        for i in range(n - 1):
+            token = torch.multinomial(torch.softmax(logits / 0.8, dim=-1), 1)
+            logits = model(token, cache=cache, start=len(prompt) + i)[:, -1]
+        return n / (time.perf_counter() - start)
+
+
+def gptflow_generate(model: GPT, prompt: list[int], n: int) -> float:
+    from gptflow.ml.generate import generate
+
+    start = time.perf_counter()
+    out = generate(model, prompt, n, temperature=0.8, top_k=None, seed=0)
+    assert len(out) == n
+    return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--steps", type=int, default=200)
+    args = parser.parse_args()
+    from gptflow.ml.tokenizer import Tokenizer
+
+    text = args.data.read_text(encoding="utf-8")
+    tokenizer = Tokenizer.train_char([text])
+    tokens = tokenizer.encode_documents([text])[: int(len(text) * 0.9)].astype(np.uint16)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for precision in ("32-true", "bf16-mixed"):
+            lean = lean_train(tokens, tokenizer.vocab_size, args.steps, precision)
+            ours = gptflow_train(args.data, args.steps, precision, Path(tmp) / "store")
+            rows.append((f"train, {precision}", lean, ours["tokens_per_s"],
+                         f"MFU {ours['mfu']:.1%} of {ours['peak_flops'] / 1e9:.0f} GFLOP/s "
+                         f"({ours['peak_source']}); {ours['step_ms']:.1f} ms/step"))
+    model = GPT(preset_config("shakespeare-char", vocab_size=tokenizer.vocab_size)).eval()
+    prompt = tokenizer.encode("ROMEO:\n")
+    n = CONTEXT - len(prompt)
+    lean_g = max(lean_generate(model, prompt, n) for _ in range(20))
+    ours_g = max(gptflow_generate(model, prompt, n) for _ in range(20))
+    rows.append(("generate, batch 1, fp32 (best of 20)", lean_g, ours_g,
+                 f"{n} new tokens, KV cache"))
+    table = ["| what | lean reference tokens/s | gptflow tokens/s | ratio | notes |",
+             "| --- | --- | --- | --- | --- |"]
+    table += [f"| {what} | {lean:,.0f} | {ours:,.0f} | {ours / lean:.2f}x | {note} |"
+              for what, lean, ours, note in rows]
+    write_section("Training throughput", "python benchmarks/train_throughput.py",
+                  f"Shakespeare-char config, batch {BATCH}, context {CONTEXT}, "
+                  f"{args.steps} steps each; targets: train >= 0.95x, generate >= 0.9x.",
+                  "\n".join(table))
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
