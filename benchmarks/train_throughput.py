@@ -7,7 +7,8 @@ gradient clipping on the same character tokens, in one process:
 * lean: a bare loop written here (random windows, forward, backward, clip, step);
 * gptflow: the ``pretrain`` node run by gptflow's runner (Lightning inside).
 
-Tokens/s exclude the first steps (warm-up) and validation in both. Then
+Tokens/s exclude the first steps (warm-up) and validation in both; the two
+alternate and the best of each is kept, since this shared machine is noisy. Then
 generation at batch 1: gptflow's ``generate`` (KV cache, sampling filters) vs a
 lean cached decoding loop. Writes the "Training throughput" section of RESULTS.md.
 
@@ -111,6 +112,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     from gptflow.ml.tokenizer import Tokenizer
 
@@ -120,9 +122,14 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for precision in ("32-true", "bf16-mixed"):
-            lean = lean_train(tokens, tokenizer.vocab_size, args.steps, precision)
-            ours = gptflow_train(args.data, args.steps, precision, Path(tmp) / "store")
-            rows.append((f"train, {precision}", lean, ours["tokens_per_s"],
+            leans, runs = [], []
+            for rep in range(args.repeats):  # alternate, keep the best: this VM is noisy
+                leans.append(lean_train(tokens, tokenizer.vocab_size, args.steps, precision))
+                runs.append(gptflow_train(args.data, args.steps, precision,
+                                          Path(tmp) / f"{precision}-{rep}"))
+            lean = max(leans)
+            ours = max(runs, key=lambda m: m["tokens_per_s"])
+            rows.append((f"train, {precision} (best of {args.repeats})", lean, ours["tokens_per_s"],
                          f"MFU {ours['mfu']:.1%} of {ours['peak_flops'] / 1e9:.0f} GFLOP/s "
                          f"({ours['peak_source']}); {ours['step_ms']:.1f} ms/step"))
     model = GPT(preset_config("shakespeare-char", vocab_size=tokenizer.vocab_size)).eval()
