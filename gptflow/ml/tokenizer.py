@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -111,13 +112,13 @@ class Tokenizer:
         return [np.asarray(e.ids, dtype=np.int64)
                 for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
 
-    def encode_documents(self, docs: Sequence[str], chunk_chars: int = 1 << 18) -> np.ndarray:
-        """One stream of ids with end-of-text after every document.
+    def encode_documents(self, docs: Sequence[str], chunk_chars: int = 1 << 20) -> np.ndarray:
+        """One stream of ids with end-of-text after every document (an integer array).
 
-        For BPE, documents are joined by the end-of-text token into ~256 KB
-        chunks and encoded in parallel: tiktoken splits on the special token
-        first, so the ids equal per-document encoding, at several times the
-        speed on short documents.
+        For BPE, documents are joined by the end-of-text token into ~1 MB
+        chunks, encoded straight to numpy by tiktoken in parallel threads:
+        tiktoken splits on the special token first, so the ids equal
+        per-document encoding, at several times the speed on short documents.
         """
         if self.kind != "bpe" or any(EOT in d for d in docs):
             eot = np.array([self.eot_id], dtype=np.int64)
@@ -132,9 +133,11 @@ class Tokenizer:
                 current, size = [], 0
         if current:
             chunks.append(EOT.join(current) + EOT)
-        encoded = self._tiktoken.encode_batch(chunks, num_threads=THREADS, allowed_special={EOT})
-        return np.concatenate([np.asarray(ids, dtype=np.int64) for ids in encoded]
-                              or [np.zeros(0, dtype=np.int64)])
+        encoding = self._tiktoken
+        with ThreadPoolExecutor(THREADS) as pool:  # tiktoken releases the GIL
+            encoded = list(pool.map(
+                lambda chunk: encoding.encode_to_numpy(chunk, allowed_special={EOT}), chunks))
+        return np.concatenate(encoded or [np.zeros(0, dtype=np.uint32)])
 
     def decode(self, ids: Iterable[int]) -> str:
         return str(self.hf.decode([int(i) for i in ids], skip_special_tokens=True))
