@@ -127,6 +127,6 @@ def test_ddp_two_cpu_processes(tmp_path, corpus):
     assert "Starting with 2 processes" in log
     from gptflow.ml.checkpoint import load_model
 
-    model, tokenizer = load_model(record["nodes"]["base"]["outputs"]["model"])
+    model, _ = load_model(record["nodes"]["base"]["outputs"]["model"])
     assert model.num_params() == record["nodes"]["base"]["metrics"]["params"]
     assert not [p for p in store.glob("tmp/*") if p.is_dir()]  # no staging left by any rank

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset
 
 from gptflow.nodes import Context
 from gptflow.params import TrainerParams
@@ -45,18 +45,20 @@ def peak_flops(accelerator: str) -> tuple[float, str]:
 class Throughput(Callback):
     """Tokens/s over training steps only (validation excluded), and progress."""
 
-    def __init__(self, context: Context, tokens_per_step: int, max_steps: int) -> None:
-        self.context, self.tokens_per_step, self.max_steps = context, tokens_per_step, max_steps
-        self.train_time, self.steps, self._start = 0.0, 0, 0.0
+    def __init__(self, context: Context, max_steps: int) -> None:
+        self.context, self.max_steps = context, max_steps
+        self.train_time, self.tokens, self._start, self._batch_tokens = 0.0, 0, 0.0, 0
 
-    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any,
+                             *args: Any) -> None:
         self._start = time.perf_counter()
+        self._batch_tokens = int(batch[0].numel()) * trainer.world_size
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any,
                            *args: Any) -> None:
         if trainer.global_step > 2 or self.max_steps <= 10:  # skip warm-up steps
             self.train_time += time.perf_counter() - self._start
-            self.steps += 1
+            self.tokens += self._batch_tokens
         step = trainer.global_step
         if trainer.is_global_zero and (step % 10 == 0 or step == self.max_steps):
             loss = outputs["loss"].item() if isinstance(outputs, dict) else float("nan")
@@ -64,8 +66,7 @@ class Throughput(Callback):
 
     @property
     def tokens_per_s(self) -> float:
-        batches = self.steps  # each batch end is one micro-batch on each rank
-        return batches * self.tokens_per_step / self.train_time if self.train_time else 0.0
+        return self.tokens / self.train_time if self.train_time else 0.0
 
 
 def make_trainer(context: Context, tp: TrainerParams, max_steps: int,
@@ -100,17 +101,16 @@ def make_trainer(context: Context, tp: TrainerParams, max_steps: int,
 
 
 def fit(context: Context, module: L.LightningModule, train: IterableDataset[Any],
-        val: Dataset[Any], tp: TrainerParams, max_steps: int, tokens_per_step: int,
-        val_batch_size: int) -> tuple[L.Trainer, Throughput, dict[str, float]]:
+        val_loader: DataLoader[Any], tp: TrainerParams, max_steps: int
+        ) -> tuple[L.Trainer, Throughput, dict[str, float]]:
     """Train (resuming from the last checkpoint of this fingerprint), then
     measure the validation loss over the whole split; returns the final metrics."""
-    throughput = Throughput(context, tokens_per_step, max_steps)
+    throughput = Throughput(context, max_steps)
     resume = ResumeData(train)
     trainer = make_trainer(context, tp, max_steps, [throughput, resume])
     last = context.work_dir / "checkpoints" / "last.ckpt"
     if last.exists():
         context.log.info("resuming from %s", last)
-    val_loader = DataLoader(val, batch_size=val_batch_size)
     trainer.fit(module, train_dataloaders=DataLoader(train, batch_size=None),
                 val_dataloaders=val_loader,
                 ckpt_path=str(last) if last.exists() else None)

@@ -42,6 +42,7 @@ class PretrainParams(Budget):
 
 def run(context: Context, inputs: dict[str, Any], p: PretrainParams) -> dict[str, Any]:
     import lightning as L
+    from torch.utils.data import DataLoader
 
     from gptflow.ml.checkpoint import load_model, save_model
     from gptflow.ml.data import RandomWindows, SequentialWindows, TokenShards
@@ -73,8 +74,8 @@ def run(context: Context, inputs: dict[str, Any], p: PretrainParams) -> dict[str
     if not len(val):
         raise NodeError("the tokens artifact has no validation split (val_fraction: 0)")
     module = CausalLM(model, p.optim, max_steps)
-    trainer, tput, final = fit(context, module, train, val, tp, max_steps,
-                        p.batch_size * cfg.context * devices * tp.num_nodes, p.batch_size)
+    trainer, tput, final = fit(context, module, train, DataLoader(val, batch_size=p.batch_size),
+                               tp, max_steps)
     peak, source = ((p.peak_tflops * 1e12, "stated in params") if p.peak_tflops
                     else peak_flops(tp.accelerator))
     tokens_seen = trainer.global_step * tokens_per_step

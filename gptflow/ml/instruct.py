@@ -1,0 +1,112 @@
+"""Instruction data as token batches: the prompt is masked out of the loss.
+
+An example is (prompt ids, target ids): the target is " " + the first
+acceptable output + end-of-text. Batches are padded to their longest example,
+and drawn from length-sorted pools so that little compute goes to padding.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, IterableDataset
+
+from gptflow.ml.tasks import DEFAULT_TEMPLATE, Task, format_prompt
+from gptflow.ml.tokenizer import Tokenizer
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: np.ndarray
+    target: np.ndarray
+
+
+def encode_examples(tasks: Sequence[Task], tokenizer: Tokenizer, split: str, max_len: int,
+                    k_examples: int = 0, template: str = DEFAULT_TEMPLATE,
+                    max_per_task: int | None = None, seed: int = 0) -> list[Example]:
+    """Every instance of ``split`` as an Example; prompts lose their oldest
+    tokens when prompt + target exceed ``max_len``."""
+    examples = []
+    for task in tasks:
+        instances = task.split(split)
+        if max_per_task is not None and len(instances) > max_per_task:
+            instances = random.Random(f"{seed}/{task.name}").sample(instances, max_per_task)
+        prompts = tokenizer.encode_batch([format_prompt(task, i.input, k_examples, template)
+                                          for i in instances])
+        targets = tokenizer.encode_batch([" " + i.outputs[0] for i in instances])
+        for prompt, target in zip(prompts, targets, strict=True):
+            target = np.append(target, tokenizer.eot_id)[: max_len // 2]
+            prompt = prompt[-(max_len - len(target)):]
+            examples.append(Example(prompt, target))
+    return examples
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Inputs and next-token targets, padded; targets are IGNORE on the prompt
+    and on padding, so only output tokens carry loss."""
+    length = max(len(e.prompt) + len(e.target) for e in examples) - 1
+    x = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids = torch.from_numpy(np.concatenate([e.prompt, e.target]).astype(np.int64))
+        x[row, : len(ids) - 1] = ids[:-1]
+        y[row, len(e.prompt) - 1: len(ids) - 1] = ids[len(e.prompt):]
+    return x, y
+
+
+class InstructionBatches(IterableDataset[tuple[Tensor, Tensor]]):
+    """Endless shuffled batches; each pool of 50 batches is sorted by length.
+
+    Batch k is a pure function of (seed, k), so a resumed run continues where
+    it stopped (``start_batch``).
+    """
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, pad_id: int, seed: int,
+                 rank: int = 0) -> None:
+        if not examples:
+            raise ValueError("no training examples")
+        self.examples, self.batch_size, self.pad_id = list(examples), batch_size, pad_id
+        self.seed, self.rank, self.start_batch = seed, rank, 0
+        self.per_epoch = max(1, len(self.examples) // batch_size)
+
+    def _epoch(self, epoch: int) -> list[list[Example]]:
+        order = list(self.examples)
+        random.Random(f"{self.seed}/{self.rank}/{epoch}").shuffle(order)
+        pool = self.batch_size * 50
+        batches = []
+        for start in range(0, self.per_epoch * self.batch_size, pool):
+            chunk = sorted(order[start:start + pool], key=lambda e: len(e.prompt) + len(e.target))
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        batches = [b for b in batches if len(b) == self.batch_size] or batches
+        random.Random(f"{self.seed}/{self.rank}/{epoch}/batches").shuffle(batches)
+        return batches
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        epoch, offset = divmod(self.start_batch, self.per_epoch)
+        for e in itertools.count(epoch):
+            for batch in self._epoch(e)[offset:]:
+                yield collate(batch, self.pad_id)
+            offset = 0
+
+
+class Batches(Dataset[tuple[Tensor, Tensor]]):
+    """Fixed padded batches of examples in length order (for validation)."""
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, pad_id: int) -> None:
+        ordered = sorted(examples, key=lambda e: len(e.prompt) + len(e.target))
+        self.batches = [collate(ordered[i:i + batch_size], pad_id)
+                        for i in range(0, len(ordered), batch_size)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.batches[i]

@@ -1,0 +1,163 @@
+"""Instruction tasks: Super-NaturalInstructions task files, JSONL instruction
+data, and the generated ``builtin:sentiment4`` task, in one shape.
+
+A task has a definition, positive examples (demonstrations, never held out)
+and instances, each with a list of acceptable outputs. Instances are split into
+train / val / test by a hash of their input text, so duplicates never straddle
+splits and the split of an instance never depends on the other instances.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+from gptflow import corpora
+from gptflow.nodes import expand_path
+
+SPLITS = ("train", "val", "test")
+SENTIMENT4_DEFINITION = ("Classify the given review into one of four categories: Positive, "
+                         "Negative, Neutral, Mixed. Mixed reviews praise one thing and "
+                         "criticise another.")
+
+
+@dataclass(frozen=True)
+class Instance:
+    id: str
+    input: str
+    outputs: tuple[str, ...]  # every acceptable answer
+    split: str | None = None  # fixed by the source, else decided by hash
+
+
+@dataclass
+class Task:
+    name: str
+    definition: str
+    instances: list[Instance]
+    examples: list[tuple[str, str]] = field(default_factory=list)  # (input, output)
+    categories: list[str] = field(default_factory=list)
+
+    @property
+    def labels(self) -> list[str] | None:
+        """The label set when this is a classification task, else None."""
+        if not self.instances or any(len(i.outputs) != 1 for i in self.instances):
+            return None
+        counts = Counter(i.outputs[0] for i in self.instances)
+        if len(counts) > min(20, max(2, len(self.instances) // 4)):
+            return None
+        return sorted(counts)
+
+    @property
+    def kind(self) -> str:
+        if self.labels is not None:
+            return "classification"
+        if any("translation" in c.lower() for c in self.categories):
+            return "translation"
+        return "generation"
+
+    def split(self, name: str, val_fraction: float = 0.1, test_fraction: float = 0.2
+              ) -> list[Instance]:
+        return [i for i in self.instances
+                if (i.split or _bucket(i.input, val_fraction, test_fraction)) == name]
+
+
+def _bucket(text: str, val_fraction: float, test_fraction: float) -> str:
+    u = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
+    return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+
+
+def load_tasks(source: str, fields: tuple[str, str, str] = ("instruction", "input", "output")
+               ) -> list[Task]:
+    """The tasks of one source: builtin:sentiment4[?n=..&seed=..&Mixed=..], NI task
+    .json files, folders or globs of them, or .jsonl instruction data."""
+    if source.startswith("builtin:"):
+        name, _, query = source.removeprefix("builtin:").partition("?")
+        if name != "sentiment4":
+            raise ValueError(f"unknown built-in task {source!r}; known: builtin:sentiment4")
+        return [sentiment4(**{k: v for k, v in parse_qsl(query)})]
+    tasks = []
+    for path in expand_path(source):
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl")) \
+            if path.is_dir() else [path]
+        for file in files:
+            tasks.append(load_jsonl(file, fields) if file.suffix == ".jsonl"
+                         else load_natural_instructions(file))
+    return tasks
+
+
+def load_natural_instructions(path: Path) -> Task:
+    """A Super-NaturalInstructions task file (Definition, Positive Examples, Instances)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    missing = [k for k in ("Definition", "Instances") if k not in data]
+    if missing:
+        raise ValueError(f"{path}: not a Natural Instructions task (no {', '.join(missing)})")
+    definition = data["Definition"]
+    return Task(
+        name=path.stem,
+        definition=definition[0] if isinstance(definition, list) else str(definition),
+        instances=[Instance(str(i.get("id", n)), i["input"],
+                            tuple(i["output"] if isinstance(i["output"], list) else [i["output"]]))
+                   for n, i in enumerate(data["Instances"])],
+        examples=[(e["input"], e["output"]) for e in data.get("Positive Examples", [])],
+        categories=list(data.get("Categories", [])))
+
+
+def load_jsonl(path: Path, fields: tuple[str, str, str]) -> Task:
+    """JSONL instruction data: one record per line with instruction, input, output
+    fields (names configurable); records sharing an instruction form one task."""
+    instruction, input_, output = fields
+    definitions: Counter[str] = Counter()
+    instances = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            for key in (input_, output):
+                if key not in record:
+                    raise ValueError(f"{path}:{n}: no field {key!r}")
+            definitions[str(record.get(instruction, ""))] += 1
+            out = record[output]
+            instances.append(Instance(str(record.get("id", n)), str(record[input_]),
+                                      tuple(out) if isinstance(out, list) else (str(out),)))
+    return Task(path.stem, definitions.most_common(1)[0][0] if definitions else "", instances)
+
+
+def sentiment4(n: str | int = 2000, seed: str | int = 0, test: str | int = 400,
+               **weights: str) -> Task:
+    """The generated 4-class review task; ``Positive=1&Mixed=0.05`` weights the
+    classes of the train and val instances, the test split stays balanced."""
+    unknown = set(weights) - set(corpora.LABELS)
+    if unknown:
+        raise ValueError(f"builtin:sentiment4: unknown option(s) {', '.join(sorted(unknown))}")
+    w = [float(weights.get(label, 1.0)) for label in corpora.LABELS]
+    rng = random.Random(int(seed))
+    instances = []
+    for split, count, ws in (("test", int(test), [1.0] * 4), ("train", int(n), w)):
+        for k, (text, label) in enumerate(corpora.labeled_reviews(count, rng.randrange(2**31),
+                                                                  ws)):
+            part = split if split == "test" else ("val" if k % 10 == 0 else "train")
+            instances.append(Instance(f"sentiment4-{split}-{k}", text, (label,), part))
+    examples = [(text, label) for label in corpora.LABELS
+                for text, _ in [(corpora.review(random.Random(label), label), label)]]
+    return Task("sentiment4", SENTIMENT4_DEFINITION, instances, examples,
+                ["Sentiment Analysis"])
+
+
+DEFAULT_TEMPLATE = ("Definition: {definition}\n\n{examples}"
+                    "Now complete the following example -\nInput: {input}\nOutput:")
+EXAMPLE_TEMPLATE = "Positive Example {n} -\nInput: {input}\nOutput: {output}\n\n"
+
+
+def format_prompt(task: Task, text: str, k_examples: int = 0,
+                  template: str = DEFAULT_TEMPLATE) -> str:
+    """The Natural Instructions prompt: definition, k demonstrations, the input,
+    'Output:'. The target follows after one space."""
+    examples = "".join(EXAMPLE_TEMPLATE.format(n=n + 1, input=i, output=o)
+                       for n, (i, o) in enumerate(task.examples[:k_examples]))
+    return template.format(definition=task.definition, examples=examples, input=text)
