@@ -25,6 +25,8 @@ from gptflow.nodes import NodeType
 BUILTIN_PLUGINS = (
     "gptflow_tokenize",
     "gptflow_pretrain",
+    "gptflow_finetune",
+    "gptflow_evaluate",
 )
 
 

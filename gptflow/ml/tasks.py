@@ -123,9 +123,20 @@ def load_jsonl(path: Path, fields: tuple[str, str, str]) -> Task:
                     raise ValueError(f"{path}:{n}: no field {key!r}")
             definitions[str(record.get(instruction, ""))] += 1
             out = record[output]
+            split = record.get("split")
+            if split is not None and split not in SPLITS:
+                raise ValueError(f"{path}:{n}: split {split!r} is not one of {SPLITS}")
             instances.append(Instance(str(record.get("id", n)), str(record[input_]),
-                                      tuple(out) if isinstance(out, list) else (str(out),)))
+                                      tuple(out) if isinstance(out, list) else (str(out),),
+                                      split))
     return Task(path.stem, definitions.most_common(1)[0][0] if definitions else "", instances)
+
+
+def load_dataset_tasks(folder: Path) -> list[Task]:
+    """The tasks of a ``dataset`` artifact: one ``<task>.jsonl`` per task, records
+    with definition, input, outputs and (optionally) split."""
+    return [load_jsonl(f, ("definition", "input", "outputs"))
+            for f in sorted(folder.glob("*.jsonl"))]
 
 
 def sentiment4(n: str | int = 2000, seed: str | int = 0, test: str | int = 400,

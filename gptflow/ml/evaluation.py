@@ -1,0 +1,142 @@
+"""Measuring models: label scoring, generation, and metrics through torchmetrics.
+
+Classification picks, for each instance, the allowed label whose tokens have the
+highest log-likelihood after the prompt (robust for small models), or parses a
+free generation. Generation tasks are scored against every acceptable answer.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gptflow.ml.generate import generate
+from gptflow.ml.instruct import IGNORE
+from gptflow.ml.model import GPT
+from gptflow.ml.tokenizer import Tokenizer
+
+
+@torch.inference_mode()
+def label_log_likelihoods(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str],
+                          labels: Sequence[str], batch_size: int = 32) -> np.ndarray:
+    """(N prompts, K labels): log p(" " + label | prompt), summed over label tokens."""
+    context = model.config.context
+    prompt_ids = tokenizer.encode_batch(list(prompts))
+    label_ids = tokenizer.encode_batch([" " + label for label in labels])
+    pairs = [(n, k) for n in range(len(prompts)) for k in range(len(labels))]
+    scores = np.zeros((len(prompts), len(labels)))
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        rows = []
+        for n, k in chunk:
+            label = label_ids[k]
+            prompt = prompt_ids[n][-(context - len(label)):]
+            rows.append((np.concatenate([prompt, label]), len(label)))
+        length = max(len(ids) for ids, _ in rows) - 1
+        x = torch.full((len(rows), length), tokenizer.pad_id, dtype=torch.long)
+        y = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+        for r, (ids, n_label) in enumerate(rows):
+            t = torch.from_numpy(ids.astype(np.int64))
+            x[r, : len(t) - 1] = t[:-1]
+            y[r, len(t) - 1 - n_label: len(t) - 1] = t[len(t) - n_label:]
+        logp = F.log_softmax(model(x).float(), dim=-1)
+        picked = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (y != IGNORE)
+        for r, (n, k) in enumerate(chunk):
+            scores[n, k] = float(picked[r].sum())
+    return scores
+
+
+def generate_answers(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str],
+                     max_new_tokens: int) -> list[str]:
+    """Greedy continuations, cut at the first newline."""
+    out = []
+    for prompt in prompts:
+        ids = generate(model, tokenizer.encode(prompt), max_new_tokens, temperature=0,
+                       stop_id=tokenizer.eot_id)
+        out.append(tokenizer.decode(ids).strip().split("\n")[0].strip())
+    return out
+
+
+def classification_metrics(preds: Sequence[str], golds: Sequence[str], labels: Sequence[str]
+                           ) -> tuple[dict[str, float], np.ndarray]:
+    """accuracy, macro_f1 and f1_<label>, and the confusion matrix (rows: truth)."""
+    from torchmetrics.classification import (
+        MulticlassAccuracy,
+        MulticlassConfusionMatrix,
+        MulticlassF1Score,
+    )
+
+    index = {label: i for i, label in enumerate(labels)}
+    k = len(labels)
+    p = torch.tensor([index.get(x, -1) for x in preds])
+    g = torch.tensor([index[x] for x in golds])
+    p = torch.where(p < 0, (g + 1) % k, p)  # an answer outside the labels is wrong
+    metrics = {"accuracy": float(MulticlassAccuracy(k, average="micro")(p, g)),
+               "macro_f1": float(MulticlassF1Score(k, average="macro")(p, g))}
+    per_class = MulticlassF1Score(k, average="none")(p, g)
+    metrics.update({f"f1_{label}": float(v) for label, v in zip(labels, per_class, strict=True)})
+    return metrics, MulticlassConfusionMatrix(k)(p, g).numpy()
+
+
+def generation_metrics(preds: Sequence[str], refs: Sequence[Sequence[str]], translation: bool
+                       ) -> dict[str, float]:
+    """exact_match (SQuAD normalisation) and rouge_l against the best reference;
+    bleu and chrf as well for translation."""
+    from torchmetrics.text import CHRFScore, ROUGEScore, SacreBLEUScore, SQuAD
+
+    squad = SQuAD()(
+        [{"prediction_text": p, "id": str(i)} for i, p in enumerate(preds)],
+        [{"answers": {"text": list(r), "answer_start": [0] * len(r)}, "id": str(i)}
+         for i, r in enumerate(refs)])
+    rouge = ROUGEScore(rouge_keys="rougeL", accumulate="best")(list(preds),
+                                                               [list(r) for r in refs])
+    metrics = {"exact_match": float(squad["exact_match"]) / 100,
+               "rouge_l": float(rouge["rougeL_fmeasure"])}
+    if translation:
+        width = max(len(r) for r in refs)  # sacrebleu wants the same number of references
+        padded = [list(r) + [r[0]] * (width - len(r)) for r in refs]
+        metrics["bleu"] = float(SacreBLEUScore()(list(preds), padded))
+        metrics["chrf"] = float(CHRFScore()(list(preds), padded))
+    return metrics
+
+
+def baselines(train_golds: Sequence[str], test_golds: Sequence[str], labels: Sequence[str],
+              seed: int = 0) -> dict[str, dict[str, float]]:
+    """The majority class of the training split, and uniform random guessing."""
+    counts = {label: list(train_golds or test_golds).count(label) for label in labels}
+    majority = max(labels, key=lambda label: counts[label])
+    rng = np.random.default_rng(seed)
+    guesses = [labels[i] for i in rng.integers(0, len(labels), len(test_golds))]
+    return {"majority": classification_metrics([majority] * len(test_golds), test_golds,
+                                               labels)[0],
+            "random": classification_metrics(guesses, test_golds, labels)[0]}
+
+
+@torch.inference_mode()
+def perplexity(model: GPT, windows: Any, batch_size: int = 16, max_batches: int = 200) -> float:
+    """Perplexity over validation windows (torchmetrics)."""
+    from torchmetrics.text import Perplexity
+
+    metric = Perplexity(ignore_index=IGNORE)
+    loader = torch.utils.data.DataLoader(windows, batch_size=batch_size)
+    for i, (x, y) in enumerate(loader):
+        if i >= max_batches:
+            break
+        metric.update(model(x).float(), y)
+    return float(metric.compute())
+
+
+@torch.inference_mode()
+def generation_speed(model: GPT, tokenizer: Tokenizer, new_tokens: int = 64) -> float:
+    """Tokens/s of sampling at batch 1 with the KV cache."""
+    prompt = tokenizer.encode("The")
+    n = min(new_tokens, model.config.context - len(prompt))
+    start = time.perf_counter()
+    out = generate(model, prompt, n, temperature=1.0, seed=0)
+    return len(out) / (time.perf_counter() - start) if out else math.nan

@@ -1,0 +1,131 @@
+"""evaluate: measure one or more models side by side, with baselines.
+
+YAML keys (``params``):
+
+* ``tasks``: task sources (as in instruction-finetune); classification tasks get
+  accuracy, macro-F1, per-class F1 and a confusion matrix, with a majority-class
+  and a random baseline; generation tasks exact match and ROUGE-L; translation
+  tasks BLEU and chrF too; every prediction is scored against every reference;
+* ``split``: which instances (``test``); ``max_instances`` per task;
+* ``classify_by``: ``likelihood`` (the allowed label with the highest
+  log-likelihood) or ``generate`` (free generation);
+* ``k_examples``: demonstrations in prompts (default: what the model was tuned with).
+
+Inputs: ``models`` (a list of model artifacts); optional ``tokens`` for
+perplexity on their validation split. Output: ``report`` — ``report.json``
+(flat rows of model, task, metric, value), ``report.md`` (models side by side),
+PNG confusion matrices and a bar chart of each task's headline metric.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from gptflow import Context, Input, NodeType, PathRef, hookimpl
+from gptflow.params import Params
+
+
+class EvaluateParams(Params):
+    tasks: list[Annotated[str, PathRef()]] = Field(default_factory=list)
+    """Task sources: NI task .json files, folders, globs, .jsonl, builtin:sentiment4."""
+    fields: tuple[str, str, str] = ("instruction", "input", "output")
+    """Field names of instruction, input and output in .jsonl sources."""
+    split: Literal["train", "val", "test"] = "test"
+    max_instances: int = Field(300, ge=1)
+    """Instances scored per task (the first ones of the split, in file order)."""
+    classify_by: Literal["likelihood", "generate"] = "likelihood"
+    k_examples: int | None = Field(None, ge=0)
+    """Demonstrations per prompt; default: the model's own setting, else 0."""
+    max_new_tokens: int = Field(48, ge=1)
+    """Generation length for generation tasks."""
+    seed: int = 0
+
+
+def run(context: Context, inputs: dict[str, Any], p: EvaluateParams) -> dict[str, Any]:
+    from gptflow.ml.checkpoint import load_model, read_config
+    from gptflow.ml.data import SequentialWindows, TokenShards
+    from gptflow.ml.evaluation import (
+        baselines,
+        classification_metrics,
+        generate_answers,
+        generation_metrics,
+        generation_speed,
+        label_log_likelihoods,
+        perplexity,
+    )
+    from gptflow.ml.tasks import DEFAULT_TEMPLATE, format_prompt, load_tasks
+    from gptflow_evaluate.report import render
+
+    tasks = [t for source in p.tasks for t in load_tasks(source, p.fields)]
+    rows: list[dict[str, Any]] = []
+    confusions: dict[tuple[str, str], Any] = {}
+
+    def add(model: str, task: str, metrics: dict[str, float]) -> None:
+        rows.extend({"model": model, "task": task, "metric": k, "value": v}
+                    for k, v in metrics.items())
+
+    for task in tasks:
+        labels = task.labels
+        if labels is not None:
+            golds = [i.outputs[0] for i in task.split(p.split)[: p.max_instances]]
+            for name, metrics in baselines([i.outputs[0] for i in task.split("train")], golds,
+                                           labels, p.seed).items():
+                add(name, task.name, metrics)
+    for n, artifact in enumerate(inputs["models"]):
+        name = artifact.producer
+        model, tokenizer = load_model(artifact.path)
+        _, info = read_config(artifact.path)
+        prompt = info.get("prompt", {})
+        k = p.k_examples if p.k_examples is not None else prompt.get("k_examples", 0)
+        template = prompt.get("template", DEFAULT_TEMPLATE)
+        add(name, "-", {"params": model.num_params(),
+                        "bytes_on_disk": sum(f.stat().st_size for f in artifact.path.iterdir()),
+                        "gen_tokens_per_s": generation_speed(model, tokenizer)})
+        if inputs.get("tokens") is not None:
+            windows = SequentialWindows(TokenShards(inputs["tokens"].path, "val"),
+                                        model.config.context)
+            add(name, "-", {"perplexity": perplexity(model, windows)})
+        for t, task in enumerate(tasks):
+            context.progress(n * len(tasks) + t, len(tasks) * len(inputs["models"]),
+                             f"{name} on {task.name}")
+            instances = task.split(p.split)[: p.max_instances]
+            if not instances:
+                continue
+            prompts = [format_prompt(task, i.input, k, template) for i in instances]
+            labels = task.labels
+            if labels is not None:
+                if p.classify_by == "likelihood":
+                    scores = label_log_likelihoods(model, tokenizer, prompts, labels)
+                    preds = [labels[j] for j in scores.argmax(axis=1)]
+                else:
+                    preds = generate_answers(model, tokenizer, prompts, 8)
+                metrics, confusion = classification_metrics(
+                    preds, [i.outputs[0] for i in instances], labels)
+                confusions[(name, task.name)] = (labels, confusion)
+            else:
+                preds = generate_answers(model, tokenizer, prompts, p.max_new_tokens)
+                metrics = generation_metrics(preds, [i.outputs for i in instances],
+                                             task.kind == "translation")
+            add(name, task.name, {**metrics, "instances": len(instances)})
+    out = context.output_dir("report")
+    (out / "report.json").write_text(json.dumps({"rows": rows}, indent=2))
+    render(out, rows, confusions)
+    headline = {}
+    for row in rows:
+        if row["metric"] in ("accuracy", "macro_f1") and row["model"] not in ("majority",
+                                                                               "random"):
+            headline[f"{row['model']}.{row['task']}.{row['metric']}"] = row["value"]
+    return headline
+
+
+@hookimpl
+def register_node_types(register: Any) -> None:
+    register(NodeType(
+        name="evaluate", run=run, params=EvaluateParams, version="1",
+        inputs={"models": Input("model", many=True, doc="the models to compare"),
+                "tokens": Input("tokens", optional=True, doc="perplexity on its val split")},
+        outputs={"report": "report"},
+        description="Compare models on tasks and held-out text, with baselines."))
