@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 
 from gptflow import corpora
+from gptflow.ml.tasks import load_natural_instructions
 from gptflow.ml.tokenizer import Tokenizer
 from gptflow.nodes import expand_path
 
@@ -29,7 +30,9 @@ GOLDEN = (math.sqrt(5) - 1) / 2
 def iter_documents(source: str, text_field: str = "text") -> Iterator[str]:
     """The documents of one source: a built-in corpus, or files, folders, globs.
 
-    ``.jsonl`` files give one document per line (field ``text_field``); other
+    ``.jsonl`` files give one document per line (field ``text_field``); Natural
+    Instructions task files (``.json``) give their definition and their inputs,
+    never their outputs, so that pretraining cannot see held-out answers; other
     files are one document each.
     """
     if source.startswith("builtin:"):
@@ -52,6 +55,10 @@ def iter_documents(source: str, text_field: str = "text") -> Iterator[str]:
                             if text_field not in record:
                                 raise ValueError(f"{file}:{n}: no field {text_field!r}")
                             yield str(record[text_field])
+            elif file.suffix == ".json":
+                task = load_natural_instructions(file)
+                yield task.definition
+                yield from (i.input for i in task.instances)
             else:
                 yield file.read_text(encoding="utf-8")
 
