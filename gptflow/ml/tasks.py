@@ -140,13 +140,20 @@ def load_dataset_tasks(folder: Path) -> list[Task]:
 
 
 def sentiment4(n: str | int = 2000, seed: str | int = 0, test: str | int = 400,
-               **weights: str) -> Task:
-    """The generated 4-class review task; ``Positive=1&Mixed=0.05`` weights the
-    classes of the train and val instances, the test split stays balanced."""
-    unknown = set(weights) - set(corpora.LABELS)
+               **shares: str) -> Task:
+    """The generated 4-class review task: ``n`` train+val and ``test`` test instances.
+
+    ``Mixed=0.05`` makes Mixed 5% of the train and val instances (the other
+    classes share the rest equally); the test split always stays balanced.
+    """
+    unknown = set(shares) - set(corpora.LABELS)
     if unknown:
         raise ValueError(f"builtin:sentiment4: unknown option(s) {', '.join(sorted(unknown))}")
-    w = [float(weights.get(label, 1.0)) for label in corpora.LABELS]
+    fixed = {label: float(v) for label, v in shares.items()}
+    rest = (1.0 - sum(fixed.values())) / max(1, len(corpora.LABELS) - len(fixed))
+    if rest < 0 or any(v < 0 for v in fixed.values()):
+        raise ValueError("builtin:sentiment4: class shares must be >= 0 and sum to at most 1")
+    w = [fixed.get(label, rest) for label in corpora.LABELS]
     rng = random.Random(int(seed))
     instances = []
     for split, count, ws in (("test", int(test), [1.0] * 4), ("train", int(n), w)):

@@ -1,0 +1,177 @@
+"""Instruction data, prompt masking, label scoring, metrics, the report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED_DATA
+
+from gptflow.ml.evaluation import (
+    baselines,
+    classification_metrics,
+    generation_metrics,
+    label_log_likelihoods,
+)
+from gptflow.ml.instruct import IGNORE, Example, collate, encode_examples
+from gptflow.ml.tasks import format_prompt, load_tasks, sentiment4
+from gptflow.ml.tokenizer import Tokenizer
+
+NI = SHARED_DATA / "natural-instructions"
+needs_ni = pytest.mark.skipif(not NI.is_dir(), reason=f"real NI task files not found at {NI}")
+EXPECTED = {  # from the data README: instances kept, labels of classification tasks
+    "task823_peixian-rtgender_sentiment_analysis": (161, ["Mixed", "Negative", "Neutral",
+                                                          "Positive"]),
+    "task875_emotion_classification": (170, ["anger", "fear", "joy", "love", "sadness",
+                                             "surprise"]),
+    "task379_agnews_topic_classification": (104, ["Business", "Sci/Tech", "Sports", "World"]),
+    "task288_gigaword_summarization": (111, None),
+    "task530_europarl_en_es_translation": (92, None),
+    "task582_naturalquestion_answer_generation": (123, None),
+}
+
+
+@needs_ni
+def test_loader_on_every_real_task_file():
+    tasks = {t.name: t for t in load_tasks(str(NI))}
+    assert set(tasks) == set(EXPECTED)
+    for name, (count, labels) in EXPECTED.items():
+        task = tasks[name]
+        assert len(task.instances) == count
+        assert task.labels == labels
+        assert task.definition and task.examples
+        splits = [task.split(s) for s in ("train", "val", "test")]
+        assert sum(map(len, splits)) == count
+        ids = [{i.id for i in s} for s in splits]
+        assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+        assert len(splits[2]) > 0.1 * count
+    assert tasks["task530_europarl_en_es_translation"].kind == "translation"
+    assert tasks["task582_naturalquestion_answer_generation"].kind == "generation"
+    multi = [i for i in tasks["task582_naturalquestion_answer_generation"].instances
+             if len(i.outputs) > 1]
+    assert len(multi) == 16  # as the README says
+
+
+def test_sentiment4_imbalance_knob_keeps_test_balanced():
+    task = sentiment4(n=2000, Mixed="0.05")
+    train = [i.outputs[0] for i in task.split("train")]
+    test = [i.outputs[0] for i in task.split("test")]
+    assert 0.035 < train.count("Mixed") / len(train) < 0.065
+    assert all(abs(test.count(label) - 100) < 35 for label in task.labels)
+    mixed = next(i for i in task.instances if i.outputs[0] == "Mixed")
+    assert any(w in mixed.input for w in ("but", "however", "yet", "Although"))
+
+
+def test_prompt_format_matches_natural_instructions():
+    task = sentiment4(n=10, test=4)
+    prompt = format_prompt(task, "I thought the animation was good, but the movie "
+                                 "disappointed me.", k_examples=1)
+    assert prompt.startswith("Definition: Classify the given review")
+    assert "Positive Example 1 -\nInput: " in prompt
+    assert prompt.endswith("Now complete the following example -\nInput: I thought the "
+                           "animation was good, but the movie disappointed me.\nOutput:")
+
+
+def test_prompt_is_masked_out_of_the_loss():
+    examples = [Example(np.array([5, 6, 7, 8]), np.array([20, 21, 0])),
+                Example(np.array([9, 10]), np.array([30, 0]))]
+    x, y = collate(examples, pad_id=1)
+    assert x.tolist() == [[5, 6, 7, 8, 20, 21], [9, 10, 30, 1, 1, 1]]
+    assert y.tolist() == [[IGNORE, IGNORE, IGNORE, 20, 21, 0],
+                          [IGNORE, 30, 0, IGNORE, IGNORE, IGNORE]]
+
+
+def test_encoded_examples_end_with_the_answer():
+    task = sentiment4(n=40, test=8)
+    tok = Tokenizer.train_bpe([i.input for i in task.instances] + ["Output: Positive"], 400, 1)
+    examples = encode_examples([task], tok, "train", max_len=48)
+    for e, inst in zip(examples, task.split("train"), strict=True):
+        assert tok.decode(e.target) == " " + inst.outputs[0]
+        assert e.target[-1] == tok.eot_id and len(e.prompt) + len(e.target) <= 48
+        assert tok.decode(e.prompt).endswith("Output:")
+
+
+class Favouring(torch.nn.Module):
+    """A stand-in model whose next-token distribution is fixed."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+        self.config = type("C", (), {"context": 64})()
+
+    def forward(self, x):
+        return self.logits.expand(x.size(0), x.size(1), -1)
+
+
+def test_label_scoring_picks_the_most_likely_label():
+    tok = Tokenizer.train_char(["abc xyz"])
+    logits = torch.zeros(tok.vocab_size)
+    logits[tok.encode("y")[0]] = 3.0  # the model loves "y"
+    scores = label_log_likelihoods(Favouring(logits), tok, ["p"], ["ab", "xy", "yy"])
+    assert scores.argmax() == 2
+    logp = torch.log_softmax(logits, 0)
+    expected = [sum(float(logp[i]) for i in tok.encode(" " + label)) for label in
+                ("ab", "xy", "yy")]
+    assert np.allclose(scores[0], expected, atol=1e-5)
+
+
+def test_classification_metrics_by_hand():
+    labels = ["a", "b", "c"]
+    metrics, confusion = classification_metrics(["a", "a", "b", "c", "zzz"],
+                                                ["a", "b", "b", "c", "c"], labels)
+    assert metrics["accuracy"] == pytest.approx(3 / 5)
+    # "zzz" is no label: counted as a wrong one ("a" for gold "c"), so
+    # a: P 1/3 R 1 -> F1 1/2; b: P 1 R 1/2 -> 2/3; c: P 1 R 1/2 -> 2/3
+    assert metrics["macro_f1"] == pytest.approx((1 / 2 + 2 / 3 + 2 / 3) / 3)
+    assert metrics["f1_a"] == pytest.approx(1 / 2)
+    assert confusion.tolist() == [[1, 0, 0], [1, 1, 0], [1, 0, 1]]
+    base = baselines(["a", "a", "b"], ["a", "b", "c", "a"], labels)
+    assert base["majority"]["accuracy"] == pytest.approx(0.5)
+
+
+def test_generation_metrics_by_hand():
+    metrics = generation_metrics(["The Cat sat", "a dog"],
+                                 [["the cat sat."], ["no", "a big dog"]], translation=True)
+    assert metrics["exact_match"] == pytest.approx(0.5)  # normalised: case and punctuation
+    # ROUGE-L F of "a dog" vs "a big dog": LCS 2, P 2/2, R 2/3 -> 0.8; best over references
+    assert metrics["rouge_l"] == pytest.approx((1.0 + 0.8) / 2, abs=1e-4)
+    assert 0 <= metrics["bleu"] <= 1 and 0 <= metrics["chrf"] <= 1
+
+
+def test_finetune_and_evaluate_end_to_end(run_pipeline, tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    task = sentiment4(n=200, test=40)
+    corpus.write_text("".join(json.dumps({"text": i.input}) + "\n" for i in task.instances))
+    result = run_pipeline(f"""\
+name: ft
+nodes:
+  tok: {{plugin: tokenize, params: {{corpus: ["{corpus}"], vocab_size: 400}}}}
+  base:
+    plugin: pretrain
+    inputs: {{tokens: tok.tokens}}
+    params: {{model: {{preset: tiny, context: 96}}, trainer: {{max_steps: 10}}, batch_size: 8}}
+  sft:
+    plugin: instruction-finetune
+    inputs: {{model: base.model}}
+    params:
+      tasks: ["builtin:sentiment4?n=200&test=40"]
+      trainer: {{max_steps: 10}}
+      batch_size: 8
+  eval:
+    plugin: evaluate
+    inputs: {{models: [base, sft], tokens: tok.tokens}}
+    params: {{tasks: ["builtin:sentiment4?n=200&test=40"], max_instances: 20}}
+""")
+    assert result.code == 0, result.out + result.err
+    report = json.loads((result.output("eval") / "report.json").read_text())
+    models = {r["model"] for r in report["rows"]}
+    assert models == {"base", "sft", "majority", "random"}
+    metrics = {(r["model"], r["metric"]) for r in report["rows"]}
+    assert {("sft", "accuracy"), ("sft", "macro_f1"), ("base", "perplexity"),
+            ("sft", "f1_Mixed"), ("random", "macro_f1")} <= metrics
+    md = (result.output("eval") / "report.md").read_text()
+    assert "| metric | majority | random | base | sft |" in md
+    assert (result.output("eval") / "confusion-sft-sentiment4.png").stat().st_size > 1000
+    assert (result.output("eval") / "macro_f1-sentiment4.png").is_file()
