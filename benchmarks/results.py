@@ -8,6 +8,7 @@ import os
 import platform
 import re
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 HEADER = ("# Benchmark results\n\nEach section is written by the script it names, "
@@ -33,3 +34,22 @@ def write_section(title: str, command: str, note: str, body: str) -> None:
     text = pattern.sub(section + "\n", text) if pattern.search(text) else \
         text.rstrip("\n") + "\n\n" + section
     RESULTS.write_text(text)
+
+
+def run_pipeline(path: Path, overrides: list[str], store: Path, only: tuple[str, ...] = ()
+                 ) -> dict[str, Any]:
+    """Run a pipeline in this process through gptflow's runner; returns run.json."""
+    from rich.console import Console
+
+    from gptflow.console import Display
+    from gptflow.manager import load_plugins
+    from gptflow.pipeline import load_pipeline
+    from gptflow.plan import make_plan
+    from gptflow.runner import Runner
+    from gptflow.store import Store
+
+    plugins = load_plugins()
+    pipeline = load_pipeline(path, plugins, overrides)
+    s = Store(store)
+    Runner(pipeline, plugins, s, Display(Console())).run(make_plan(pipeline, s, only=only))
+    return s.load_run(s.resolve_run("latest"))

@@ -13,7 +13,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from results import write_section
+from results import run_pipeline, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -25,22 +25,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--store", type=Path, default=None)
     args = parser.parse_args()
-    from rich.console import Console
-
-    from gptflow.console import Display
-    from gptflow.manager import load_plugins
-    from gptflow.pipeline import load_pipeline
-    from gptflow.plan import make_plan
-    from gptflow.runner import Runner
-    from gptflow.store import Store
-
     with tempfile.TemporaryDirectory() as tmp:
-        store = Store(args.store or Path(tmp) / "store")
-        plugins = load_plugins()
-        pipeline = load_pipeline(ROOT / "pipelines" / "shakespeare-char.yaml", plugins,
-                                 [f"vars.data={args.data}"])
-        Runner(pipeline, plugins, store, Display(Console())).run(make_plan(pipeline, store))
-        record = store.load_run(store.resolve_run("latest"))
+        record = run_pipeline(ROOT / "pipelines" / "shakespeare-char.yaml",
+                              [f"vars.data={args.data}"], args.store or Path(tmp) / "store")
     switches = {"modern": "RoPE, RMSNorm, SwiGLU, sdpa",
                 "classic": "learned, LayerNorm, GELU, sdpa"}
     table = ["| recipe | switches | params | val_loss | target | train_loss | ms/step | tokens/s |",
