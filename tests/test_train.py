@@ -130,3 +130,14 @@ def test_ddp_two_cpu_processes(tmp_path, corpus):
     model, _ = load_model(record["nodes"]["base"]["outputs"]["model"])
     assert model.num_params() == record["nodes"]["base"]["metrics"]["params"]
     assert not [p for p in store.glob("tmp/*") if p.is_dir()]  # no staging left by any rank
+
+
+def test_training_is_deterministic_on_cpu(run_pipeline, corpus):
+    first = run_pipeline(pipeline(corpus, steps=8))
+    files = json.loads((first.output("base") / "artifact.json").read_text())["files"]
+    again = run_pipeline(pipeline(corpus, steps=8), "--force", "base")
+    assert again.record["nodes"]["base"]["status"] == "ran"
+    refiles = json.loads((again.output("base") / "artifact.json").read_text())["files"]
+    assert refiles["model.safetensors"] == files["model.safetensors"]
+    assert again.record["nodes"]["base"]["metrics"]["val_loss"] == \
+        first.record["nodes"]["base"]["metrics"]["val_loss"]
