@@ -13,7 +13,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from results import run_pipeline, write_section
+from results import run_pipeline, table, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = (ROOT.parent / "shared" / "data" / "natural-instructions"
@@ -34,14 +34,13 @@ def main() -> None:
     value = {(r["model"], r["metric"]): r["value"] for r in rows if r["task"] == task}
     models = ["majority", "random", "base", "sft"]
     metrics = [m for m in dict.fromkeys(r["metric"] for r in rows if r["task"] == task)]
-    table = ["| metric | " + " | ".join(models) + " |", "| --- |" + " --- |" * len(models)]
-    table += [f"| {m} | " + " | ".join(f"{value[(x, m)]:.3f}" if (x, m) in value else ""
-                                       for x in models) + " |" for m in metrics]
+    rows = [[m] + [f"{value[(x, m)]:.3f}" if (x, m) in value else "" for x in models]
+            for m in metrics]
     write_section(f"Natural Instructions: {task}", "python benchmarks/natural_instructions.py",
                   "pipelines/natural-instructions.yaml: nano GPT pretrained on python-docs + the "
                   "task's inputs, instruction-tuned on its train split, scored on its test split "
-                  f"by label likelihood. Run {record['run_id']}.", "\n".join(table))
-    print("\n".join(table))
+                  f"by label likelihood. Run {record['run_id']}.",
+                  table(["metric", *models], rows))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,15 @@ def machine() -> str:
             f"{platform.python_version()}" + (f", {', '.join(versions)}" if versions else ""))
 
 
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def write_section(title: str, command: str, note: str, body: str) -> None:
+    """Replace (or add) one section of RESULTS.md, and print its body."""
+    print(body)
     text = RESULTS.read_text() if RESULTS.exists() else HEADER
     stamp = dt.date.today().isoformat()
     section = (f"## {title}\n\n`{command}` — {stamp}, {machine()}.\n{note}\n\n{body}\n")

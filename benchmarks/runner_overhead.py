@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from results import write_section
+from results import table, write_section
 
 NODES = 50
 REPEATS = 5
@@ -65,12 +65,10 @@ def main() -> None:
         (f"gptflow run, fully cached ({NODES} nodes)", cached, f"{cached / floor:.2f}x", "< 1 s"),
         (f"gptflow run --force --jobs 2 ({NODES} nodes)", parallel, f"{parallel / floor:.2f}x", ""),
     ]
-    table = ["| what | wall (s) | vs floor | target |", "| --- | --- | --- | --- |"]
-    table += [f"| {what} | {t:.3f} | {ratio} | {target} |" for what, t, ratio, target in rows]
     write_section("Runner overhead", "python benchmarks/runner_overhead.py",
                   f"Medians of {REPEATS} fresh processes (first run and --jobs 2: one).",
-                  "\n".join(table))
-    print("\n".join(table))
+                  table(["what", "wall (s)", "vs floor", "target"],
+                        [[what, f"{t:.3f}", ratio, target] for what, t, ratio, target in rows]))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from results import run_pipeline, write_section
+from results import run_pipeline, table, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -30,21 +30,20 @@ def main() -> None:
                               [f"vars.data={args.data}"], args.store or Path(tmp) / "store")
     switches = {"modern": "RoPE, RMSNorm, SwiGLU, sdpa",
                 "classic": "learned, LayerNorm, GELU, sdpa"}
-    table = ["| recipe | switches | params | val_loss | target | train_loss | ms/step | tokens/s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = []
     for name, target in TARGETS.items():
         m = record["nodes"][name]["metrics"]
-        table.append(f"| {name} | {switches[name]} | {m['params']:,} | {m['val_loss']:.3f} | "
-                     f"<= {target} | {m['train_loss']:.3f} | {m['step_ms']:.1f} | "
-                     f"{m['tokens_per_s']:,.0f} |")
+        rows.append([name, switches[name], f"{m['params']:,}", f"{m['val_loss']:.3f}",
+                     f"<= {target}", f"{m['train_loss']:.3f}", f"{m['step_ms']:.1f}",
+                     f"{m['tokens_per_s']:,.0f}"])
     write_section("Shakespeare-char: modern vs classic", "python benchmarks/shakespeare_char.py",
                   "4 layers, 4 heads, 128 wide, context 64, batch 12, 2000 steps, AdamW lr 1e-3 "
                   "(100 warmup, cosine to 1e-4), beta2 0.99, wd 0.1, clip 1.0, no dropout; "
                   "val_loss over the whole last 10% of the text. Run "
                   f"{record['run_id']} (statuses: modern {record['nodes']['modern']['status']}, "
                   f"classic {record['nodes']['classic']['status']}).",
-                  "\n".join(table))
-    print("\n".join(table))
+                  table(["recipe", "switches", "params", "val_loss", "target", "train_loss",
+                         "ms/step", "tokens/s"], rows))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import os
 import time
 
 import numpy as np
-from results import write_section
+from results import table, write_section
 
 from gptflow.corpora import python_docs, reviews
 from gptflow.ml.tokenizer import Tokenizer
@@ -52,14 +52,13 @@ def main() -> None:
         ours_s = time.perf_counter() - start
         identical = bool(np.array_equal(reference, ours))
         rows.append((vocab, megabytes / ref_s, megabytes / ours_s, identical))
-    table = ["| vocab | HF tokenizers encode_batch MB/s | gptflow MB/s | ratio | identical ids |",
-             "| --- | --- | --- | --- | --- |"]
-    table += [f"| {v} | {r:.1f} | {o:.1f} | {o / r:.2f}x | {'yes' if same else 'NO'} |"
-              for v, r, o, same in rows]
     write_section("Tokenize", "python benchmarks/tokenize_throughput.py",
                   f"{megabytes:.0f} MB of ~1 KB documents, {os.cpu_count()} threads for both; "
-                  "target >= 10 MB/s.", "\n".join(table))
-    print("\n".join(table))
+                  "target >= 10 MB/s.",
+                  table(["vocab", "HF tokenizers encode_batch MB/s", "gptflow MB/s", "ratio",
+                         "identical ids"],
+                        [[str(v), f"{r:.1f}", f"{o:.1f}", f"{o / r:.2f}x",
+                          "yes" if same else "NO"] for v, r, o, same in rows]))
 
 
 if __name__ == "__main__":

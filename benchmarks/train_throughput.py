@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from results import run_pipeline, write_section
+from results import run_pipeline, table, write_section
 
 from gptflow.ml.config import preset_config
 from gptflow.ml.lm import lr_lambda, param_groups, token_loss
@@ -126,15 +126,12 @@ def main() -> None:
     ours_g = max(gptflow_generate(model, prompt, n) for _ in range(20))
     rows.append(("generate, batch 1, fp32 (best of 20)", lean_g, ours_g,
                  f"{n} new tokens, KV cache"))
-    table = ["| what | lean reference tokens/s | gptflow tokens/s | ratio | notes |",
-             "| --- | --- | --- | --- | --- |"]
-    table += [f"| {what} | {lean:,.0f} | {ours:,.0f} | {ours / lean:.2f}x | {note} |"
-              for what, lean, ours, note in rows]
     write_section("Training throughput", "python benchmarks/train_throughput.py",
                   f"Shakespeare-char config, batch {BATCH}, context {CONTEXT}, "
                   f"{args.steps} steps each; targets: train >= 0.95x, generate >= 0.9x.",
-                  "\n".join(table))
-    print("\n".join(table))
+                  table(["what", "lean reference tokens/s", "gptflow tokens/s", "ratio", "notes"],
+                        [[what, f"{lean:,.0f}", f"{ours:,.0f}", f"{ours / lean:.2f}x", note]
+                         for what, lean, ours, note in rows]))
 
 
 if __name__ == "__main__":
