@@ -7,11 +7,13 @@ Schema; cross-field checks name the YAML key in their message.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gptflow.ml.config import PRESETS, GPTConfig, preset_config
+from gptflow.ml.tasks import DEFAULT_TEMPLATE
+from gptflow.nodes import PathRef
 
 
 class Params(BaseModel):
@@ -145,3 +147,25 @@ class Budget(Params):
         else:
             return default
         return max(1, round(total / tokens_per_step))
+
+
+class InstructionParams(Params):
+    """Instruction tuning on tasks: what full fine-tuning and LoRA share."""
+
+    tasks: list[Annotated[str, PathRef()]] = Field(default_factory=list)
+    """Task sources: NI task .json files, folders, globs, .jsonl, builtin:sentiment4."""
+    fields: tuple[str, str, str] = ("instruction", "input", "output")
+    """Field names of instruction, input and output in .jsonl sources."""
+    k_examples: int = Field(0, ge=0)
+    """Positive examples (demonstrations) shown in each prompt."""
+    template: str = DEFAULT_TEMPLATE
+    """Prompt template with {definition}, {examples} and {input}."""
+    max_per_task: int | None = Field(None, ge=1)
+    """Cap on training instances per task, so that big tasks do not drown small ones."""
+    max_len: int | None = Field(None, ge=8)
+    """Longest prompt + output in tokens; default: the model's context."""
+    trainer: TrainerParams = Field(default_factory=lambda: TrainerParams(max_steps=300))
+    optim: OptimParams = Field(default_factory=lambda: OptimParams(lr=5e-4, min_lr=5e-5,
+                                                                   warmup_steps=20))
+    batch_size: int = Field(16, ge=1)
+    seed: int = 1337

@@ -1,0 +1,106 @@
+"""LoRA: low-rank adapters on chosen linear layers of a frozen model.
+
+y = W x + (alpha / r) · B A dropout(x), with A (r, in) random and B (out, r)
+zero, so an adapted model starts exactly equal to its base. Only A and B
+train; adapters save alone (a few KB to MB) and merge into W exactly.
+The base layer may be an :class:`~gptflow.ml.quant.NF4Linear` (QLoRA).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ADAPTER_KEYS = ("lora_A", "lora_B")
+DEFAULT_TARGETS = ("*.q_proj", "*.k_proj", "*.v_proj", "*.o_proj")
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.base = base
+        self.rank, self.scale = rank, alpha / rank
+        out_features: int = getattr(base, "out_features")  # noqa: B009 (nn.Module typing)
+        in_features: int = getattr(base, "in_features")  # noqa: B009
+        self.in_features, self.out_features = in_features, out_features
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout)
+        self.merged = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+
+    def delta(self) -> Tensor:
+        """The weight update B A · scale, (out, in)."""
+        return (self.lora_B @ self.lora_A) * self.scale
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not isinstance(self.base, nn.Linear):
+            raise TypeError("only a full-precision base merges in place; dequantize it first")
+        if not self.merged:
+            self.base.weight += self.delta().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            assert isinstance(self.base, nn.Linear)
+            self.base.weight -= self.delta().to(self.base.weight.dtype)
+            self.merged = False
+
+
+def apply_lora(model: nn.Module, targets: Sequence[str], rank: int, alpha: float,
+               dropout: float = 0.0) -> list[str]:
+    """Wrap every linear layer whose name matches a pattern; freeze everything
+    else. Returns the wrapped names (an error when none matches)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = [name for name, module in model.named_modules()
+             if hasattr(module, "in_features") and not isinstance(module, LoRALinear)
+             and any(fnmatch.fnmatch(name, t) for t in targets) and name != "lm_head"]
+    if not names:
+        raise ValueError(f"no linear layer matches {list(targets)}")
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout))
+    return names
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Only the adapter weights."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+            if k.rsplit(".", 1)[-1] in ADAPTER_KEYS}
+
+
+def load_adapter(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Load adapter weights; every adapter key must match and nothing else may be given."""
+    expected = adapter_state_dict(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"adapter does not fit this model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}, wrong shape {shapes[:3]}")
+    model.load_state_dict(state, strict=False)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and put the plain layer back."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, module.base)
+    return model

@@ -1,0 +1,115 @@
+"""4-bit NormalFloat (NF4) weights, as in QLoRA: block-wise absmax scaling to
+the 16 quantiles of a standard normal, two codes per byte, optionally with the
+block scales themselves quantized to int8 (double quantization).
+
+:class:`NF4Linear` keeps only the packed codes and dequantizes on the fly, in
+forward and again in backward, so no full-precision copy of a frozen weight
+outlives one layer's computation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NF4_LEVELS = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0])
+SCALE_BLOCK = 256  # block scales per second-level scale in double quantization
+
+
+def pack4(codes: Tensor) -> Tensor:
+    """uint8 codes < 16, even count -> half as many bytes (low nibble first)."""
+    return (codes[0::2] | (codes[1::2] << 4)).to(torch.uint8)
+
+
+def unpack4(packed: Tensor) -> Tensor:
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten()
+
+
+def quantize_nf4(weight: Tensor, block: int = 64, double: bool = True) -> dict[str, Tensor]:
+    """Packed NF4 codes of a weight and what it takes to dequantize them."""
+    flat = weight.detach().float().flatten()
+    pad = (-len(flat)) % block
+    blocks = F.pad(flat, (0, pad)).view(-1, block)
+    absmax = blocks.abs().amax(dim=1).clamp(min=1e-12)
+    normalized = blocks / absmax[:, None]
+    midpoints = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
+    codes = torch.bucketize(normalized.flatten(), midpoints.to(flat.device)).to(torch.uint8)
+    state: dict[str, Tensor] = {"codes": pack4(codes), "shape": torch.tensor(weight.shape)}
+    if double:  # int8 scales around their mean, one fp32 scale per SCALE_BLOCK of them
+        offset = absmax.mean()
+        centred = F.pad(absmax - offset, (0, (-len(absmax)) % SCALE_BLOCK)).view(-1, SCALE_BLOCK)
+        scale2 = centred.abs().amax(dim=1).clamp(min=1e-12) / 127
+        state.update(absmax_q=torch.round(centred / scale2[:, None]).to(torch.int8),
+                     absmax_scale=scale2, absmax_offset=offset.reshape(1),
+                     n_blocks=torch.tensor(len(absmax)))
+    else:
+        state["absmax"] = absmax
+    return state
+
+
+def dequantize_nf4(state: dict[str, Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
+    shape = tuple(int(s) for s in state["shape"])
+    if "absmax" in state:
+        absmax = state["absmax"]
+    else:
+        n = int(state["n_blocks"])
+        absmax = (state["absmax_q"].float() * state["absmax_scale"][:, None]).flatten()[:n] \
+            + state["absmax_offset"]
+    values = NF4_LEVELS.to(absmax.device)[unpack4(state["codes"]).long()].view(len(absmax), -1)
+    numel = 1
+    for s in shape:
+        numel *= s
+    return (values * absmax[:, None]).flatten()[:numel].view(shape).to(dtype)
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """x @ W^T with W dequantized in forward and again in backward (never saved)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, layer: NF4Linear) -> Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.weight(x.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad @ ctx.layer.weight(grad.dtype), None
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer stored in NF4."""
+
+    def __init__(self, linear: nn.Linear, block: int = 64, double: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        for name, tensor in quantize_nf4(linear.weight, block, double).items():
+            self.register_buffer(name, tensor)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
+                                                                  requires_grad=False)
+
+    def state(self) -> dict[str, Tensor]:
+        return dict(self.named_buffers())
+
+    def weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize_nf4(self.state(), dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = _NF4Matmul.apply(x, self)  # type: ignore[no-untyped-call]
+        return y if self.bias is None else y + self.bias
+
+
+def quantize_linears_nf4(model: nn.Module, block: int = 64, double: bool = True) -> int:
+    """Replace every linear layer but the output head with NF4Linear; returns how many."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name != "lm_head":
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, NF4Linear(module, block, double))
+            count += 1
+    return count
