@@ -78,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="a run id (or a unique prefix) or 'latest'")
     p.add_argument("--json", action="store_true", help="print run.json")
     p = verb("generate", cmd_generate, "sample text from a model artifact (KV cache)")
-    p.add_argument("model", metavar="MODEL_DIR", help="a model artifact folder (gptflow path ...)")
+    p.add_argument("model", metavar="MODEL_DIR",
+                   help="a model or adapter artifact folder (gptflow path ...)")
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -288,17 +289,17 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     folder = Path(args.model)
-    if not (folder / "config.json").is_file():
-        raise InputError(f"{folder}: not a model folder (no config.json)")
+    if not any((folder / f).is_file() for f in ("config.json", "adapter_config.json")):
+        raise InputError(f"{folder}: not a model or adapter folder (no config.json)")
     if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1) \
             or (args.top_k is not None and args.top_k < 1) or args.max_new_tokens < 1:
         raise InputError("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 1, "
                          "--max-new-tokens >= 1")
-    from gptflow.ml.checkpoint import ModelLoadError, load_model
+    from gptflow.ml.checkpoint import ModelLoadError, load_any
     from gptflow.ml.generate import generate
 
     try:
-        model, tokenizer = load_model(folder)
+        model, tokenizer, _ = load_any(folder)
     except ModelLoadError as e:
         raise InputError(str(e)) from None
     for i in range(args.num_samples):

@@ -26,6 +26,7 @@ BUILTIN_PLUGINS = (
     "gptflow_tokenize",
     "gptflow_pretrain",
     "gptflow_finetune",
+    "gptflow_lora",
     "gptflow_evaluate",
 )
 

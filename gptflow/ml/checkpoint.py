@@ -70,3 +70,60 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     model.load_state_dict(state, strict=not config.tie_embeddings)
     model.eval()
     return model, Tokenizer.load(folder / "tokenizer.json")
+
+
+ADAPTER_FORMAT = "gptflow-lora"
+
+
+def save_adapter(folder: Path, model: GPT, info: dict[str, Any]) -> int:
+    """Write an adapter artifact: adapter weights only, plus how to rebuild them
+    on their base (which ``info`` names by folder and fingerprint)."""
+    from gptflow.ml.lora import adapter_state_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"format": ADAPTER_FORMAT, "format_version": 1, **info}, indent=2))
+    save_file(adapter_state_dict(model), str(folder / "adapter.safetensors"),
+              metadata={"format": "pt"})
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+
+
+def adapt(model: GPT, config: dict[str, Any]) -> list[str]:
+    """Prepare a base model as an adapter config says (NF4 base, LoRA layers);
+    returns the names of the adapted layers."""
+    from gptflow.ml.lora import apply_lora
+    from gptflow.ml.quant import quantize_linears_nf4
+
+    if config.get("quantize_base") == "nf4":
+        quantize_linears_nf4(model, config["nf4_block"], config["double_quant"])
+    return apply_lora(model, config["layers"], config["rank"], config["alpha"],
+                      config["dropout"])
+
+
+def load_any(folder: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, dict[str, Any]]:
+    """A model artifact, or an adapter artifact applied to its base (which must be
+    the very artifact it was trained on). Returns the model, its tokenizer and
+    the artifact's config."""
+    from gptflow.ml.lora import load_adapter
+
+    folder = Path(folder)
+    if not (folder / "adapter_config.json").is_file():
+        model, tokenizer = load_model(folder, device)
+        return model, tokenizer, read_config(folder)[1]
+    config = json.loads((folder / "adapter_config.json").read_text())
+    base = Path(config["base_path"])
+    found = json.loads((base / "artifact.json").read_text()).get("fingerprint") \
+        if (base / "artifact.json").is_file() else None
+    if found != config["base_fingerprint"]:
+        raise ModelLoadError(f"{folder}: this adapter was trained on base "
+                             f"{config['base_fingerprint']}, but {base} is "
+                             f"{found or 'not a stored artifact'}")
+    model, tokenizer = load_model(base, device)
+    adapt(model, config)
+    state: dict[str, torch.Tensor] = {}
+    with safe_open(str(folder / "adapter.safetensors"), framework="pt", device=device) as f:
+        for key in f.keys():  # noqa: SIM118
+            state[key] = f.get_tensor(key)
+    load_adapter(model, state)
+    model.eval()
+    return model, tokenizer, config

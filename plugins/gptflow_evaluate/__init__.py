@@ -45,7 +45,7 @@ class EvaluateParams(Params):
 
 
 def run(context: Context, inputs: dict[str, Any], p: EvaluateParams) -> dict[str, Any]:
-    from gptflow.ml.checkpoint import load_model, read_config
+    from gptflow.ml.checkpoint import load_any
     from gptflow.ml.data import SequentialWindows, TokenShards
     from gptflow.ml.evaluation import (
         baselines,
@@ -76,12 +76,13 @@ def run(context: Context, inputs: dict[str, Any], p: EvaluateParams) -> dict[str
                 add(name, task.name, metrics)
     for n, artifact in enumerate(inputs["models"]):
         name = artifact.producer
-        model, tokenizer = load_model(artifact.path)
-        _, info = read_config(artifact.path)
+        model, tokenizer, info = load_any(artifact.path)
         prompt = info.get("prompt", {})
         k = p.k_examples if p.k_examples is not None else prompt.get("k_examples", 0)
         template = prompt.get("template", DEFAULT_TEMPLATE)
         add(name, "-", {"params": model.num_params(),
+                        "trainable_params": sum(q.numel() for q in model.parameters()
+                                                if q.requires_grad),
                         "bytes_on_disk": sum(f.stat().st_size for f in artifact.path.iterdir()),
                         "gen_tokens_per_s": generation_speed(model, tokenizer)})
         if inputs.get("tokens") is not None:
@@ -125,7 +126,8 @@ def run(context: Context, inputs: dict[str, Any], p: EvaluateParams) -> dict[str
 def register_node_types(register: Any) -> None:
     register(NodeType(
         name="evaluate", run=run, params=EvaluateParams, version="1",
-        inputs={"models": Input("model", many=True, doc="the models to compare"),
+        inputs={"models": Input("model", "adapter", many=True,
+                                doc="the models (or adapters, applied to their base) to compare"),
                 "tokens": Input("tokens", optional=True, doc="perplexity on its val split")},
         outputs={"report": "report"},
         description="Compare models on tasks and held-out text, with baselines."))

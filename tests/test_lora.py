@@ -1,0 +1,162 @@
+"""LoRA and QLoRA: exact at init, exact merges, only adapters learn, NF4 error bounds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gptflow.ml.config import preset_config
+from gptflow.ml.lora import adapter_state_dict, apply_lora, load_adapter, merge_lora
+from gptflow.ml.model import GPT
+from gptflow.ml.quant import (
+    NF4_LEVELS,
+    NF4Linear,
+    dequantize_nf4,
+    quantize_linears_nf4,
+    quantize_nf4,
+)
+from gptflow.ml.tasks import sentiment4
+
+TARGETS = ["*.q_proj", "*.v_proj", "*.up_proj"]
+
+
+def tiny() -> GPT:
+    torch.manual_seed(0)
+    return GPT(preset_config("tiny", vocab_size=101, n_kv_head=2)).eval()
+
+
+def test_lora_equals_base_at_initialisation():
+    model = tiny()
+    x = torch.randint(0, 101, (2, 20))
+    before = model(x)
+    names = apply_lora(model, TARGETS, rank=4, alpha=8)
+    assert len(names) == 6  # 2 layers x 3 patterns
+    assert torch.equal(model(x), before)
+
+
+def test_merge_equals_unmerged_forward_and_unmerge_restores():
+    model = tiny()
+    apply_lora(model, TARGETS, rank=4, alpha=8)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)  # as after training
+    x = torch.randint(0, 101, (2, 20))
+    adapted = model(x)
+    layer = model.blocks[0].attn.q_proj
+    original = layer.base.weight.clone()
+    layer.merge()
+    assert torch.allclose(model(x), adapted, atol=1e-5)
+    layer.unmerge()
+    assert torch.allclose(layer.base.weight, original, atol=1e-6)
+    merge_lora(model)
+    assert isinstance(model.blocks[0].attn.q_proj, torch.nn.Linear)
+    assert torch.allclose(model(x), adapted, atol=1e-5)
+
+
+def test_only_adapter_parameters_get_gradients():
+    model = tiny().train()
+    apply_lora(model, TARGETS, rank=4, alpha=8)
+    x = torch.randint(0, 101, (2, 20))
+    model(x).sum().backward()
+    for name, p in model.named_parameters():
+        is_adapter = "lora_" in name
+        assert p.requires_grad == is_adapter, name
+        assert (p.grad is not None) == is_adapter, name
+    share = sum(p.numel() for p in model.parameters() if p.requires_grad) / \
+        sum(p.numel() for p in model.parameters())
+    assert share < 0.1
+    assert set(adapter_state_dict(model)) == {n for n, _ in model.named_parameters()
+                                              if "lora_" in n}
+
+
+def test_adapter_load_checks_keys():
+    model = tiny()
+    apply_lora(model, TARGETS, rank=4, alpha=8)
+    state = adapter_state_dict(model)
+    load_adapter(model, state)
+    state.popitem()
+    with pytest.raises(ValueError, match="adapter does not fit this model: missing"):
+        load_adapter(model, state)
+
+
+@pytest.mark.parametrize("double", [False, True])
+def test_nf4_error_bounds_and_size(double):
+    torch.manual_seed(0)
+    w = torch.randn(256, 128) * 0.02
+    state = quantize_nf4(w, block=64, double=double)
+    back = dequantize_nf4(state)
+    rel = (back - w).abs().mean() / w.abs().mean()
+    assert rel < 0.11  # NF4 on normal weights: ~9% mean relative error
+    blocks = w.flatten().view(-1, 64)
+    # the error in a block is at most half the widest gap between levels times its absmax
+    half_gap = float(NF4_LEVELS.diff().max()) / 2
+    bound = blocks.abs().amax(1, keepdim=True) * half_gap * 1.02
+    assert ((back - w).flatten().view(-1, 64).abs() <= bound + 1e-4).all()
+    size = sum(t.numel() * t.element_size() for t in state.values())
+    assert size <= (0.13 if double else 0.141) * w.numel() * 4
+
+
+def test_qlora_base_trains_adapters_through_nf4():
+    model = tiny().train()
+    quantize_linears_nf4(model)
+    assert isinstance(model.blocks[0].mlp.down_proj, NF4Linear)
+    apply_lora(model, TARGETS, rank=4, alpha=8)
+    x = torch.randint(0, 101, (2, 20))
+    model(x).sum().backward()
+    # B starts at zero, so A gets no gradient yet; B in the first block gets one only
+    # if gradients flow back through the NF4 layers of the second
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+LORA_PIPELINE = """\
+name: lora
+nodes:
+  tok: {{plugin: tokenize, params: {{corpus: ["{corpus}"], vocab_size: 400}}}}
+  base:
+    plugin: pretrain
+    inputs: {{tokens: tok.tokens}}
+    params: {{model: {{preset: tiny, context: 96}}, trainer: {{max_steps: 10}}, batch_size: 8}}
+  lora:
+    plugin: lora
+    inputs: {{model: base}}
+    params:
+      tasks: ["builtin:sentiment4?n=200&test=40"]
+      trainer: {{max_steps: 8}}
+      batch_size: 8
+      quantize_base: {quantize}
+  eval:
+    plugin: evaluate
+    inputs: {{models: [base, lora]}}
+    params: {{tasks: ["builtin:sentiment4?n=200&test=40"], max_instances: 10}}
+"""
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_lora_node_adapter_is_evaluated_and_refused_on_another_base(run_pipeline, tmp_path,
+                                                                    quantize, capfd):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": i.input}) + "\n"
+                              for i in sentiment4(n=200, test=40).instances))
+    result = run_pipeline(LORA_PIPELINE.format(corpus=corpus, quantize=quantize))
+    assert result.code == 0, result.out + result.err
+    metrics = result.record["nodes"]["lora"]["metrics"]
+    assert metrics["trainable_share"] < 0.1
+    adapter = result.output("lora")
+    assert {p.name for p in adapter.iterdir()} >= {"adapter_config.json", "adapter.safetensors"}
+    assert metrics["bytes_on_disk"] < 0.2 * result.record["nodes"]["base"]["metrics"][
+        "bytes_on_disk"]
+    rows = json.loads((result.output("eval") / "report.json").read_text())["rows"]
+    assert {r["model"] for r in rows} >= {"base", "lora"}
+
+    from gptflow.cli import main
+
+    capfd.readouterr()
+    assert main(["generate", str(adapter), "--prompt", "The", "--max-new-tokens", "5"]) == 0
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_fingerprint"] = "0" * 32 + "/model"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert main(["generate", str(adapter), "--prompt", "The"]) == 2
+    assert "this adapter was trained on base 000" in capfd.readouterr().err
