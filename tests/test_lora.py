@@ -160,3 +160,18 @@ def test_lora_node_adapter_is_evaluated_and_refused_on_another_base(run_pipeline
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     assert main(["generate", str(adapter), "--prompt", "The"]) == 2
     assert "this adapter was trained on base 000" in capfd.readouterr().err
+
+
+def test_also_train_parameters_are_saved_with_the_adapter():
+    model = tiny()
+    apply_lora(model, TARGETS, rank=4, alpha=8, also_train=["embed.weight"])
+    assert model.embed.weight.requires_grad and not model.norm.weight.requires_grad
+    with torch.no_grad():
+        model.embed.weight.add_(1.0)
+    state = adapter_state_dict(model)
+    assert "embed.weight" in state and "lm_head.weight" not in state  # tied: saved once
+    fresh = tiny()
+    apply_lora(fresh, TARGETS, rank=4, alpha=8, also_train=["embed.weight"])
+    load_adapter(fresh, state)
+    x = torch.randint(0, 101, (1, 12))
+    assert torch.equal(fresh(x), model(x))

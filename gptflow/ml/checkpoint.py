@@ -97,7 +97,7 @@ def adapt(model: GPT, config: dict[str, Any]) -> list[str]:
     if config.get("quantize_base") == "nf4":
         quantize_linears_nf4(model, config["nf4_block"], config["double_quant"])
     return apply_lora(model, config["layers"], config["rank"], config["alpha"],
-                      config["dropout"])
+                      config["dropout"], config.get("also_train", ()))
 
 
 def load_any(folder: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, dict[str, Any]]:

@@ -137,6 +137,7 @@ def generation_speed(model: GPT, tokenizer: Tokenizer, new_tokens: int = 64) -> 
     """Tokens/s of sampling at batch 1 with the KV cache."""
     prompt = tokenizer.encode("The")
     n = min(new_tokens, model.config.context - len(prompt))
+    generate(model, prompt, 4, temperature=1.0, seed=0)  # warm-up: first calls are slow
     start = time.perf_counter()
     out = generate(model, prompt, n, temperature=1.0, seed=0)
     return len(out) / (time.perf_counter() - start) if out else math.nan

@@ -61,11 +61,12 @@ class LoRALinear(nn.Module):
 
 
 def apply_lora(model: nn.Module, targets: Sequence[str], rank: int, alpha: float,
-               dropout: float = 0.0) -> list[str]:
+               dropout: float = 0.0, also_train: Sequence[str] = ()) -> list[str]:
     """Wrap every linear layer whose name matches a pattern; freeze everything
-    else. Returns the wrapped names (an error when none matches)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+    else but the parameters named by ``also_train`` (peft's modules_to_save),
+    which are then saved with the adapter. Returns the wrapped layer names."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(fnmatch.fnmatch(name, t) for t in also_train))
     names = [name for name, module in model.named_modules()
              if hasattr(module, "in_features") and not isinstance(module, LoRALinear)
              and any(fnmatch.fnmatch(name, t) for t in targets) and name != "lm_head"]
@@ -79,9 +80,10 @@ def apply_lora(model: nn.Module, targets: Sequence[str], rank: int, alpha: float
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Only the adapter weights."""
+    """Only what the adapter trains: LoRA weights and any other trainable parameter."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-            if k.rsplit(".", 1)[-1] in ADAPTER_KEYS}
+            if k.rsplit(".", 1)[-1] in ADAPTER_KEYS or k in trainable}
 
 
 def load_adapter(model: nn.Module, state: dict[str, Tensor]) -> None:
@@ -93,7 +95,10 @@ def load_adapter(model: nn.Module, state: dict[str, Tensor]) -> None:
     if missing or unexpected or shapes:
         raise ValueError(f"adapter does not fit this model: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}, wrong shape {shapes[:3]}")
-    model.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if name in state:
+                tensor.copy_(state[name])
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

@@ -104,6 +104,12 @@ class NF4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def logical_params(model: nn.Module) -> int:
+    """Parameters as the model computes with them: NF4 weights count as weights."""
+    return sum(p.numel() for p in model.parameters()) + sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
+
+
 def quantize_linears_nf4(model: nn.Module, block: int = 64, double: bool = True) -> int:
     """Replace every linear layer but the output head with NF4Linear; returns how many."""
     count = 0

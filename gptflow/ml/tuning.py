@@ -13,6 +13,7 @@ from gptflow.errors import NodeError
 from gptflow.ml.instruct import Batches, InstructionBatches, encode_examples
 from gptflow.ml.lm import CausalLM
 from gptflow.ml.model import GPT
+from gptflow.ml.quant import logical_params
 from gptflow.ml.tasks import load_dataset_tasks, load_tasks
 from gptflow.ml.tokenizer import Tokenizer
 from gptflow.ml.training import fit, loss_curve
@@ -42,7 +43,7 @@ def tune(context: Context, model: GPT, tokenizer: Tokenizer, p: InstructionParam
     val_loader = DataLoader(Batches(val, p.batch_size, tokenizer.pad_id), batch_size=None)
     trainer, tput, final = fit(context, module, batches, val_loader, p.trainer,
                                p.trainer.max_steps)
-    params = sum(q.numel() for q in model.parameters())
+    params = logical_params(model)
     trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)
     return trainer, {
         "params": params, "trainable_params": trainable,

@@ -56,6 +56,7 @@ def run(context: Context, inputs: dict[str, Any], p: EvaluateParams) -> dict[str
         label_log_likelihoods,
         perplexity,
     )
+    from gptflow.ml.quant import logical_params
     from gptflow.ml.tasks import DEFAULT_TEMPLATE, format_prompt, load_tasks
     from gptflow_evaluate.report import render
 
@@ -80,7 +81,7 @@ def run(context: Context, inputs: dict[str, Any], p: EvaluateParams) -> dict[str
         prompt = info.get("prompt", {})
         k = p.k_examples if p.k_examples is not None else prompt.get("k_examples", 0)
         template = prompt.get("template", DEFAULT_TEMPLATE)
-        add(name, "-", {"params": model.num_params(),
+        add(name, "-", {"params": logical_params(model),
                         "trainable_params": sum(q.numel() for q in model.parameters()
                                                 if q.requires_grad),
                         "bytes_on_disk": sum(f.stat().st_size for f in artifact.path.iterdir()),

@@ -11,6 +11,8 @@ YAML keys (``params``): everything ``instruction-finetune`` takes (``tasks``,
 
 * ``rank``, ``alpha``, ``dropout``: the adapters (update scale alpha / rank);
 * ``layers``: name patterns of the layers to adapt (``*.q_proj``, ``*.up_proj``, ...);
+* ``also_train``: parameters trained in full and saved with the adapter (peft's
+  ``modules_to_save``), e.g. ``embed.weight``;
 * ``quantize_base``: ``none`` or ``nf4``; ``nf4_block``, ``double_quant``.
 
 Inputs: ``model``; optional ``data`` datasets. Output: ``adapter``.
@@ -36,6 +38,9 @@ class LoraParams(InstructionParams):
     layers: list[str] = Field(default_factory=lambda: ["*.q_proj", "*.k_proj", "*.v_proj",
                                                        "*.o_proj"])
     """Name patterns of linear layers to adapt (attention: *_proj of attn; MLP: *.up_proj...)."""
+    also_train: list[str] = Field(default_factory=list)
+    """Parameter names (patterns) trained in full and saved with the adapter, as peft's
+    modules_to_save; e.g. embed.weight when new output tokens must be learned."""
     quantize_base: Literal["none", "nf4"] = "none"
     """nf4: keep the frozen base in 4-bit NormalFloat (QLoRA)."""
     nf4_block: int = Field(64, ge=16)
@@ -54,14 +59,12 @@ def run(context: Context, inputs: dict[str, Any], p: LoraParams) -> dict[str, An
     model, tokenizer = load_model(base.path)
     config = {"base_path": str(base.path), "base_fingerprint": base.fingerprint,
               "rank": p.rank, "alpha": p.alpha, "dropout": p.dropout, "layers": p.layers,
+              "also_train": p.also_train,
               "quantize_base": p.quantize_base, "nf4_block": p.nf4_block,
               "double_quant": p.double_quant, "prompt": prompt_info(p)}
-    base_params = model.num_params()  # before NF4 turns weights into buffers
     config["layers"] = adapt(model, config)  # the exact names, for loading
     model.train()
     trainer, metrics = tune(context, model, tokenizer, p, inputs.get("data") or [])
-    metrics["params"] = base_params + metrics["trainable_params"]
-    metrics["trainable_share"] = metrics["trainable_params"] / metrics["params"]
     if trainer.is_global_zero:
         metrics["bytes_on_disk"] = save_adapter(context.output_dir("adapter"), model, config)
     finish(context, trainer, "adapter")
