@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from gptflow.ml.config import PRESETS, GPTConfig, preset_config
 from gptflow.ml.tasks import DEFAULT_TEMPLATE
-from gptflow.nodes import PathRef
+from gptflow.nodes import Input, PathRef
 
 
 class Params(BaseModel):
@@ -169,3 +169,9 @@ class InstructionParams(Params):
                                                                    warmup_steps=20))
     batch_size: int = Field(16, ge=1)
     seed: int = 1337
+
+
+TUNING_INPUTS = {"model": Input("model"),
+                 "data": Input("dataset", optional=True, many=True,
+                               doc="dataset artifacts with more instruction instances")}
+"""The input slots of every instruction-tuning node."""

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,3 +16,24 @@ def _toy_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GPTFLOW_DISABLE_PLUGIN_AUTOLOAD", "1")
     monkeypatch.setenv("PYTHONPATH", str(TESTS))
     monkeypatch.delenv("GPTFLOW_STORE", raising=False)
+
+
+TINY_BASE = """\
+  tok: {{plugin: tokenize, params: {{corpus: ["{corpus}"], vocab_size: 400}}}}
+  base:
+    plugin: pretrain
+    inputs: {{tokens: tok.tokens}}
+    params: {{model: {{preset: tiny, context: 96}}, trainer: {{max_steps: 10}}, batch_size: 8}}
+"""
+"""Pipeline lines for a tokenizer and a tiny base model (format with corpus=...)."""
+
+
+@pytest.fixture
+def review_corpus(tmp_path: Path) -> Path:
+    """The texts of a small builtin:sentiment4 task, as JSONL."""
+    from gptflow.ml.tasks import sentiment4
+
+    path = tmp_path / "reviews.jsonl"
+    path.write_text("".join(json.dumps({"text": i.input}) + "\n"
+                            for i in sentiment4(n=200, test=40).instances))
+    return path

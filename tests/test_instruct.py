@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, TINY_BASE
 
 from gptflow.ml.evaluation import (
     baselines,
@@ -140,29 +140,19 @@ def test_generation_metrics_by_hand():
     assert 0 <= metrics["bleu"] <= 1 and 0 <= metrics["chrf"] <= 1
 
 
-def test_finetune_and_evaluate_end_to_end(run_pipeline, tmp_path):
-    corpus = tmp_path / "c.jsonl"
-    task = sentiment4(n=200, test=40)
-    corpus.write_text("".join(json.dumps({"text": i.input}) + "\n" for i in task.instances))
-    result = run_pipeline(f"""\
-name: ft
-nodes:
-  tok: {{plugin: tokenize, params: {{corpus: ["{corpus}"], vocab_size: 400}}}}
-  base:
-    plugin: pretrain
-    inputs: {{tokens: tok.tokens}}
-    params: {{model: {{preset: tiny, context: 96}}, trainer: {{max_steps: 10}}, batch_size: 8}}
+def test_finetune_and_evaluate_end_to_end(run_pipeline, review_corpus):
+    result = run_pipeline("name: ft\nnodes:\n" + TINY_BASE.format(corpus=review_corpus) + """\
   sft:
     plugin: instruction-finetune
-    inputs: {{model: base.model}}
+    inputs: {model: base.model}
     params:
       tasks: ["builtin:sentiment4?n=200&test=40"]
-      trainer: {{max_steps: 10}}
+      trainer: {max_steps: 10}
       batch_size: 8
   eval:
     plugin: evaluate
-    inputs: {{models: [base, sft], tokens: tok.tokens}}
-    params: {{tasks: ["builtin:sentiment4?n=200&test=40"], max_instances: 20}}
+    inputs: {models: [base, sft], tokens: tok.tokens}
+    params: {tasks: ["builtin:sentiment4?n=200&test=40"], max_instances: 20}
 """)
     assert result.code == 0, result.out + result.err
     report = json.loads((result.output("eval") / "report.json").read_text())

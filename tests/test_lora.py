@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_BASE
 
 from gptflow.ml.config import preset_config
 from gptflow.ml.lora import adapter_state_dict, apply_lora, load_adapter, merge_lora
@@ -17,7 +18,6 @@ from gptflow.ml.quant import (
     quantize_linears_nf4,
     quantize_nf4,
 )
-from gptflow.ml.tasks import sentiment4
 
 TARGETS = ["*.q_proj", "*.v_proj", "*.up_proj"]
 
@@ -111,14 +111,7 @@ def test_qlora_base_trains_adapters_through_nf4():
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-LORA_PIPELINE = """\
-name: lora
-nodes:
-  tok: {{plugin: tokenize, params: {{corpus: ["{corpus}"], vocab_size: 400}}}}
-  base:
-    plugin: pretrain
-    inputs: {{tokens: tok.tokens}}
-    params: {{model: {{preset: tiny, context: 96}}, trainer: {{max_steps: 10}}, batch_size: 8}}
+LORA_PIPELINE = "name: lora\nnodes:\n" + TINY_BASE + """\
   lora:
     plugin: lora
     inputs: {{model: base}}
@@ -135,12 +128,9 @@ nodes:
 
 
 @pytest.mark.parametrize("quantize", ["none", "nf4"])
-def test_lora_node_adapter_is_evaluated_and_refused_on_another_base(run_pipeline, tmp_path,
+def test_lora_node_adapter_is_evaluated_and_refused_on_another_base(run_pipeline, review_corpus,
                                                                     quantize, capfd):
-    corpus = tmp_path / "c.jsonl"
-    corpus.write_text("".join(json.dumps({"text": i.input}) + "\n"
-                              for i in sentiment4(n=200, test=40).instances))
-    result = run_pipeline(LORA_PIPELINE.format(corpus=corpus, quantize=quantize))
+    result = run_pipeline(LORA_PIPELINE.format(corpus=review_corpus, quantize=quantize))
     assert result.code == 0, result.out + result.err
     metrics = result.record["nodes"]["lora"]["metrics"]
     assert metrics["trainable_share"] < 0.1

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from gptflow import Context, Input, NodeType, hookimpl
-from gptflow.params import InstructionParams
+from gptflow import Context, NodeType, hookimpl
+from gptflow.params import TUNING_INPUTS, InstructionParams
 
 
 def run(context: Context, inputs: dict[str, Any], p: InstructionParams) -> dict[str, Any]:
@@ -42,8 +42,6 @@ def run(context: Context, inputs: dict[str, Any], p: InstructionParams) -> dict[
 def register_node_types(register: Any) -> None:
     register(NodeType(
         name="instruction-finetune", run=run, params=InstructionParams, version="1",
-        inputs={"model": Input("model"),
-                "data": Input("dataset", optional=True, many=True,
-                              doc="dataset artifacts with more instruction instances")},
+        inputs=TUNING_INPUTS,
         outputs={"model": "model"},
         description="Instruction-tune a model (Natural Instructions format, prompt masked)."))

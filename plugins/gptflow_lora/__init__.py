@@ -24,8 +24,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from gptflow import Context, Input, NodeType, hookimpl
-from gptflow.params import InstructionParams
+from gptflow import Context, NodeType, hookimpl
+from gptflow.params import TUNING_INPUTS, InstructionParams
 
 
 class LoraParams(InstructionParams):
@@ -80,8 +80,6 @@ def run(context: Context, inputs: dict[str, Any], p: LoraParams) -> dict[str, An
 def register_node_types(register: Any) -> None:
     register(NodeType(
         name="lora", run=run, params=LoraParams, version="1",
-        inputs={"model": Input("model"),
-                "data": Input("dataset", optional=True, many=True,
-                              doc="dataset artifacts with more instruction instances")},
+        inputs=TUNING_INPUTS,
         outputs={"adapter": "adapter"},
         description="LoRA / QLoRA instruction tuning: a frozen base, trained low-rank adapters."))
