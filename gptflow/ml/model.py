@@ -176,11 +176,8 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
-    def num_params(self, non_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding and self.pos_embed is not None:
-            n -= self.pos_embed.weight.numel()
-        return n
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx: Tensor, cache: KVCache | None = None, start: int = 0,
                 last_only: bool = False) -> Tensor:

@@ -4,7 +4,6 @@ checkpoints keyed by fingerprint, progress, throughput and MFU, loss curves."""
 from __future__ import annotations
 
 import csv
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -164,7 +163,3 @@ def loss_curve(context: Context, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
-
-
-def world_size(trainer: L.Trainer) -> int:
-    return int(trainer.world_size) if trainer.world_size else int(os.environ.get("WORLD_SIZE", 1))
