@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from gptflow.ml.config import GPTConfig
 from gptflow.ml.model import GPT
+from gptflow.ml.quant import quantize_model
 from gptflow.ml.tokenizer import Tokenizer
 
 FORMAT = "gptflow-gpt"
@@ -49,9 +50,12 @@ def read_config(folder: Path) -> tuple[GPTConfig, dict[str, Any]]:
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
     folder = Path(folder)
-    config, _ = read_config(folder)
+    config, data = read_config(folder)
+    quant = data.get("quantization")
     with torch.device("meta"):
         model = GPT(config)
+        if quant:
+            quantize_model(model, quant["method"], quant["group_size"])
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()
                 if not (config.tie_embeddings and k == "lm_head.weight")}
     state: dict[str, torch.Tensor] = {}
@@ -66,7 +70,10 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
         raise ModelLoadError(f"{folder}/model.safetensors does not match config.json: "
                              + "; ".join(problems[:5])
                              + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
-    model = GPT(config).to(device)
+    model = GPT(config)
+    if quant:
+        quantize_model(model, quant["method"], quant["group_size"])
+    model = model.to(device)
     model.load_state_dict(state, strict=not config.tie_embeddings)
     model.eval()
     return model, Tokenizer.load(folder / "tokenizer.json")
