@@ -105,9 +105,10 @@ class NF4Linear(nn.Module):
 
 
 def logical_params(model: nn.Module) -> int:
-    """Parameters as the model computes with them: NF4 weights count as weights."""
+    """Parameters as the model computes with them: quantized weights count too."""
+    quantized = (NF4Linear, Int8Linear, Int4Linear)
     return sum(p.numel() for p in model.parameters()) + sum(
-        m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, quantized))
 
 
 def quantize_linears_nf4(model: nn.Module, block: int = 64, double: bool = True) -> int:
