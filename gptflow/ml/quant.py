@@ -9,6 +9,7 @@ outlives one layer's computation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -112,14 +113,19 @@ def logical_params(model: nn.Module) -> int:
 
 
 def quantize_linears_nf4(model: nn.Module, block: int = 64, double: bool = True) -> int:
-    """Replace every linear layer but the output head with NF4Linear; returns how many."""
-    count = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name != "lm_head":
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, NF4Linear(module, block, double))
-            count += 1
-    return count
+    """Replace the quantizable linear layers with NF4Linear; returns how many."""
+    return _replace_linears(model, lambda linear: NF4Linear(linear, block, double))
+
+
+def _replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> int:
+    """Swap every linear layer (but a head tied to the embedding) for ``make(layer)``."""
+    tied = getattr(getattr(model, "config", None), "tie_embeddings", True)
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and not (tied and name == "lm_head")]
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, make(module))
+    return len(targets)
 
 
 def _as_2d(x: Tensor) -> Tensor:
@@ -209,15 +215,10 @@ METHODS = ("int8", "int4", "nf4")
 
 
 def quantize_model(model: nn.Module, method: str, group_size: int = 64) -> int:
-    """Replace every linear layer but the output head (tied to the embedding)
-    with its quantized form; returns how many were replaced."""
+    """Replace every linear layer (but a head tied to the embedding) with its
+    quantized form; returns how many were replaced."""
     if method == "nf4":
         return quantize_linears_nf4(model, group_size, double=True)
-    count = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name != "lm_head":
-            layer = Int8Linear(module) if method == "int8" else Int4Linear(module, group_size)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, layer)
-            count += 1
-    return count
+    if method == "int8":
+        return _replace_linears(model, Int8Linear)
+    return _replace_linears(model, lambda linear: Int4Linear(linear, group_size))
