@@ -44,15 +44,23 @@ def test_cpu_kernels_match_the_dequantized_weight(linear, cls):
     assert torch.allclose(q(x), expected, atol=0.05 * expected.abs().max().item())
 
 
-@pytest.mark.parametrize("method", ["int8", "int4", "nf4"])
-def test_quantized_artifact_round_trips(tmp_path, method):
+@pytest.mark.parametrize(("method", "embeddings", "tied"),
+                         [("int8", False, True), ("int4", False, True), ("nf4", False, True),
+                          ("int8", True, True), ("int4", True, False)])
+def test_quantized_artifact_round_trips(tmp_path, method, embeddings, tied):
     tokenizer = Tokenizer.train_char(["quantized models are small"])
     torch.manual_seed(0)
-    model = GPT(preset_config("tiny", vocab_size=tokenizer.vocab_size)).eval()
+    model = GPT(preset_config("tiny", vocab_size=tokenizer.vocab_size,
+                              tie_embeddings=tied)).eval()
     full = save_model(tmp_path / "full", model, tokenizer)
-    quantize_model(model, method)
-    size = save_model(tmp_path / "q", model, tokenizer,
-                      quantization={"method": method, "group_size": 64})
+    x = torch.randint(0, tokenizer.vocab_size, (2, 16))
+    with torch.no_grad():
+        before = model(x)
+    quantize_model(model, method, embeddings=embeddings)
+    with torch.no_grad():
+        assert (model(x) - before).abs().max() < 0.1 * before.abs().max()
+    size = save_model(tmp_path / "q", model, tokenizer, quantization={
+        "method": method, "group_size": 64, "embeddings": embeddings})
     assert size < full
     loaded, _ = load_model(tmp_path / "q")
     x = torch.randint(0, tokenizer.vocab_size, (2, 16))

@@ -33,7 +33,7 @@ def save_model(folder: Path, model: GPT, tokenizer: Tokenizer, **info: Any) -> i
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     state = {k: v.detach().to("cpu").contiguous()
              for k, v in model.state_dict().items()
-             if not (model.config.tie_embeddings and k == "lm_head.weight")}
+             if not (model.config.tie_embeddings and k.startswith("lm_head."))}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save(folder / "tokenizer.json")
     return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
@@ -55,9 +55,10 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     with torch.device("meta"):
         model = GPT(config)
         if quant:
-            quantize_model(model, quant["method"], quant["group_size"])
+            quantize_model(model, quant["method"], quant["group_size"],
+                           quant.get("embeddings", False))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()
-                if not (config.tie_embeddings and k == "lm_head.weight")}
+                if not (config.tie_embeddings and k.startswith("lm_head."))}
     state: dict[str, torch.Tensor] = {}
     with safe_open(str(folder / "model.safetensors"), framework="pt", device=str(device)) as f:
         for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
@@ -72,7 +73,8 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
                              + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
     model = GPT(config)
     if quant:
-        quantize_model(model, quant["method"], quant["group_size"])
+        quantize_model(model, quant["method"], quant["group_size"],
+                       quant.get("embeddings", False))
     model = model.to(device)
     model.load_state_dict(state, strict=not config.tie_embeddings)
     model.eval()

@@ -196,7 +196,7 @@ class Int4Linear(nn.Module):
         return (q * self.scales[..., None]).view(self.out_features, -1).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and self.out_features % 16 == 0:  # the kernel's layout
             if self._packed is None:
                 self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                     self.codes().to(torch.int32), 1)
@@ -214,11 +214,49 @@ class Int4Linear(nn.Module):
 METHODS = ("int8", "int4", "nf4")
 
 
-def quantize_model(model: nn.Module, method: str, group_size: int = 64) -> int:
-    """Replace every linear layer (but a head tied to the embedding) with its
-    quantized form; returns how many were replaced."""
+class QuantEmbedding(nn.Module):
+    """A token embedding stored as the rows of an int8 or int4 layer; the same
+    layer can serve as the tied output head, so the matrix is stored once."""
+
+    def __init__(self, table: Int8Linear | Int4Linear) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, idx: Tensor) -> Tensor:
+        t = self.table
+        if isinstance(t, Int8Linear):
+            return t.qweight[idx].float() * t.scales[idx][..., None]
+        codes = unpack4(t.qweight[idx].flatten()).view(*idx.shape, -1, t.group_size).float()
+        return ((codes - 8) * t.scales[idx][..., None]).flatten(-2)
+
+
+def quantize_model(model: nn.Module, method: str, group_size: int = 64,
+                   embeddings: bool = False) -> int:
+    """Replace every linear layer (but a head tied to a full-precision embedding)
+    with its quantized form, and with ``embeddings`` the token embedding too
+    (int8/int4; a tied head then shares its quantized table). Returns how many
+    layers were replaced."""
     if method == "nf4":
+        if embeddings:
+            raise ValueError("nf4 keeps embeddings in full precision; use int8 or int4")
         return quantize_linears_nf4(model, group_size, double=True)
-    if method == "int8":
-        return _replace_linears(model, Int8Linear)
-    return _replace_linears(model, lambda linear: Int4Linear(linear, group_size))
+
+    def make(linear: nn.Linear) -> Int8Linear | Int4Linear:
+        return Int8Linear(linear) if method == "int8" else Int4Linear(linear, group_size)
+
+    count = 0
+    if embeddings:
+        embed: nn.Embedding = getattr(model, "embed")  # noqa: B009
+        table = make(_as_linear(embed.weight))
+        model.embed = QuantEmbedding(table)  # type: ignore[assignment]
+        count += 1
+        if getattr(model, "config").tie_embeddings:  # noqa: B009
+            model.lm_head = table  # type: ignore[assignment]
+            count += 1
+    return count + _replace_linears(model, make)
+
+
+def _as_linear(weight: Tensor) -> nn.Linear:
+    linear = nn.Linear(weight.size(1), weight.size(0), bias=False, device=weight.device)
+    linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    return linear

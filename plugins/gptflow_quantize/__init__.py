@@ -6,9 +6,12 @@ YAML keys (``params``):
   two values per byte) or ``nf4`` (4-bit NormalFloat, double-quantized scales);
 * ``group_size``: input columns per int4 scale, or weights per NF4 block.
 
-The token embedding (tied to the output head) stays in full precision. On CPU,
-int8 and int4 layers run PyTorch's packed kernels with bf16 activations; NF4 is
-dequantized on the fly. Input: ``model``. Output: ``model`` (loadable by
+* ``embeddings``: quantize the token embedding too (int8/int4). An untied output
+  head is always quantized; a head tied to the embedding follows it, sharing
+  its quantized table.
+
+On CPU, int8 and int4 layers run PyTorch's packed kernels with bf16
+activations; NF4 is dequantized on the fly. Input: ``model``. Output: ``model`` (loadable by
 ``evaluate``, ``gptflow generate`` and every node).
 """
 
@@ -27,6 +30,8 @@ class QuantizeParams(Params):
     """int8: per-channel symmetric; int4: group-wise; nf4: QLoRA's NormalFloat."""
     group_size: int = Field(64, ge=16)
     """Input columns per int4 scale, or weights per NF4 block."""
+    embeddings: bool = False
+    """Quantize the token embedding too (int8/int4); a tied output head shares it."""
 
 
 def run(context: Context, inputs: dict[str, Any], p: QuantizeParams) -> dict[str, Any]:
@@ -40,12 +45,13 @@ def run(context: Context, inputs: dict[str, Any], p: QuantizeParams) -> dict[str
     model, tokenizer = load_model(source)
     before = generation_speed(model, tokenizer)
     try:
-        layers = quantize_model(model, p.method, p.group_size)
+        layers = quantize_model(model, p.method, p.group_size, p.embeddings)
     except ValueError as e:
-        raise NodeError(f"params.group_size: {e}") from None
+        raise NodeError(f"params: {e}") from None
     info = {k: v for k, v in read_config(source)[1].items() if k == "prompt"}
     size = save_model(context.output_dir("model"), model, tokenizer,
-                      quantization={"method": p.method, "group_size": p.group_size}, **info)
+                      quantization={"method": p.method, "group_size": p.group_size,
+                                    "embeddings": p.embeddings}, **info)
     original = sum(f.stat().st_size for f in source.iterdir() if f.name != "artifact.json")
     in_memory = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     return {"quantized_layers": layers, "bytes_on_disk": size,
