@@ -82,7 +82,7 @@ def test_quantize_node_then_evaluate_and_generate(run_pipeline, review_corpus, c
     metrics = result.record["nodes"]["int4"]["metrics"]
     assert metrics["bytes_ratio"] < 0.6 and metrics["quantized_layers"] == 14
     config = json.loads((result.output("int4") / "config.json").read_text())
-    assert config["quantization"] == {"method": "int4", "group_size": 64}
+    assert config["quantization"] == {"method": "int4", "group_size": 64, "embeddings": False}
     rows = json.loads((result.output("eval") / "report.json").read_text())["rows"]
     ppl = {r["model"]: r["value"] for r in rows if r["metric"] == "perplexity"}
     assert ppl["int4"] < ppl["base"] * 1.2  # close to the model it came from
