@@ -27,6 +27,7 @@ BUILTIN_PLUGINS = (
     "gptflow_pretrain",
     "gptflow_finetune",
     "gptflow_lora",
+    "gptflow_merge",
     "gptflow_quantize",
     "gptflow_evaluate",
 )

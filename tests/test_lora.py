@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import TINY_BASE
 
+from gptflow.ml.checkpoint import load_any, load_model
 from gptflow.ml.config import preset_config
 from gptflow.ml.lora import adapter_state_dict, apply_lora, load_adapter, merge_lora
 from gptflow.ml.model import GPT
@@ -120,9 +121,12 @@ LORA_PIPELINE = "name: lora\nnodes:\n" + TINY_BASE + """\
       trainer: {{max_steps: 8}}
       batch_size: 8
       quantize_base: {quantize}
+  merged:
+    plugin: merge-adapter
+    inputs: {{adapter: lora}}
   eval:
     plugin: evaluate
-    inputs: {{models: [base, lora]}}
+    inputs: {{models: [base, lora, merged]}}
     params: {{tasks: ["builtin:sentiment4?n=200&test=40"], max_instances: 10}}
 """
 
@@ -139,7 +143,12 @@ def test_lora_node_adapter_is_evaluated_and_refused_on_another_base(run_pipeline
     assert metrics["bytes_on_disk"] < 0.2 * result.record["nodes"]["base"]["metrics"][
         "bytes_on_disk"]
     rows = json.loads((result.output("eval") / "report.json").read_text())["rows"]
-    assert {r["model"] for r in rows} >= {"base", "lora"}
+    assert {r["model"] for r in rows} >= {"base", "lora", "merged"}
+    adapted, _, _ = load_any(adapter)
+    merged, _ = load_model(result.output("merged"))
+    x = torch.randint(0, 400, (2, 24))
+    with torch.no_grad():
+        assert torch.allclose(merged(x), adapted(x), atol=1e-4)  # the merge is exact
 
     from gptflow.cli import main
 

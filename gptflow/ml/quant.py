@@ -117,6 +117,19 @@ def quantize_linears_nf4(model: nn.Module, block: int = 64, double: bool = True)
     return _replace_linears(model, lambda linear: NF4Linear(linear, block, double))
 
 
+def dequantize_nf4_linears(model: nn.Module) -> int:
+    """Put a full-precision nn.Linear back in place of every NF4Linear."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, NF4Linear)]
+    for name, module in found:
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        linear.weight = nn.Parameter(module.weight(), requires_grad=False)
+        if module.bias is not None:
+            linear.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, linear)
+    return len(found)
+
+
 def _replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> int:
     """Swap every linear layer (but a head tied to the embedding) for ``make(layer)``."""
     tied = getattr(getattr(model, "config", None), "tie_embeddings", True)
