@@ -29,6 +29,7 @@ BUILTIN_PLUGINS = (
     "gptflow_lora",
     "gptflow_merge",
     "gptflow_quantize",
+    "gptflow_distill",
     "gptflow_evaluate",
 )
 

@@ -1,0 +1,52 @@
+"""Knowledge distillation: a student learns from a frozen teacher's softened
+next-token distributions and from the true next tokens.
+
+loss = alpha · T² · KL(teacher_T || student_T) + (1 - alpha) · CE(student, targets),
+both over the positions whose target is not -100. The T² keeps the soft
+term's gradients on the scale of the hard one (Hinton et al.).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gptflow.ml.lm import CausalLM, token_loss
+from gptflow.ml.model import GPT
+from gptflow.params import OptimParams
+
+
+def kd_loss(student: Tensor, teacher: Tensor, targets: Tensor, alpha: float,
+            temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(total, soft KL term, hard CE term) for logits (B, T, V) and targets (B, T)."""
+    mask = (targets != -100).flatten()
+    s = student.flatten(0, 1)[mask].float()
+    t = teacher.flatten(0, 1)[mask].float()
+    soft = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
+                    log_target=True, reduction="batchmean") * temperature**2
+    hard = token_loss(student, targets)
+    return alpha * soft + (1 - alpha) * hard, soft, hard
+
+
+class DistillLM(CausalLM):
+    """CausalLM whose training loss also matches a frozen teacher; only the
+    student's parameters are in the optimizer."""
+
+    def __init__(self, student: GPT, teacher: GPT, optim: OptimParams, max_steps: int,
+                 alpha: float, temperature: float) -> None:
+        super().__init__(student, optim, max_steps)
+        self.teacher = [teacher.eval().requires_grad_(False)]  # a list: not a submodule
+        self.alpha, self.temperature = alpha, temperature
+
+    def on_fit_start(self) -> None:
+        self.teacher[0].to(self.device)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        with torch.no_grad():
+            teacher_logits = self.teacher[0](x)
+        loss, soft, hard = kd_loss(self.model(x), teacher_logits, y, self.alpha,
+                                   self.temperature)
+        self.log_dict({"train_loss": loss, "kd_loss": soft, "ce_loss": hard})
+        return loss

@@ -1,0 +1,94 @@
+"""distill: train a small student on a frozen teacher's softened predictions.
+
+loss = alpha · T² · KL(teacher || student) on temperature-T distributions
++ (1 - alpha) · cross-entropy with the true next tokens. The teacher runs in
+eval mode without gradients; only the student learns. Student and teacher must
+share a tokenizer.
+
+YAML keys (``params``): ``model`` (the student's config, when no ``student``
+input is given), ``alpha``, ``temperature``, ``trainer``, ``optim``,
+``batch_size``, ``seed``.
+
+Inputs: ``teacher`` (model), ``tokens`` (pretraining-style data), optional
+``student`` (a model to start from). Output: ``model`` (the student).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from gptflow import Context, Input, NodeError, NodeType, hookimpl
+from gptflow.params import ModelParams, OptimParams, Params, TrainerParams
+
+
+class DistillParams(Params):
+    model: ModelParams = Field(default_factory=lambda: ModelParams(preset="tiny"))
+    """The student to build (ignored when a student input is given)."""
+    alpha: float = Field(0.5, ge=0, le=1)
+    """Weight of the soft (teacher) term; 0 is plain training on the tokens."""
+    temperature: float = Field(2.0, gt=0)
+    """Softens both distributions; the soft term is scaled by its square."""
+    trainer: TrainerParams = Field(default_factory=TrainerParams)
+    optim: OptimParams = Field(default_factory=OptimParams)
+    batch_size: int = Field(32, ge=1)
+    seed: int = 1337
+
+
+def run(context: Context, inputs: dict[str, Any], p: DistillParams) -> dict[str, Any]:
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from gptflow.ml.checkpoint import load_model, save_model
+    from gptflow.ml.data import RandomWindows, SequentialWindows, TokenShards
+    from gptflow.ml.distill import DistillLM
+    from gptflow.ml.evaluation import generation_speed
+    from gptflow.ml.model import GPT
+    from gptflow.ml.tokenizer import Tokenizer
+    from gptflow.ml.training import fit, loss_curve
+
+    L.seed_everything(p.seed, verbose=False)
+    teacher, teacher_tok = load_model(inputs["teacher"].path)
+    folder = inputs["tokens"].path
+    tokenizer = Tokenizer.load(folder / "tokenizer.json")
+    if inputs.get("student") is not None:
+        student, student_tok = load_model(inputs["student"].path)
+        student.train()
+    else:
+        student, student_tok = GPT(p.model.config(vocab_size=tokenizer.vocab_size)), tokenizer
+    vocab = tokenizer.hf.get_vocab()
+    for who, tok in (("teacher", teacher_tok), ("student", student_tok)):
+        if tok.hf.get_vocab() != vocab:
+            raise NodeError(f"the {who}'s tokenizer differs from the one the tokens were encoded "
+                            "with: distillation needs one shared tokenizer")
+    context_len = min(student.config.context, teacher.config.context)
+    train = RandomWindows(TokenShards(folder, "train"), context_len, p.batch_size, p.seed)
+    val = SequentialWindows(TokenShards(folder, "val"), context_len)
+    module = DistillLM(student, teacher, p.optim, p.trainer.max_steps, p.alpha, p.temperature)
+    trainer, tput, final = fit(context, module, train, DataLoader(val, batch_size=p.batch_size),
+                               p.trainer, p.trainer.max_steps)
+    out = context.output_dir("model")
+    metrics: dict[str, Any] = {
+        "params": student.num_params(), "teacher_params": teacher.num_params(),
+        "param_ratio": student.num_params() / teacher.num_params(),
+        "steps": trainer.global_step, "tokens_per_s": tput.tokens_per_s,
+        **{k: final[k] for k in ("train_loss", "kd_loss", "ce_loss", "val_loss", "val_ppl",
+                                 "resumed_from_step") if k in final}}
+    if trainer.is_global_zero:
+        metrics["bytes_on_disk"] = save_model(out, student, tokenizer)
+        loss_curve(context, out / "loss.png")
+        student.eval()
+        metrics["gen_tokens_per_s"] = generation_speed(student, tokenizer)
+        metrics["teacher_gen_tokens_per_s"] = generation_speed(teacher, tokenizer)
+    return metrics
+
+
+@hookimpl
+def register_node_types(register: Any) -> None:
+    register(NodeType(
+        name="distill", run=run, params=DistillParams, version="1",
+        inputs={"teacher": Input("model"), "tokens": Input("tokens"),
+                "student": Input("model", optional=True, doc="a model to start the student from")},
+        outputs={"model": "model"},
+        description="Knowledge distillation: a student learns from a frozen teacher."))

@@ -1,0 +1,93 @@
+"""Knowledge distillation: the loss by hand, alpha=0, a frozen teacher, one tokenizer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_BASE
+
+from gptflow.ml.config import preset_config
+from gptflow.ml.distill import DistillLM, kd_loss
+from gptflow.ml.lm import token_loss
+from gptflow.ml.model import GPT
+from gptflow.params import OptimParams
+
+
+def test_kd_loss_by_hand():
+    student = torch.tensor([[[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]]])
+    teacher = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    targets = torch.tensor([[0, -100]])  # the second position carries no loss
+    total, soft, hard = kd_loss(student, teacher, targets, alpha=0.25, temperature=2.0)
+    s = [1.0 / 2, 0.0, -1.0 / 2]
+    t = [2.0 / 2, 0.0, 0.0]
+    ps = [math.exp(v) / sum(math.exp(u) for u in s) for v in s]
+    pt = [math.exp(v) / sum(math.exp(u) for u in t) for v in t]
+    kl = sum(b * math.log(b / a) for a, b in zip(ps, pt, strict=True)) * 2.0**2
+    ce = -math.log(math.exp(1.0) / (math.exp(1.0) + 1 + math.exp(-1.0)))
+    assert soft.item() == pytest.approx(kl)
+    assert hard.item() == pytest.approx(ce)
+    assert total.item() == pytest.approx(0.25 * kl + 0.75 * ce)
+
+
+def test_alpha_zero_is_plain_cross_entropy():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    targets = torch.randint(0, 11, (2, 5))
+    total, _, _ = kd_loss(student, teacher, targets, alpha=0.0, temperature=3.0)
+    assert torch.allclose(total, F.cross_entropy(student.flatten(0, 1), targets.flatten()))
+    assert torch.allclose(total, token_loss(student, targets))
+
+
+def test_only_the_student_learns():
+    torch.manual_seed(0)
+    teacher = GPT(preset_config("tiny", vocab_size=50))
+    student = GPT(preset_config("tiny", vocab_size=50, d_model=32, n_head=2))
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    module = DistillLM(student, teacher, OptimParams(lr=1e-2, warmup_steps=0), 5, 0.5, 2.0)
+    opt = module.configure_optimizers()["optimizer"]
+    assert all(p.data_ptr() not in {q.data_ptr() for q in teacher.parameters()}
+               for g in opt.param_groups for p in g["params"])
+    x = torch.randint(0, 50, (4, 17))
+    student_before = [p.clone() for p in student.parameters()]
+    module.log_dict = lambda *a, **k: None  # no trainer attached in this unit test
+    for _ in range(3):
+        loss = module.training_step((x[:, :-1], x[:, 1:]), 0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(student_before, student.parameters(),
+                                                     strict=True))
+
+
+def test_distill_node_and_tokenizer_mismatch(run_pipeline, review_corpus, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("a completely different corpus " * 40)
+    text = "name: kd\nnodes:\n" + TINY_BASE.format(corpus=review_corpus) + """\
+  student:
+    plugin: distill
+    inputs: {teacher: base, tokens: tok.tokens}
+    params:
+      model: {preset: tiny, d_model: 32, n_head: 2, context: 96}
+      trainer: {max_steps: 8}
+      batch_size: 8
+"""
+    result = run_pipeline(text)
+    assert result.code == 0, result.out + result.err
+    metrics = result.record["nodes"]["student"]["metrics"]
+    assert metrics["param_ratio"] < 0.5
+    assert {"kd_loss", "ce_loss", "val_loss", "gen_tokens_per_s"} <= set(metrics)
+    mismatch = text + f"""\
+  tok2: {{plugin: tokenize, params: {{corpus: ["{other}"], tokenizer: char}}}}
+  bad:
+    plugin: distill
+    inputs: {{teacher: base, tokens: tok2.tokens}}
+    params: {{trainer: {{max_steps: 2}}, batch_size: 4}}
+"""
+    failed = run_pipeline(mismatch)
+    assert failed.code == 1
+    assert "the teacher's tokenizer differs" in failed.out
