@@ -36,7 +36,13 @@ def save_model(folder: Path, model: GPT, tokenizer: Tokenizer, **info: Any) -> i
              if not (model.config.tie_embeddings and k.startswith("lm_head."))}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save(folder / "tokenizer.json")
-    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    return folder_bytes(folder)
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of an artifact's own files (its artifact.json record not counted)."""
+    return sum(f.stat().st_size for f in folder.iterdir()
+               if f.is_file() and f.name != "artifact.json")
 
 
 def read_config(folder: Path) -> tuple[GPTConfig, dict[str, Any]]:
@@ -94,7 +100,7 @@ def save_adapter(folder: Path, model: GPT, info: dict[str, Any]) -> int:
         {"format": ADAPTER_FORMAT, "format_version": 1, **info}, indent=2))
     save_file(adapter_state_dict(model), str(folder / "adapter.safetensors"),
               metadata={"format": "pt"})
-    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    return folder_bytes(folder)
 
 
 def adapt(model: GPT, config: dict[str, Any]) -> list[str]:

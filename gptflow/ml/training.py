@@ -103,7 +103,8 @@ def fit(context: Context, module: L.LightningModule, train: IterableDataset[Any]
         val_loader: DataLoader[Any], tp: TrainerParams, max_steps: int
         ) -> tuple[L.Trainer, Throughput, dict[str, float]]:
     """Train (resuming from the last checkpoint of this fingerprint), then
-    measure the validation loss over the whole split; returns the final metrics."""
+    measure the validation loss over the whole split; returns the final metrics
+    (what the module logged, the full-split validation, resumed_from_step)."""
     throughput = Throughput(context, max_steps)
     resume = ResumeData(train)
     trainer = make_trainer(context, tp, max_steps, [throughput, resume])

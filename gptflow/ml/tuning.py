@@ -50,8 +50,7 @@ def tune(context: Context, model: GPT, tokenizer: Tokenizer, p: InstructionParam
         "trainable_share": trainable / params, "steps": trainer.global_step,
         "train_examples": len(train), "val_examples": len(val), "tasks": len(tasks),
         "tokens_per_s": tput.tokens_per_s,
-        **{k: final[k] for k in ("train_loss", "val_loss", "val_ppl", "resumed_from_step")
-           if k in final}}
+        **final}
 
 
 def prompt_info(p: InstructionParams) -> dict[str, Any]:

@@ -73,8 +73,7 @@ def run(context: Context, inputs: dict[str, Any], p: DistillParams) -> dict[str,
         "params": student.num_params(), "teacher_params": teacher.num_params(),
         "param_ratio": student.num_params() / teacher.num_params(),
         "steps": trainer.global_step, "tokens_per_s": tput.tokens_per_s,
-        **{k: final[k] for k in ("train_loss", "kd_loss", "ce_loss", "val_loss", "val_ppl",
-                                 "resumed_from_step") if k in final}}
+        **final}
     if trainer.is_global_zero:
         metrics["bytes_on_disk"] = save_model(out, student, tokenizer)
         loss_curve(context, out / "loss.png")

@@ -45,7 +45,7 @@ class EvaluateParams(Params):
 
 
 def run(context: Context, inputs: dict[str, Any], p: EvaluateParams) -> dict[str, Any]:
-    from gptflow.ml.checkpoint import load_any
+    from gptflow.ml.checkpoint import folder_bytes, load_any
     from gptflow.ml.data import SequentialWindows, TokenShards
     from gptflow.ml.evaluation import (
         baselines,
@@ -84,7 +84,7 @@ def run(context: Context, inputs: dict[str, Any], p: EvaluateParams) -> dict[str
         add(name, "-", {"params": logical_params(model),
                         "trainable_params": sum(q.numel() for q in model.parameters()
                                                 if q.requires_grad),
-                        "bytes_on_disk": sum(f.stat().st_size for f in artifact.path.iterdir()),
+                        "bytes_on_disk": folder_bytes(artifact.path),
                         "gen_tokens_per_s": generation_speed(model, tokenizer)})
         if inputs.get("tokens") is not None:
             windows = SequentialWindows(TokenShards(inputs["tokens"].path, "val"),

@@ -98,8 +98,7 @@ def run(context: Context, inputs: dict[str, Any], p: PretrainParams) -> dict[str
         "peak_flops": peak,
         "peak_source": source,
         "bytes_on_disk": size,
-        **{k: final[k] for k in ("train_loss", "val_loss", "val_ppl", "resumed_from_step")
-           if k in final},
+        **final,
     }
 
 

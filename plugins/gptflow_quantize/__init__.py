@@ -35,7 +35,7 @@ class QuantizeParams(Params):
 
 
 def run(context: Context, inputs: dict[str, Any], p: QuantizeParams) -> dict[str, Any]:
-    from gptflow.ml.checkpoint import load_model, read_config, save_model
+    from gptflow.ml.checkpoint import folder_bytes, load_model, read_config, save_model
     from gptflow.ml.evaluation import generation_speed
     from gptflow.ml.quant import quantize_model
 
@@ -52,7 +52,7 @@ def run(context: Context, inputs: dict[str, Any], p: QuantizeParams) -> dict[str
     size = save_model(context.output_dir("model"), model, tokenizer,
                       quantization={"method": p.method, "group_size": p.group_size,
                                     "embeddings": p.embeddings}, **info)
-    original = sum(f.stat().st_size for f in source.iterdir() if f.name != "artifact.json")
+    original = folder_bytes(source)
     in_memory = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     return {"quantized_layers": layers, "bytes_on_disk": size,
             "bytes_ratio": size / original, "bytes_in_memory": in_memory,
