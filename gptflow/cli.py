@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -87,6 +88,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-samples", type=int, default=1)
+    p = verb("export", cmd_export, "write a model or adapter as a Hugging Face folder")
+    p.add_argument("model", metavar="MODEL",
+                   help="a model or adapter artifact folder, or RUN:NODE[.OUTPUT] "
+                        "(e.g. latest:sft)")
+    p.add_argument("--to", required=True, metavar="DIR", help="a new (or empty) folder")
+    p.add_argument("--format", choices=("hf",), default="hf",
+                   help="hf: GPT-2 (classic switches) or Llama (modern switches) layout")
     p = verb("path", cmd_path, "print the folder of an output artifact")
     p.add_argument("run", metavar="RUN", help="a run id or 'latest'")
     p.add_argument("target", metavar="NODE[.OUTPUT]")
@@ -312,9 +320,45 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    source, target = Path(args.model), Path(args.to)
+    if not source.is_dir() and ":" in args.model:
+        run, _, node = args.model.partition(":")
+        source = Path(_output_folder(argparse.Namespace(store=args.store, run=run), node))
+    if not any((source / f).is_file() for f in ("config.json", "adapter_config.json")):
+        raise InputError(f"{source}: not a model or adapter folder (no config.json)")
+    if target.exists() and any(target.iterdir()):
+        raise InputError(f"{target}: exists and is not empty; export needs a new folder")
+    from gptflow.ml.checkpoint import ModelLoadError, load_plain
+    from gptflow.ml.hf import HFError, export_hf
+
+    staging = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model, tokenizer, config = load_plain(source)
+        family = export_hf(model, tokenizer, staging)
+    except (ModelLoadError, HFError) as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise InputError(f"{source}: {e}") from None
+    if target.exists():
+        target.rmdir()
+    staging.rename(target)
+    notes = [w for w, on in (("adapter merged into its base", "rank" in config),
+                             ("de-quantized to float32", "quantization" in config)) if on]
+    print(f"{target}: {family} ({model.num_params():,} parameters)"
+          + (f"; {', '.join(notes)}" if notes else ""))
+    return EXIT_OK
+
+
 def cmd_path(args: argparse.Namespace) -> int:
+    print(_output_folder(args, args.target))
+    return EXIT_OK
+
+
+def _output_folder(args: argparse.Namespace, target: str) -> str:
+    """The folder of NODE[.OUTPUT] in run ``args.run``."""
     _, record = _run_record(args)
-    node, _, output = args.target.partition(".")
+    node, _, output = target.partition(".")
     entry = record["nodes"].get(node)
     if entry is None:
         raise InputError(f"run {record['run_id']} has no node {node!r}")
@@ -328,8 +372,7 @@ def cmd_path(args: argparse.Namespace) -> int:
         output = next(iter(outputs))
     if output not in outputs:
         raise InputError(f"node {node!r} has no output {output!r}; outputs: {', '.join(outputs)}")
-    print(outputs[output])
-    return EXIT_OK
+    return str(outputs[output])
 
 
 if __name__ == "__main__":

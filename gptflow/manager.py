@@ -23,6 +23,7 @@ from gptflow import hookspecs
 from gptflow.nodes import NodeType
 
 BUILTIN_PLUGINS = (
+    "gptflow_load",
     "gptflow_tokenize",
     "gptflow_pretrain",
     "gptflow_finetune",

@@ -142,3 +142,15 @@ def load_any(folder: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, d
     load_adapter(model, state)
     model.eval()
     return model, tokenizer, config
+
+
+def load_plain(folder: str | Path) -> tuple[GPT, Tokenizer, dict[str, Any]]:
+    """Any model or adapter artifact as a plain full-precision GPT: quantized layers
+    dequantized, adapters merged into their (dequantized) base."""
+    from gptflow.ml.lora import merge_lora
+    from gptflow.ml.quant import dequantize_model
+
+    model, tokenizer, config = load_any(folder)
+    dequantize_model(model)
+    merge_lora(model)
+    return model, tokenizer, config

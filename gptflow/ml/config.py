@@ -12,6 +12,7 @@ Position = Literal["learned", "rope"]
 Norm = Literal["layernorm", "rmsnorm"]
 MLP = Literal["gelu", "swiglu"]
 Attention = Literal["sdpa", "naive"]
+ROPE_SCALINGS = ("default", "linear", "llama3")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,10 @@ class GPTConfig:
     mlp: MLP = "swiglu"  # GELU MLP (GPT-2) or gated SwiGLU (Llama)
     attention: Attention = "sdpa"  # fused scaled_dot_product_attention (Flash kernels) or naive
     rope_theta: float = 10000.0  # RoPE base frequency
+    # RoPE frequency scaling for long contexts, as Hugging Face writes it:
+    # {"rope_type": "linear", "factor": F} or {"rope_type": "llama3", "factor",
+    # "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    rope_scaling: dict[str, Any] | None = None
     norm_eps: float = 1e-5
     bias: bool = False  # biases in linear layers and LayerNorm (GPT-2 has them)
     dropout: float = 0.0
@@ -43,6 +48,10 @@ class GPTConfig:
             raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({kv})")
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"rope needs an even head size, got {self.head_dim}")
+        scaling = self.rope_scaling or {}
+        if scaling.get("rope_type", "default") not in ROPE_SCALINGS:
+            raise ValueError(f"rope_scaling.rope_type {scaling['rope_type']!r} is not supported "
+                             f"({', '.join(ROPE_SCALINGS)})")
 
     @property
     def kv_heads(self) -> int:

@@ -9,6 +9,7 @@ nkv key/value heads, hs head size, V vocabulary.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +39,27 @@ def rope_cache(config: GPTConfig, length: int, device: torch.device | None = Non
     """cos and sin tables, (length, hs), in the rotate-half layout (as Llama)."""
     hs = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hs, 2, device=device).float() / hs))
+    inv_freq = scale_rope(inv_freq, config.rope_scaling or {})
     angles = torch.outer(torch.arange(length, device=device).float(), inv_freq)  # (L, hs/2)
     angles = torch.cat([angles, angles], dim=-1)  # (L, hs)
     return angles.cos(), angles.sin()
+
+
+def scale_rope(inv_freq: Tensor, scaling: dict[str, Any]) -> Tensor:
+    """Stretch RoPE frequencies for a longer context. ``linear`` divides them all
+    by ``factor``; ``llama3`` (Llama 3.1) divides only the low frequencies (long
+    wavelengths), keeps the high ones and blends those in between."""
+    kind = scaling.get("rope_type", "default")
+    if kind == "default":
+        return inv_freq
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    original = float(scaling["original_max_position_embeddings"])
+    wavelength = 2 * math.pi / inv_freq
+    blend = ((original / wavelength - low) / (high - low)).clamp(0, 1)  # 0: long, 1: short
+    return (1 - blend) * inv_freq / factor + blend * inv_freq
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -117,16 +117,31 @@ def quantize_linears_nf4(model: nn.Module, block: int = 64, double: bool = True)
     return _replace_linears(model, lambda linear: NF4Linear(linear, block, double))
 
 
-def dequantize_nf4_linears(model: nn.Module) -> int:
-    """Put a full-precision nn.Linear back in place of every NF4Linear."""
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, NF4Linear)]
+def dequantize_model(model: nn.Module) -> int:
+    """Put full-precision nn.Linear / nn.Embedding layers back in place of every
+    quantized one (a tied head follows its embedding); returns how many."""
+    quantized = (NF4Linear, Int8Linear, Int4Linear)
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, (*quantized, QuantEmbedding)) and ".table" not in f".{name}"]
     for name, module in found:
-        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-        linear.weight = nn.Parameter(module.weight(), requires_grad=False)
-        if module.bias is not None:
-            linear.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+        plain: nn.Module
+        if isinstance(module, QuantEmbedding):
+            table = module.table
+            plain = nn.Embedding(table.out_features, table.in_features)
+            plain.weight = nn.Parameter(table.weight(), requires_grad=False)
+        else:
+            plain = nn.Linear(module.in_features, module.out_features,
+                              bias=module.bias is not None)
+            plain.weight = nn.Parameter(module.weight(), requires_grad=False)
+            if module.bias is not None:
+                plain.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, linear)
+        setattr(model.get_submodule(parent_name), child, plain)
+    if getattr(getattr(model, "config", None), "tie_embeddings", False):
+        embed: nn.Embedding = getattr(model, "embed")  # noqa: B009
+        head = nn.Linear(embed.embedding_dim, embed.num_embeddings, bias=False)
+        head.weight = embed.weight
+        model.lm_head = head
     return len(found)
 
 

@@ -21,13 +21,9 @@ class MergeParams(Params):
 
 
 def run(context: Context, inputs: dict[str, Any], p: MergeParams) -> dict[str, Any]:
-    from gptflow.ml.checkpoint import load_any, save_model
-    from gptflow.ml.lora import merge_lora
-    from gptflow.ml.quant import dequantize_nf4_linears
+    from gptflow.ml.checkpoint import load_plain, save_model
 
-    model, tokenizer, config = load_any(inputs["adapter"].path)
-    dequantize_nf4_linears(model)  # a QLoRA base becomes full precision again
-    merge_lora(model)
+    model, tokenizer, config = load_plain(inputs["adapter"].path)
     size = save_model(context.output_dir("model"), model, tokenizer,
                       prompt=config.get("prompt", {}))
     return {"params": model.num_params(), "bytes_on_disk": size}

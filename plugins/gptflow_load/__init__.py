@@ -1,0 +1,54 @@
+"""load-model: a model from outside the store, as a ``model`` artifact any node takes.
+
+YAML keys (``params``):
+
+* ``path``: a local Hugging Face folder (``config.json`` with a ``model_type``,
+  safetensors or ``pytorch_model.bin``, ``tokenizer.json`` or ``vocab.json`` +
+  ``merges.txt``) of the GPT-2 or Llama family, or a gptflow model folder. Its
+  files' content is part of the fingerprint: editing them re-runs the node.
+
+The weights keep their stored dtype on disk (bf16 stays bf16); nodes compute in
+float32. No inputs. Output: ``model``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from gptflow import Context, NodeError, NodeType, PathRef, hookimpl
+from gptflow.params import Params
+
+
+class LoadParams(Params):
+    path: Annotated[str, PathRef()]
+    """A Hugging Face model folder (GPT-2 or Llama family) or a gptflow model folder."""
+
+
+def run(context: Context, inputs: dict[str, Any], p: LoadParams) -> dict[str, Any]:
+    from pathlib import Path
+
+    from gptflow.ml.checkpoint import ModelLoadError, load_model, save_model
+    from gptflow.ml.hf import HFError, import_hf, is_hf_folder
+    from gptflow.ml.model import GPT
+
+    source = Path(p.path)
+    try:
+        if is_hf_folder(source):
+            config, state, tokenizer, family = import_hf(source)
+            model = GPT(config).to(state["embed.weight"].dtype)
+            model.load_state_dict(state, strict=not config.tie_embeddings)
+        else:
+            model, tokenizer = load_model(source)
+            family = "gptflow"
+    except (HFError, ModelLoadError, FileNotFoundError) as e:
+        raise NodeError(f"params.path: {e}") from None
+    size = save_model(context.output_dir("model"), model, tokenizer, source_format=family)
+    return {"family": family, "params": model.num_params(), "bytes_on_disk": size}
+
+
+@hookimpl
+def register_node_types(register: Any) -> None:
+    register(NodeType(
+        name="load-model", run=run, params=LoadParams, version="1",
+        outputs={"model": "model"},
+        description="Bring a Hugging Face (GPT-2/Llama) or gptflow model folder into the store."))

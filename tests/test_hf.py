@@ -1,0 +1,199 @@
+"""Hugging Face interoperability. Parity with ``transformers`` runs where the
+``hf`` extra is installed (tox env ``hf``); the round trips and the errors need
+only plain files and always run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptflow.ml.checkpoint import load_model, save_model
+from gptflow.ml.config import preset_config
+from gptflow.ml.generate import generate
+from gptflow.ml.hf import HFError, config_from_hf, export_hf, import_hf
+from gptflow.ml.model import GPT, scale_rope
+from gptflow.ml.tokenizer import Tokenizer
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello, world! Numbers 12345.",
+         "Tokenizers split text into pieces; models predict the next one."] * 20
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.train_bpe(TEXTS, vocab_size=300)
+
+
+def gptflow_model(family: str, tokenizer: Tokenizer, **overrides: object) -> GPT:
+    switches = (dict(position="learned", norm="layernorm", mlp="gelu", bias=True)
+                if family == "gpt2" else dict(n_kv_head=2, rope_theta=500000.0))
+    torch.manual_seed(0)
+    model = GPT(preset_config("tiny", vocab_size=tokenizer.vocab_size, **{**switches,
+                                                                          **overrides}))
+    with torch.no_grad():  # non-trivial norms and biases, so a mix-up shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(ids)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+CASES = [("gpt2", {}), ("gpt2", {"tie_embeddings": False}), ("llama", {}),
+         ("llama", {"tie_embeddings": False, "n_kv_head": 1}),
+         ("llama", {"rope_scaling": LLAMA3_SCALING})]
+
+
+@pytest.mark.parametrize(("family", "overrides"), CASES)
+def test_export_then_import_is_exact(tmp_path, tokenizer, family, overrides):
+    model = gptflow_model(family, tokenizer, **overrides)
+    assert export_hf(model, tokenizer, tmp_path / "hf") == family
+    config, state, loaded_tokenizer, found = import_hf(tmp_path / "hf")
+    assert found == family and config.ff_dim == model.config.ff_dim
+    assert replace(config, d_ff=None) == replace(model.config, d_ff=None)
+    again = GPT(config)
+    again.load_state_dict(state, strict=not config.tie_embeddings)
+    ids = torch.randint(0, tokenizer.vocab_size, (2, 20))
+    assert torch.equal(logits(again.eval(), ids), logits(model, ids))
+    assert loaded_tokenizer.encode(TEXTS[1]) == tokenizer.encode(TEXTS[1])
+
+
+def test_unmappable_configs_name_the_field(tmp_path, tokenizer):
+    with pytest.raises(HFError, match="model_type: 'mamba' is not supported"):
+        config_from_hf({"model_type": "mamba"}, "x/config.json")
+    with pytest.raises(HFError, match="activation_function: 'relu'"):
+        config_from_hf({"model_type": "gpt2", "activation_function": "relu", "vocab_size": 10,
+                        "n_layer": 1, "n_head": 1, "n_embd": 8}, "x/config.json")
+    llama = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+             "num_hidden_layers": 1, "num_attention_heads": 2}
+    with pytest.raises(HFError, match=r"rope_scaling\.rope_type 'yarn' is not supported"):
+        config_from_hf({**llama, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "x")
+    with pytest.raises(HFError, match="mlp_bias"):
+        config_from_hf({**llama, "attention_bias": True}, "x")
+    with pytest.raises(HFError, match="norm=rmsnorm"):  # no HF architecture computes this mix
+        export_hf(gptflow_model("gpt2", tokenizer, norm="rmsnorm"), tokenizer, tmp_path / "m")
+
+
+def test_llama3_rope_scaling_keeps_high_and_divides_low_frequencies():
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 16, 2).float() / 16))
+    scaled = scale_rope(inv_freq, LLAMA3_SCALING)
+    wavelength = 2 * torch.pi / inv_freq  # original context 32: short < 8, long > 32
+    assert torch.equal(scaled[wavelength < 8], inv_freq[wavelength < 8])
+    assert torch.allclose(scaled[wavelength > 32], inv_freq[wavelength > 32] / 8)
+    between = (wavelength >= 8) & (wavelength <= 32)
+    assert between.any() and (scaled[between] < inv_freq[between]).all()
+    assert (scaled[between] > inv_freq[between] / 8).all()
+    assert scale_rope(inv_freq, {"rope_type": "linear", "factor": 2.0}).equal(inv_freq / 2)
+
+
+def test_load_model_node_and_export_verb(run_pipeline, tmp_path, tokenizer, capfd):
+    from gptflow.cli import main
+
+    export_hf(gptflow_model("llama", tokenizer), tokenizer, tmp_path / "hf")
+    result = run_pipeline(f"""
+name: from-hf
+nodes:
+  llama: {{plugin: load-model, params: {{path: "{tmp_path / 'hf'}"}}}}
+  int8: {{plugin: quantize, inputs: {{model: llama.model}}, params: {{method: int8}}}}
+""")
+    assert result.code == 0, result.err
+    assert result.record["nodes"]["llama"]["metrics"]["family"] == "llama"
+    imported, _ = load_model(result.output("llama"))
+    ids = torch.randint(0, tokenizer.vocab_size, (1, 16))
+    assert torch.equal(logits(imported, ids), logits(gptflow_model("llama", tokenizer), ids))
+
+    out = tmp_path / "exported"
+    store = str(result.store.root)
+    capfd.readouterr()
+    assert main(["export", f"{result.record['run_id']}:int8", "--to", str(out),
+                 "--store", store]) == 0
+    assert "de-quantized to float32" in capfd.readouterr().out
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    assert main(["export", str(result.output("llama")), "--to", str(out)]) == 2  # not empty
+    assert "exists and is not empty" in capfd.readouterr().err
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_from_hf_pipeline_tunes_and_evaluates_an_imported_model(run_pipeline, tmp_path,
+                                                                 tokenizer):
+    export_hf(gptflow_model("gpt2", tokenizer), tokenizer, tmp_path / "hf")
+    shipped = (Path(__file__).parent.parent / "pipelines" / "from-hf.yaml").read_text()
+    result = run_pipeline(shipped, "--set", f"vars.model={tmp_path / 'hf'}",
+                          "--set", "vars.tasks=builtin:sentiment4?n=100&test=20",
+                          "--set", "lora.params.trainer.max_steps=4",
+                          "--set", "eval.params.max_instances=8")
+    assert result.code == 0, result.err
+    rows = json.loads((result.output("eval") / "report.json").read_text())["rows"]
+    assert {r["model"] for r in rows} >= {"base", "lora"}
+    merged, _ = load_model(result.output("merged"))
+    assert merged.config.position == "learned"
+
+
+# -- parity with transformers ----------------------------------------------------------
+transformers = pytest.importorskip("transformers", reason="the hf extra is not installed "
+                                   "(pip install 'gptflow[hf]'; tox -e hf)")
+
+
+def hf_model(family: str, vocab: int, tied: bool, kv_heads: int = 2) -> torch.nn.Module:
+    torch.manual_seed(1)
+    if family == "gpt2":
+        config = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2,
+                                         n_head=4, tie_word_embeddings=tied)
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=kv_heads,
+                                          max_position_embeddings=64, rope_theta=5000.0,
+                                          tie_word_embeddings=tied)
+        model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():  # random norms and biases too
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+HF_CASES = [("gpt2", True, 4), ("gpt2", False, 4), ("llama", True, 2), ("llama", False, 1),
+            ("llama", False, 4)]
+
+
+@pytest.mark.parametrize(("family", "tied", "kv_heads"), HF_CASES)
+def test_transformers_model_imports_with_equal_logits(tmp_path, tokenizer, family, tied,
+                                                      kv_heads):
+    theirs = hf_model(family, tokenizer.vocab_size, tied, kv_heads)
+    theirs.save_pretrained(tmp_path / "hf")
+    tokenizer.save(tmp_path / "hf" / "tokenizer.json")
+    config, state, _, _ = import_hf(tmp_path / "hf")
+    ours = GPT(config)
+    ours.load_state_dict(state, strict=not config.tie_embeddings)
+    ids = torch.randint(0, tokenizer.vocab_size, (2, 24))
+    assert torch.allclose(logits(ours.eval(), ids), logits(theirs, ids), atol=1e-4)
+    prompt = ids[0, :5].tolist()
+    expected = theirs.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                               pad_token_id=0)[0, 5:].tolist()
+    assert generate(ours, prompt, 8, temperature=0.0) == expected
+
+
+@pytest.mark.parametrize(("family", "overrides"), CASES)
+def test_exported_model_loads_in_transformers_with_equal_logits(tmp_path, tokenizer, family,
+                                                                overrides):
+    model = gptflow_model(family, tokenizer, **overrides)
+    save_model(tmp_path / "ours", model, tokenizer)
+    export_hf(model, tokenizer, tmp_path / "hf")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, tokenizer.vocab_size, (2, 24))
+    assert torch.allclose(logits(theirs, ids), logits(model, ids), atol=1e-4)
+    their_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in TEXTS[:3]:
+        assert their_tokenizer.encode(text, add_special_tokens=False) == tokenizer.encode(text)
+    assert their_tokenizer.eos_token_id == tokenizer.eot_id
