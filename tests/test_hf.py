@@ -111,6 +111,11 @@ nodes:
     ids = torch.randint(0, tokenizer.vocab_size, (1, 16))
     assert torch.equal(logits(imported, ids), logits(gptflow_model("llama", tokenizer), ids))
 
+    capfd.readouterr()  # gptflow generate reads a Hugging Face folder directly
+    assert main(["generate", str(tmp_path / "hf"), "--prompt", "The", "--max-new-tokens", "4",
+                 "--temperature", "0"]) == 0
+    assert capfd.readouterr().out.startswith("The")
+
     out = tmp_path / "exported"
     store = str(result.store.root)
     capfd.readouterr()

@@ -116,12 +116,16 @@ def adapt(model: GPT, config: dict[str, Any]) -> list[str]:
 
 
 def load_any(folder: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, dict[str, Any]]:
-    """A model artifact, or an adapter artifact applied to its base (which must be
-    the very artifact it was trained on). Returns the model, its tokenizer and
-    the artifact's config."""
+    """A model artifact, an adapter artifact applied to its base (which must be
+    the very artifact it was trained on), or a Hugging Face folder. Returns the
+    model, its tokenizer and the artifact's config."""
+    from gptflow.ml.hf import is_hf_folder, load_hf
     from gptflow.ml.lora import load_adapter
 
     folder = Path(folder)
+    if is_hf_folder(folder):
+        model, tokenizer = load_hf(folder)
+        return model.to(device), tokenizer, {}
     if not (folder / "adapter_config.json").is_file():
         model, tokenizer = load_model(folder, device)
         return model, tokenizer, read_config(folder)[1]

@@ -288,6 +288,14 @@ def import_hf(source: Path) -> tuple[GPTConfig, dict[str, Tensor], Tokenizer, st
     return config, state, read_tokenizer(source), family
 
 
+def load_hf(source: Path) -> tuple[GPT, Tokenizer]:
+    """A Hugging Face folder as a gptflow GPT in its stored dtype, in eval mode."""
+    config, state, tokenizer, _ = import_hf(source)
+    model = GPT(config).to(state["embed.weight"].dtype)
+    model.load_state_dict(state, strict=not config.tie_embeddings)
+    return model.eval(), tokenizer
+
+
 def export_hf(model: GPT, tokenizer: Tokenizer, folder: Path) -> str:
     """Write a plain (unquantized, unadapted) gptflow model as a Hugging Face folder
     that ``AutoModelForCausalLM`` and ``AutoTokenizer`` load; returns its family."""

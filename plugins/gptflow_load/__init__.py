@@ -28,15 +28,13 @@ def run(context: Context, inputs: dict[str, Any], p: LoadParams) -> dict[str, An
     from pathlib import Path
 
     from gptflow.ml.checkpoint import ModelLoadError, load_model, save_model
-    from gptflow.ml.hf import HFError, import_hf, is_hf_folder
-    from gptflow.ml.model import GPT
+    from gptflow.ml.hf import HFError, family_of, is_hf_folder, load_hf
 
     source = Path(p.path)
     try:
         if is_hf_folder(source):
-            config, state, tokenizer, family = import_hf(source)
-            model = GPT(config).to(state["embed.weight"].dtype)
-            model.load_state_dict(state, strict=not config.tie_embeddings)
+            model, tokenizer = load_hf(source)
+            family = family_of(model.config)
         else:
             model, tokenizer = load_model(source)
             family = "gptflow"
