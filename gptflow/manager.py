@@ -31,6 +31,7 @@ BUILTIN_PLUGINS = (
     "gptflow_merge",
     "gptflow_quantize",
     "gptflow_distill",
+    "gptflow_synth",
     "gptflow_evaluate",
 )
 

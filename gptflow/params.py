@@ -164,6 +164,9 @@ class InstructionParams(Params):
     """Cap on training instances per task, so that big tasks do not drown small ones."""
     max_len: int | None = Field(None, ge=8)
     """Longest prompt + output in tokens; default: the model's context."""
+    reverse: bool = False
+    """Train the tasks backwards — write an input given its output (a review given
+    its label): the generator that generate-synthetic-data samples from."""
     trainer: TrainerParams = Field(default_factory=lambda: TrainerParams(max_steps=300))
     optim: OptimParams = Field(default_factory=lambda: OptimParams(lr=5e-4, min_lr=5e-5,
                                                                    warmup_steps=20))

@@ -24,7 +24,6 @@ def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Ten
     return logits
 
 
-@torch.inference_mode()
 def generate(model: GPT, prompt: Sequence[int], max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop_id: int | None = None) -> list[int]:
@@ -33,6 +32,15 @@ def generate(model: GPT, prompt: Sequence[int], max_new_tokens: int, temperature
     ``temperature=0`` is greedy decoding. Prompts longer than the context keep
     their most recent tokens.
     """
+    return sample(model, prompt, 1, max_new_tokens, temperature, top_k, top_p, seed, stop_id)[0]
+
+
+@torch.inference_mode()
+def sample(model: GPT, prompt: Sequence[int], n: int, max_new_tokens: int,
+           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           seed: int | None = None, stop_id: int | None = None) -> list[list[int]]:
+    """``n`` continuations of one prompt, decoded together as a batch (the prompt
+    is encoded once per row); each ends at its stop token."""
     cfg = model.config
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
@@ -41,22 +49,21 @@ def generate(model: GPT, prompt: Sequence[int], max_new_tokens: int, temperature
     prompt = list(prompt)[-(cfg.context - 1):] or [stop_id or 0]
     max_new_tokens = min(max_new_tokens, cfg.context - len(prompt))
     dtype = next(model.parameters()).dtype
-    cache = KVCache(cfg, 1, len(prompt) + max_new_tokens, device, dtype)
-    idx = torch.tensor([prompt], device=device)
-    logits = model(idx, cache=cache, start=0, last_only=True)[:, -1]  # (1, V)
-    out: list[int] = []
-    pos = len(prompt)
-    for _ in range(max_new_tokens):
+    cache = KVCache(cfg, n, len(prompt) + max_new_tokens, device, dtype)
+    idx = torch.tensor([prompt] * n, device=device)
+    logits = model(idx, cache=cache, start=0, last_only=True)[:, -1]  # (n, V)
+    tokens = torch.empty(n, 0, dtype=torch.long, device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
         if temperature == 0:
-            token = int(logits.argmax(dim=-1))
+            token = logits.argmax(dim=-1)
         else:
             probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=generator))
-        if token == stop_id:
+            token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        tokens = torch.cat([tokens, token[:, None]], dim=1)
+        done |= token == stop_id
+        if bool(done.all()) or step + 1 == max_new_tokens:
             break
-        out.append(token)
-        if len(out) == max_new_tokens:
-            break
-        logits = model(torch.tensor([[token]], device=device), cache=cache, start=pos)[:, -1]
-        pos += 1
-    return out
+        logits = model(token[:, None], cache=cache, start=len(prompt) + step)[:, -1]
+    rows = tokens.tolist()
+    return [row[:row.index(stop_id)] if stop_id in row else row for row in rows]

@@ -13,6 +13,7 @@ import hashlib
 import json
 import random
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl
@@ -64,6 +65,11 @@ class Task:
               ) -> list[Instance]:
         return [i for i in self.instances
                 if (i.split or _bucket(i.input, val_fraction, test_fraction)) == name]
+
+
+def default_split(instance: Instance) -> str:
+    """The split an instance is in under the default fractions."""
+    return instance.split or _bucket(instance.input, 0.1, 0.2)
 
 
 def _bucket(text: str, val_fraction: float, test_fraction: float) -> str:
@@ -137,6 +143,32 @@ def load_dataset_tasks(folder: Path) -> list[Task]:
     with definition, input, outputs and (optionally) split."""
     return [load_jsonl(f, ("definition", "input", "outputs"))
             for f in sorted(folder.glob("*.jsonl"))]
+
+
+def write_dataset(folder: Path, task: Task, synthetic: Collection[str] = ()) -> Path:
+    """``task`` as one ``<task>.jsonl`` of a dataset artifact; every record keeps
+    its split and says whether it was generated (ids in ``synthetic``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{task.name}.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for i in task.instances:
+            f.write(json.dumps({"id": i.id, "definition": task.definition, "input": i.input,
+                                "outputs": list(i.outputs),
+                                "split": default_split(i),
+                                "synthetic": i.id in synthetic}) + "\n")
+    return path
+
+
+def reversed_task(task: Task) -> Task:
+    """The task run backwards — given an output (a label), write an input — so a
+    model tuned on it generates synthetic data for ``task``. Instances keep the
+    split of the forward task."""
+    return Task(f"{task.name}-reversed",
+                "Write an input for the following task whose correct output is the given "
+                f"one. The task: {task.definition}",
+                [Instance(i.id, i.outputs[0], (i.input,), default_split(i))
+                 for i in task.instances],
+                [(o, i) for i, o in task.examples], task.categories)
 
 
 def sentiment4(n: str | int = 2000, seed: str | int = 0, test: str | int = 400,

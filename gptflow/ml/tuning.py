@@ -14,7 +14,7 @@ from gptflow.ml.instruct import Batches, InstructionBatches, encode_examples
 from gptflow.ml.lm import CausalLM
 from gptflow.ml.model import GPT
 from gptflow.ml.quant import logical_params
-from gptflow.ml.tasks import load_dataset_tasks, load_tasks
+from gptflow.ml.tasks import load_dataset_tasks, load_tasks, reversed_task
 from gptflow.ml.tokenizer import Tokenizer
 from gptflow.ml.training import fit, loss_curve
 from gptflow.nodes import Artifact, Context
@@ -30,6 +30,8 @@ def tune(context: Context, model: GPT, tokenizer: Tokenizer, p: InstructionParam
     tasks += [t for artifact in data for t in load_dataset_tasks(artifact.path)]
     if not tasks:
         raise NodeError("no tasks: give params.tasks or a data input")
+    if p.reverse:
+        tasks = [reversed_task(t) for t in tasks]
     max_len = min(p.max_len or model.config.context, model.config.context)
     train, val = (encode_examples(tasks, tokenizer, split, max_len, p.k_examples, p.template,
                                   p.max_per_task if split == "train" else None, p.seed)
@@ -55,7 +57,7 @@ def tune(context: Context, model: GPT, tokenizer: Tokenizer, p: InstructionParam
 
 def prompt_info(p: InstructionParams) -> dict[str, Any]:
     """What evaluate needs to prompt a tuned model the way it was trained."""
-    return {"template": p.template, "k_examples": p.k_examples}
+    return {"template": p.template, "k_examples": p.k_examples, "reverse": p.reverse}
 
 
 def finish(context: Context, trainer: L.Trainer, out_name: str) -> None:

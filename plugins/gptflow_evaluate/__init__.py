@@ -50,14 +50,15 @@ def run(context: Context, inputs: dict[str, Any], p: EvaluateParams) -> dict[str
     from gptflow.ml.evaluation import (
         baselines,
         classification_metrics,
+        classify,
         generate_answers,
         generation_metrics,
         generation_speed,
-        label_log_likelihoods,
         perplexity,
+        prompts_for,
     )
     from gptflow.ml.quant import logical_params
-    from gptflow.ml.tasks import DEFAULT_TEMPLATE, format_prompt, load_tasks
+    from gptflow.ml.tasks import load_tasks
     from gptflow_evaluate.report import render
 
     tasks = [t for source in p.tasks for t in load_tasks(source, p.fields)]
@@ -78,9 +79,6 @@ def run(context: Context, inputs: dict[str, Any], p: EvaluateParams) -> dict[str
     for n, artifact in enumerate(inputs["models"]):
         name = artifact.producer
         model, tokenizer, info = load_any(artifact.path)
-        prompt = info.get("prompt", {})
-        k = p.k_examples if p.k_examples is not None else prompt.get("k_examples", 0)
-        template = prompt.get("template", DEFAULT_TEMPLATE)
         add(name, "-", {"params": logical_params(model),
                         "trainable_params": sum(q.numel() for q in model.parameters()
                                                 if q.requires_grad),
@@ -96,12 +94,12 @@ def run(context: Context, inputs: dict[str, Any], p: EvaluateParams) -> dict[str
             instances = task.split(p.split)[: p.max_instances]
             if not instances:
                 continue
-            prompts = [format_prompt(task, i.input, k, template) for i in instances]
+            prompts = prompts_for(task, [i.input for i in instances], info.get("prompt", {}),
+                                  p.k_examples)
             labels = task.labels
             if labels is not None:
                 if p.classify_by == "likelihood":
-                    scores = label_log_likelihoods(model, tokenizer, prompts, labels)
-                    preds = [labels[j] for j in scores.argmax(axis=1)]
+                    preds = classify(model, tokenizer, prompts, labels)
                 else:
                     preds = generate_answers(model, tokenizer, prompts, 8)
                 metrics, confusion = classification_metrics(
