@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -91,3 +92,32 @@ def test_distill_node_and_tokenizer_mismatch(run_pipeline, review_corpus, tmp_pa
     failed = run_pipeline(mismatch)
     assert failed.code == 1
     assert "the teacher's tokenizer differs" in failed.out
+
+
+def test_distill_on_task_data_stores_its_prompt_format(run_pipeline,
+                                                        review_corpus):
+    text = "name: kd-tasks\nnodes:\n" + TINY_BASE.format(corpus=review_corpus) + """\
+  student:
+    plugin: distill
+    inputs: {teacher: base}
+    params:
+      tasks: ["builtin:sentiment4?n=80&test=10"]
+      k_examples: 1
+      model: {preset: tiny, d_model: 32, n_head: 2, context: 96}
+      trainer: {max_steps: 4}
+      batch_size: 8
+  eval:
+    plugin: evaluate
+    inputs: {models: [student.model]}
+    params: {tasks: ["builtin:sentiment4?n=80&test=10"]}
+"""
+    result = run_pipeline(text)
+    assert result.code == 0, result.out + result.err
+    metrics = result.record["nodes"]["student"]["metrics"]
+    assert metrics["train_examples"] > 0 and metrics["param_ratio"] < 0.5
+    config = json.loads((result.output("student") / "config.json").read_text())
+    assert config["prompt"]["k_examples"] == 1  # evaluate prompts it as it was trained
+
+    both = text.replace("inputs: {teacher: base}", "inputs: {teacher: base, tokens: tok.tokens}")
+    failed = run_pipeline(both)
+    assert failed.code == 1 and "one kind of data" in failed.out

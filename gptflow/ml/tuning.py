@@ -3,7 +3,7 @@ encode them, train with the prompt masked, report."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -18,13 +18,16 @@ from gptflow.ml.tasks import load_dataset_tasks, load_tasks, reversed_task
 from gptflow.ml.tokenizer import Tokenizer
 from gptflow.ml.training import fit, loss_curve
 from gptflow.nodes import Artifact, Context
-from gptflow.params import InstructionParams
+from gptflow.params import InstructionParams, OptimParams
 
 
 def tune(context: Context, model: GPT, tokenizer: Tokenizer, p: InstructionParams,
-         data: Sequence[Artifact] = ()) -> tuple[L.Trainer, dict[str, Any]]:
-    """Train ``model`` (its trainable parameters) on the tasks; returns the
-    trainer and the metrics every tuning node reports."""
+         data: Sequence[Artifact] = (),
+         make_module: Callable[[GPT, OptimParams, int], CausalLM] = CausalLM,
+         ) -> tuple[L.Trainer, dict[str, Any]]:
+    """Train ``model`` (its trainable parameters) on the tasks, with the loss of
+    ``make_module`` (plain next-token loss by default); returns the trainer and
+    the metrics every tuning node reports."""
     L.seed_everything(p.seed, verbose=False)
     tasks = [t for source in p.tasks for t in load_tasks(source, p.fields)]
     tasks += [t for artifact in data for t in load_dataset_tasks(artifact.path)]
@@ -40,7 +43,7 @@ def tune(context: Context, model: GPT, tokenizer: Tokenizer, p: InstructionParam
         raise NodeError("the tasks have no validation instances")
     context.log.info("%d training and %d validation examples from %d tasks", len(train),
                      len(val), len(tasks))
-    module = CausalLM(model, p.optim, p.trainer.max_steps)
+    module = make_module(model, p.optim, p.trainer.max_steps)
     batches = InstructionBatches(train, p.batch_size, tokenizer.pad_id, p.seed)
     val_loader = DataLoader(Batches(val, p.batch_size, tokenizer.pad_id), batch_size=None)
     trainer, tput, final = fit(context, module, batches, val_loader, p.trainer,

@@ -5,12 +5,17 @@ loss = alpha · T² · KL(teacher || student) on temperature-T distributions
 eval mode without gradients; only the student learns. Student and teacher must
 share a tokenizer.
 
+Data: a ``tokens`` input (pretraining-style windows), or task data — ``tasks``
+sources and/or ``data`` datasets, prompted as in instruction-finetune with both
+loss terms on the output tokens only.
+
 YAML keys (``params``): ``model`` (the student's config, when no ``student``
 input is given), ``alpha``, ``temperature``, ``trainer``, ``optim``,
-``batch_size``, ``seed``.
+``batch_size``, ``seed``, and for task data the instruction-finetune keys
+(``tasks``, ``k_examples``, ``template``, ``max_per_task``, ``max_len``).
 
-Inputs: ``teacher`` (model), ``tokens`` (pretraining-style data), optional
-``student`` (a model to start from). Output: ``model`` (the student).
+Inputs: ``teacher`` (model), ``tokens`` or task data, optional ``student`` (a
+model to start from). Output: ``model`` (the student).
 """
 
 from __future__ import annotations
@@ -20,20 +25,19 @@ from typing import Any
 from pydantic import Field
 
 from gptflow import Context, Input, NodeError, NodeType, hookimpl
-from gptflow.params import ModelParams, OptimParams, Params, TrainerParams
+from gptflow.params import InstructionParams, ModelParams, OptimParams, TrainerParams
 
 
-class DistillParams(Params):
+class DistillParams(InstructionParams):
     model: ModelParams = Field(default_factory=lambda: ModelParams(preset="tiny"))
     """The student to build (ignored when a student input is given)."""
     alpha: float = Field(0.5, ge=0, le=1)
-    """Weight of the soft (teacher) term; 0 is plain training on the tokens."""
+    """Weight of the soft (teacher) term; 0 is plain training on the data."""
     temperature: float = Field(2.0, gt=0)
     """Softens both distributions; the soft term is scaled by its square."""
     trainer: TrainerParams = Field(default_factory=TrainerParams)
     optim: OptimParams = Field(default_factory=OptimParams)
     batch_size: int = Field(32, ge=1)
-    seed: int = 1337
 
 
 def run(context: Context, inputs: dict[str, Any], p: DistillParams) -> dict[str, Any]:
@@ -47,11 +51,15 @@ def run(context: Context, inputs: dict[str, Any], p: DistillParams) -> dict[str,
     from gptflow.ml.model import GPT
     from gptflow.ml.tokenizer import Tokenizer
     from gptflow.ml.training import fit, loss_curve
+    from gptflow.ml.tuning import prompt_info, tune
 
     L.seed_everything(p.seed, verbose=False)
     teacher, teacher_tok = load_model(inputs["teacher"].path)
-    folder = inputs["tokens"].path
-    tokenizer = Tokenizer.load(folder / "tokenizer.json")
+    tokens, data = inputs.get("tokens"), inputs.get("data") or []
+    if (tokens is None) == (not p.tasks and not data):
+        raise NodeError("give the student one kind of data: a tokens input, or task data "
+                        "(params.tasks / a data input)")
+    tokenizer = teacher_tok if tokens is None else Tokenizer.load(tokens.path / "tokenizer.json")
     if inputs.get("student") is not None:
         student, student_tok = load_model(inputs["student"].path)
         student.train()
@@ -60,22 +68,31 @@ def run(context: Context, inputs: dict[str, Any], p: DistillParams) -> dict[str,
     vocab = tokenizer.hf.get_vocab()
     for who, tok in (("teacher", teacher_tok), ("student", student_tok)):
         if tok.hf.get_vocab() != vocab:
-            raise NodeError(f"the {who}'s tokenizer differs from the one the tokens were encoded "
+            raise NodeError(f"the {who}'s tokenizer differs from the one the data is encoded "
                             "with: distillation needs one shared tokenizer")
-    context_len = min(student.config.context, teacher.config.context)
-    train = RandomWindows(TokenShards(folder, "train"), context_len, p.batch_size, p.seed)
-    val = SequentialWindows(TokenShards(folder, "val"), context_len)
-    module = DistillLM(student, teacher, p.optim, p.trainer.max_steps, p.alpha, p.temperature)
-    trainer, tput, final = fit(context, module, train, DataLoader(val, batch_size=p.batch_size),
-                               p.trainer, p.trainer.max_steps)
-    out = context.output_dir("model")
-    metrics: dict[str, Any] = {
-        "params": student.num_params(), "teacher_params": teacher.num_params(),
-        "param_ratio": student.num_params() / teacher.num_params(),
-        "steps": trainer.global_step, "tokens_per_s": tput.tokens_per_s,
-        **final}
+
+    def module(model: GPT, optim: OptimParams, steps: int) -> DistillLM:
+        return DistillLM(model, teacher, optim, steps, p.alpha, p.temperature)
+
+    info: dict[str, Any] = {}
+    if tokens is None:
+        trainer, metrics = tune(context, student, tokenizer, p, data, module)
+        info["prompt"] = prompt_info(p)
+    else:
+        context_len = min(student.config.context, teacher.config.context)
+        train = RandomWindows(TokenShards(tokens.path, "train"), context_len, p.batch_size,
+                              p.seed)
+        val = SequentialWindows(TokenShards(tokens.path, "val"), context_len)
+        trainer, tput, final = fit(context, module(student, p.optim, p.trainer.max_steps),
+                                   train, DataLoader(val, batch_size=p.batch_size), p.trainer,
+                                   p.trainer.max_steps)
+        metrics = {"params": student.num_params(), "steps": trainer.global_step,
+                   "tokens_per_s": tput.tokens_per_s, **final}
+    metrics.update(teacher_params=teacher.num_params(),
+                   param_ratio=student.num_params() / teacher.num_params())
     if trainer.is_global_zero:
-        metrics["bytes_on_disk"] = save_model(out, student, tokenizer)
+        out = context.output_dir("model")
+        metrics["bytes_on_disk"] = save_model(out, student, tokenizer, **info)
         loss_curve(context, out / "loss.png")
         student.eval()
         metrics["gen_tokens_per_s"] = generation_speed(student, tokenizer)
@@ -86,8 +103,11 @@ def run(context: Context, inputs: dict[str, Any], p: DistillParams) -> dict[str,
 @hookimpl
 def register_node_types(register: Any) -> None:
     register(NodeType(
-        name="distill", run=run, params=DistillParams, version="1",
-        inputs={"teacher": Input("model"), "tokens": Input("tokens"),
+        name="distill", run=run, params=DistillParams, version="2",
+        inputs={"teacher": Input("model"),
+                "tokens": Input("tokens", optional=True, doc="pretraining-style data"),
+                "data": Input("dataset", optional=True, many=True,
+                              doc="task data (with or instead of params.tasks)"),
                 "student": Input("model", optional=True, doc="a model to start the student from")},
         outputs={"model": "model"},
         description="Knowledge distillation: a student learns from a frozen teacher."))
