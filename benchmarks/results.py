@@ -44,9 +44,10 @@ def write_section(title: str, command: str, note: str, body: str) -> None:
     RESULTS.write_text(text)
 
 
-def run_pipeline(path: Path, overrides: list[str], store: Path, only: tuple[str, ...] = ()
-                 ) -> dict[str, Any]:
-    """Run a pipeline in this process through gptflow's runner; returns run.json."""
+def run_pipeline(path: Path, overrides: list[str], store: Path, only: tuple[str, ...] = (),
+                 jobs: int = 1) -> dict[str, Any]:
+    """Run a pipeline through gptflow's runner (in this process, or each node in a
+    fresh worker process with ``jobs`` > 1); returns run.json."""
     from rich.console import Console
 
     from gptflow.console import Display
@@ -59,5 +60,5 @@ def run_pipeline(path: Path, overrides: list[str], store: Path, only: tuple[str,
     plugins = load_plugins()
     pipeline = load_pipeline(path, plugins, overrides)
     s = Store(store)
-    Runner(pipeline, plugins, s, Display(Console())).run(make_plan(pipeline, s, only=only))
+    Runner(pipeline, plugins, s, Display(Console()), jobs).run(make_plan(pipeline, s, only=only))
     return s.load_run(s.resolve_run("latest"))

@@ -14,7 +14,6 @@ import os
 import queue
 import shutil
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from typing import Any
 from gptflow.console import Display, fmt_duration
 from gptflow.errors import NodeError
 from gptflow.manager import Plugins, load_plugins
+from gptflow.memory import PeakMemory
 from gptflow.nodes import Artifact
 from gptflow.pipeline import Pipeline
 from gptflow.plan import Step
@@ -169,35 +169,6 @@ def _redirect_output(log_path: str) -> Iterator[None]:
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
-
-
-class PeakMemory:
-    """Peak resident memory of this process while the block runs (sampled)."""
-
-    def __init__(self, interval: float = 0.05) -> None:
-        self.bytes = 0
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        page = os.sysconf("SC_PAGE_SIZE")
-        while True:
-            try:
-                with open("/proc/self/statm") as f:
-                    self.bytes = max(self.bytes, int(f.read().split()[1]) * page)
-            except OSError:
-                return
-            if self._stop.wait(self._interval):
-                return
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def _worker(job: Job, extra_modules: tuple[str, ...], events: Any) -> None:

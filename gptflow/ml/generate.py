@@ -29,8 +29,7 @@ def generate(model: GPT, prompt: Sequence[int], max_new_tokens: int, temperature
              stop_id: int | None = None) -> list[int]:
     """Continue ``prompt``; returns only the new tokens (without the stop token).
 
-    ``temperature=0`` is greedy decoding. Prompts longer than the context keep
-    their most recent tokens.
+    ``temperature=0`` is greedy decoding.
     """
     return sample(model, prompt, 1, max_new_tokens, temperature, top_k, top_p, seed, stop_id)[0]
 
@@ -46,7 +45,10 @@ def sample(model: GPT, prompt: Sequence[int], n: int, max_new_tokens: int,
     generator = torch.Generator(device=device)
     if seed is not None:
         generator.manual_seed(seed)
-    prompt = list(prompt)[-(cfg.context - 1):] or [stop_id or 0]
+    # a prompt too long for the context loses its oldest tokens, as in training,
+    # leaving room for the new ones (up to half the context)
+    room = max(1, min(max_new_tokens, cfg.context // 2))
+    prompt = list(prompt)[-(cfg.context - room):] or [stop_id or 0]
     max_new_tokens = min(max_new_tokens, cfg.context - len(prompt))
     dtype = next(model.parameters()).dtype
     cache = KVCache(cfg, n, len(prompt) + max_new_tokens, device, dtype)

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 from torch.utils.data import DataLoader, IterableDataset
 
+from gptflow.memory import PeakMemory
 from gptflow.nodes import Context
 from gptflow.params import TrainerParams
 
@@ -111,10 +112,18 @@ def fit(context: Context, module: L.LightningModule, train: IterableDataset[Any]
     last = context.work_dir / "checkpoints" / "last.ckpt"
     if last.exists():
         context.log.info("resuming from %s", last)
-    trainer.fit(module, train_dataloaders=DataLoader(train, batch_size=None),
-                val_dataloaders=val_loader,
-                ckpt_path=str(last) if last.exists() else None)
+    cuda = torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
+    with PeakMemory() as peak:
+        trainer.fit(module, train_dataloaders=DataLoader(train, batch_size=None),
+                    val_dataloaders=val_loader,
+                    ckpt_path=str(last) if last.exists() else None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics["train_peak_rss_bytes"] = peak.bytes  # the process: libraries and data included
+    if cuda:
+        metrics["train_peak_cuda_bytes"] = torch.cuda.max_memory_allocated(
+            trainer.strategy.root_device)
     trainer.limit_val_batches = 1.0  # the final validation covers the whole split
     (final,) = trainer.validate(module, dataloaders=val_loader, verbose=False)
     metrics["resumed_from_step"] = resume.start_step

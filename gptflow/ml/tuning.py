@@ -49,10 +49,16 @@ def tune(context: Context, model: GPT, tokenizer: Tokenizer, p: InstructionParam
     trainer, tput, final = fit(context, module, batches, val_loader, p.trainer,
                                p.trainer.max_steps)
     params = logical_params(model)
-    trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)
+    trainable = [q for q in model.parameters() if q.requires_grad]
+    n_trainable = sum(q.numel() for q in trainable)
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     return trainer, {
-        "params": params, "trainable_params": trainable,
-        "trainable_share": trainable / params, "steps": trainer.global_step,
+        "params": params, "trainable_params": n_trainable,
+        "trainable_share": n_trainable / params,
+        # what training holds for the model: weights as stored (NF4 for QLoRA), and
+        # for each trainable parameter its gradient and AdamW's two moments
+        "train_state_bytes": weights + 3 * sum(q.numel() * q.element_size() for q in trainable),
+        "steps": trainer.global_step,
         "train_examples": len(train), "val_examples": len(val), "tasks": len(tasks),
         "tokens_per_s": tput.tokens_per_s,
         **final}
