@@ -72,6 +72,19 @@ def test_sampling_is_seeded_and_filters():
         generate(model, [1, 2], 15, temperature=0)  # top-p that tiny keeps only the argmax
 
 
+def test_batched_samples_and_long_prompts():
+    from gptflow.ml.generate import sample
+
+    model = tiny().eval()  # context 64
+    rows = sample(model, [3, 4, 5], 4, 10, temperature=1.0, seed=1)
+    assert len(rows) == 4 and all(len(r) == 10 for r in rows) and len(set(map(tuple, rows))) > 1
+    assert sample(model, [3, 4, 5], 1, 10, temperature=1.0, seed=1)[0] == \
+        generate(model, [3, 4, 5], 10, temperature=1.0, seed=1)
+    long_prompt = [n % 90 for n in range(100)]  # longer than the context: room for the answer
+    assert len(generate(model, long_prompt, 20, temperature=0)) == 20
+    assert len(generate(model, long_prompt, 500, temperature=0)) == 32  # at most half
+
+
 def test_scaled_residual_init_and_tied_head():
     model = GPT(preset_config("nano", vocab_size=300, n_layer=8))
     std = model.blocks[0].attn.o_proj.weight.std().item()
