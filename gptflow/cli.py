@@ -329,24 +329,30 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise InputError(f"{source}: not a model or adapter folder (no config.json)")
     if target.exists() and any(target.iterdir()):
         raise InputError(f"{target}: exists and is not empty; export needs a new folder")
-    from gptflow.ml.checkpoint import ModelLoadError, load_plain
-    from gptflow.ml.hf import HFError, export_hf
+    from gptflow.ml.checkpoint import ModelLoadError, load_any
+    from gptflow.ml.hf import HFError, export_hf, export_peft
+    from gptflow.ml.lora import merge_lora
+    from gptflow.ml.quant import dequantize_model
 
     staging = target.with_name(f".{target.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     try:
-        model, tokenizer, config = load_plain(source)
-        family = export_hf(model, tokenizer, staging)
+        model, tokenizer, config = load_any(source)
+        dequantize = dequantize_model(model)
+        if "rank" in config and export_peft(model, tokenizer, config, staging):
+            what = "a PEFT LoRA adapter, its base in base/"
+        else:
+            merge_lora(model)
+            what = export_hf(model, tokenizer, staging)
+            what += " (the adapter merged into its base)" if "rank" in config else ""
     except (ModelLoadError, HFError) as e:
         shutil.rmtree(staging, ignore_errors=True)
         raise InputError(f"{source}: {e}") from None
     if target.exists():
         target.rmdir()
     staging.rename(target)
-    notes = [w for w, on in (("adapter merged into its base", "rank" in config),
-                             ("de-quantized to float32", "quantization" in config)) if on]
-    print(f"{target}: {family} ({model.num_params():,} parameters)"
-          + (f"; {', '.join(notes)}" if notes else ""))
+    print(f"{target}: {what}" + ("; de-quantized to float32" if dequantize else ""))
     return EXIT_OK
 
 

@@ -42,6 +42,14 @@ def gptflow_model(family: str, tokenizer: Tokenizer, **overrides: object) -> GPT
     return model.eval()
 
 
+def transformers_or_none() -> object | None:
+    try:
+        import transformers
+    except ImportError:
+        return None
+    return transformers
+
+
 def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         out = model(ids)
@@ -129,7 +137,7 @@ nodes:
 
 
 def test_from_hf_pipeline_tunes_and_evaluates_an_imported_model(run_pipeline, tmp_path,
-                                                                 tokenizer):
+                                                                 tokenizer, capfd):
     export_hf(gptflow_model("gpt2", tokenizer), tokenizer, tmp_path / "hf")
     shipped = (Path(__file__).parent.parent / "pipelines" / "from-hf.yaml").read_text()
     result = run_pipeline(shipped, "--set", f"vars.model={tmp_path / 'hf'}",
@@ -141,6 +149,17 @@ def test_from_hf_pipeline_tunes_and_evaluates_an_imported_model(run_pipeline, tm
     assert {r["model"] for r in rows} >= {"base", "lora"}
     merged, _ = load_model(result.output("merged"))
     assert merged.config.position == "learned"
+    from gptflow.cli import main
+
+    capfd.readouterr()  # a GPT-2 adapter has no exact PEFT form: it exports merged
+    assert main(["export", f"{result.record['run_id']}:lora", "--to", str(tmp_path / "out"),
+                 "--store", str(result.store.root)]) == 0
+    assert "gpt2 (the adapter merged into its base)" in capfd.readouterr().out
+    exported = transformers_or_none()
+    if exported is not None:
+        theirs = exported.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+        ids = torch.randint(0, tokenizer.vocab_size, (1, 12))
+        assert torch.allclose(logits(theirs, ids), logits(merged, ids), atol=1e-4)
 
 
 # -- parity with transformers ----------------------------------------------------------
@@ -202,3 +221,27 @@ def test_exported_model_loads_in_transformers_with_equal_logits(tmp_path, tokeni
     for text in TEXTS[:3]:
         assert their_tokenizer.encode(text, add_special_tokens=False) == tokenizer.encode(text)
     assert their_tokenizer.eos_token_id == tokenizer.eot_id
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_lora_adapter_exports_to_peft_where_exact(tmp_path, tokenizer, family):
+    from gptflow.ml.hf import export_peft
+    from gptflow.ml.lora import apply_lora
+
+    peft = pytest.importorskip("peft", reason="peft is not installed (the hf extra)")
+    model = gptflow_model(family, tokenizer)
+    apply_lora(model, ["blocks.0.*q_proj", "*.v_proj", "*.down_proj"], rank=4, alpha=8)
+    with torch.no_grad():  # a trained-looking adapter: B away from zero
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.05)
+    config = {"rank": 4, "alpha": 8, "dropout": 0.0}
+    if family == "gpt2":  # q/k/v are one c_attn there: no exact PEFT form
+        assert not export_peft(model, tokenizer, config, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+        return
+    assert export_peft(model, tokenizer, config, tmp_path / "out")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "base")
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "out").eval()
+    ids = torch.randint(0, tokenizer.vocab_size, (2, 16))
+    assert torch.allclose(logits(theirs, ids), logits(model.eval(), ids), atol=1e-4)

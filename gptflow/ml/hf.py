@@ -288,6 +288,42 @@ def import_hf(source: Path) -> tuple[GPTConfig, dict[str, Tensor], Tokenizer, st
     return config, state, read_tokenizer(source), family
 
 
+def export_peft(model: GPT, tokenizer: Tokenizer, adapter: dict[str, Any], folder: Path
+                ) -> bool:
+    """Write a LoRA-adapted Llama-family model as a PEFT adapter (``adapter_config.json``
+    + ``adapter_model.safetensors``) with its base as a Hugging Face folder in
+    ``folder/base``. Returns False, writing nothing, where PEFT's layout cannot
+    hold it exactly: GPT-2 fuses q/k/v into one ``c_attn``, and parameters trained
+    in full (``also_train``) have no LoRA form. The base must be full precision
+    (a QLoRA base dequantized: what the adapter was trained on)."""
+    from copy import deepcopy
+
+    from gptflow.ml.lora import LoRALinear
+
+    if family_of(model.config) != "llama" or adapter.get("also_train"):
+        return False
+    names = {r.ours[0].removesuffix(".weight"): r.theirs.removesuffix(".weight")
+             for r in table(model.config, "llama")}
+    base, state, targets = deepcopy(model), {}, []
+    for name, module in list(base.named_modules()):
+        if isinstance(module, LoRALinear):
+            theirs = names[name]
+            targets.append(theirs)
+            state[f"base_model.model.{theirs}.lora_A.weight"] = module.lora_A.detach().clone()
+            state[f"base_model.model.{theirs}.lora_B.weight"] = module.lora_B.detach().clone()
+            parent, _, child = name.rpartition(".")
+            setattr(base.get_submodule(parent), child, module.base)
+    export_hf(base, tokenizer, folder / "base")
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": adapter["rank"],
+        "lora_alpha": adapter["alpha"], "lora_dropout": adapter["dropout"],
+        "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
+        "inference_mode": True, "base_model_name_or_path": str((folder / "base").resolve())},
+        indent=2))
+    save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return True
+
+
 def load_hf(source: Path) -> tuple[GPT, Tokenizer]:
     """A Hugging Face folder as a gptflow GPT in its stored dtype, in eval mode."""
     config, state, tokenizer, _ = import_hf(source)
