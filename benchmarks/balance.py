@@ -4,34 +4,22 @@ label-conditioned generator brought every class up to the largest. Both are
 scored on the same balanced test split. Writes the "Synthetic balancing" section
 of RESULTS.md.
 
-    python benchmarks/balance.py [--store DIR] [--set vars.X=Y ...]
+    python benchmarks/balance.py [--store DIR] [--set PATH=VALUE ...]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import tempfile
 from pathlib import Path
 
-from results import run_pipeline, table, write_section
-
-ROOT = Path(__file__).resolve().parents[1]
+from results import report_rows, run_shipped, table, write_section
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--store", type=Path, default=None)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        record = run_pipeline(ROOT / "pipelines" / "balance.yaml", args.overrides,
-                              args.store or Path(tmp) / "store")
-        nodes = record["nodes"]
-        synth = json.loads((Path(nodes["synth"]["outputs"]["dataset"]) / "report.json")
-                           .read_text())
-        rows = json.loads((Path(nodes["eval"]["outputs"]["report"]) / "report.json")
-                          .read_text())["rows"]
+    record, _ = run_shipped("balance")
+    synth = json.loads((Path(record["nodes"]["synth"]["outputs"]["dataset"]) / "report.json")
+                       .read_text())
+    rows = report_rows(record)
     task, counts = next(iter(synth.items()))
     value = {(r["model"], r["metric"]): r["value"] for r in rows if r["task"] == task}
     models = ["majority", "imbalanced", "balanced"]

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+import atexit
 import contextlib
 import datetime as dt
+import json
 import os
 import platform
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +67,30 @@ def run_pipeline(path: Path, overrides: list[str], store: Path, only: tuple[str,
     s = Store(store)
     Runner(pipeline, plugins, s, Display(Console()), jobs).run(make_plan(pipeline, s, only=only))
     return s.load_run(s.resolve_run("latest"))
+
+
+def run_shipped(name: str, defaults: list[str] | tuple[str, ...] = (), jobs: int = 1
+                ) -> tuple[dict[str, Any], list[str]]:
+    """Run ``pipelines/<name>.yaml`` with ``defaults`` then the command line's
+    ``--set`` overrides, in ``--store`` (reused: cached nodes do not re-run) or a
+    temporary store; returns run.json and the overrides applied."""
+    parser = argparse.ArgumentParser(description=f"benchmark on pipelines/{name}.yaml")
+    parser.add_argument("--store", type=Path, default=None,
+                        help="a store to reuse (default: a temporary one)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="PATH=VALUE", help="override a pipeline value, as gptflow run")
+    args = parser.parse_args()
+    store = args.store
+    if store is None:
+        store = Path(tempfile.mkdtemp(prefix="gptflow-bench-"))
+        atexit.register(shutil.rmtree, store, True)
+    overrides = [*defaults, *args.overrides]
+    pipeline = Path(__file__).resolve().parents[1] / "pipelines" / f"{name}.yaml"
+    return run_pipeline(pipeline, overrides, store, jobs=jobs), overrides
+
+
+def report_rows(record: dict[str, Any], node: str = "eval") -> list[dict[str, Any]]:
+    """The rows of an evaluate node's report.json."""
+    folder = Path(record["nodes"][node]["outputs"]["report"])
+    rows: list[dict[str, Any]] = json.loads((folder / "report.json").read_text())["rows"]
+    return rows

@@ -4,35 +4,21 @@ node in its own worker process so that each node's memory is its own. Writes
 the "Efficiency: tuning methods" section of RESULTS.md, in the shape of the
 seed material's table (trainable share, memory, bytes, perplexity, accuracy).
 
-    python benchmarks/tuning_methods.py [--store DIR] [--set vars.X=Y ...]
+    python benchmarks/tuning_methods.py [--store DIR] [--set PATH=VALUE ...]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import tempfile
-from pathlib import Path
+from results import report_rows, run_shipped, table, write_section
 
-from results import run_pipeline, table, write_section
-
-ROOT = Path(__file__).resolve().parents[1]
 CPU_FORM = ["vars.steps=300", "vars.context=128", "vars.batch=16", "vars.tune_steps=150"]
 MB = 1e6
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--store", type=Path, default=None)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    args = parser.parse_args()
-    overrides = [*CPU_FORM, *args.overrides]
-    with tempfile.TemporaryDirectory() as tmp:
-        record = run_pipeline(ROOT / "pipelines" / "efficiency.yaml", overrides,
-                              args.store or Path(tmp) / "store", jobs=2)
-        nodes = record["nodes"]
-        rows = json.loads((Path(nodes["eval"]["outputs"]["report"]) / "report.json")
-                          .read_text())["rows"]
+    record, overrides = run_shipped("efficiency", CPU_FORM, jobs=2)
+    nodes = record["nodes"]
+    rows = report_rows(record)
     value = {(r["model"], r["metric"]): r["value"] for r in rows}
 
     def metric(model: str, name: str, fmt: str) -> str:
