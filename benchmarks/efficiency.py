@@ -32,7 +32,8 @@ from gptflow.ml.quant import quantize_model
 from gptflow.ml.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-PRECISIONS = ("fp32", "bf16", "int8", "int4", "nf4", "int8 + embeddings", "int4 + embeddings")
+PRECISIONS = ("fp32", "bf16", "int8", "int8-dynamic", "int4", "nf4", "int8 + embeddings",
+              "int8-dynamic + embeddings", "int4 + embeddings")
 
 
 def variant(model: GPT, precision: str) -> GPT:

@@ -72,6 +72,15 @@ def test_sampling_is_seeded_and_filters():
         generate(model, [1, 2], 15, temperature=0)  # top-p that tiny keeps only the argmax
 
 
+def test_draw_follows_the_distribution_and_never_picks_zero_probability():
+    from gptflow.ml.generate import draw
+
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3]]).expand(20000, 4)
+    tokens = draw(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    assert freq[1] == 0 and torch.allclose(freq, probs[0], atol=0.015)
+
+
 def test_batched_samples_and_long_prompts():
     from gptflow.ml.generate import sample
 

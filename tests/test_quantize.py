@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -36,9 +37,10 @@ def test_int4_error_is_at_most_half_a_step_per_group(linear):
     assert q.qweight.numel() == linear.weight.numel() // 2  # two codes per byte
 
 
-@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
-def test_cpu_kernels_match_the_dequantized_weight(linear, cls):
-    q = cls(linear)
+@pytest.mark.parametrize("make", [Int8Linear, partial(Int8Linear, dynamic=True), Int4Linear],
+                         ids=["int8", "int8-dynamic", "int4"])
+def test_cpu_kernels_match_the_dequantized_weight(linear, make):
+    q = make(linear)
     x = torch.randn(2, 7, 256)
     expected = F.linear(x, q.weight(), linear.bias)
     assert torch.allclose(q(x), expected, atol=0.05 * expected.abs().max().item())
@@ -46,7 +48,8 @@ def test_cpu_kernels_match_the_dequantized_weight(linear, cls):
 
 @pytest.mark.parametrize(("method", "embeddings", "tied"),
                          [("int8", False, True), ("int4", False, True), ("nf4", False, True),
-                          ("int8", True, True), ("int4", True, False)])
+                          ("int8", True, True), ("int4", True, False),
+                          ("int8-dynamic", True, True)])
 def test_quantized_artifact_round_trips(tmp_path, method, embeddings, tied):
     tokenizer = Tokenizer.train_char(["quantized models are small"])
     torch.manual_seed(0)

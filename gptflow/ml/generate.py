@@ -24,6 +24,14 @@ def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Ten
     return logits
 
 
+def draw(probs: Tensor, generator: torch.Generator) -> Tensor:
+    """One token per row by inverse CDF: a cumulative sum and a binary search
+    (torch.multinomial spends about a millisecond per call on a 32k vocabulary)."""
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=probs.size(-1) - 1)
+
+
 def generate(model: GPT, prompt: Sequence[int], max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop_id: int | None = None) -> list[int]:
@@ -61,7 +69,7 @@ def sample(model: GPT, prompt: Sequence[int], n: int, max_new_tokens: int,
             token = logits.argmax(dim=-1)
         else:
             probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
-            token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            token = draw(probs, generator)
         tokens = torch.cat([tokens, token[:, None]], dim=1)
         done |= token == stop_id
         if bool(done.all()) or step + 1 == max_new_tokens:

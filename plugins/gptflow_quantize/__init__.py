@@ -2,8 +2,11 @@
 
 YAML keys (``params``):
 
-* ``method``: ``int8`` (symmetric, per output channel), ``int4`` (group-wise,
-  two values per byte) or ``nf4`` (4-bit NormalFloat, double-quantized scales);
+* ``method``: ``int8`` (symmetric, per output channel, weight-only),
+  ``int8-dynamic`` (the same stored weights; activations quantized per call, as
+  torch's dynamic quantization / torchao's int8 dynamic-activation config),
+  ``int4`` (group-wise, two values per byte) or ``nf4`` (4-bit NormalFloat,
+  double-quantized scales);
 * ``group_size``: input columns per int4 scale, or weights per NF4 block.
 
 * ``embeddings``: quantize the token embedding too (int8/int4). An untied output
@@ -11,7 +14,8 @@ YAML keys (``params``):
   its quantized table.
 
 On CPU, int8 and int4 layers run PyTorch's packed kernels with bf16
-activations; NF4 is dequantized on the fly. Input: ``model``. Output: ``model`` (loadable by
+activations, int8-dynamic fbgemm's dynamic int8 linear; NF4 is dequantized on
+the fly. Input: ``model``. Output: ``model`` (loadable by
 ``evaluate``, ``gptflow generate`` and every node).
 """
 
@@ -26,8 +30,10 @@ from gptflow.params import Params
 
 
 class QuantizeParams(Params):
-    method: Literal["int8", "int4", "nf4"] = "int8"
-    """int8: per-channel symmetric; int4: group-wise; nf4: QLoRA's NormalFloat."""
+    method: Literal["int8", "int8-dynamic", "int4", "nf4"] = "int8"
+    """int8: per-channel symmetric, weight-only; int8-dynamic: the same weights with
+    activations quantized per call (faster on CPU); int4: group-wise; nf4: QLoRA's
+    NormalFloat."""
     group_size: int = Field(64, ge=16)
     """Input columns per int4 scale, or weights per NF4 block."""
     embeddings: bool = False
