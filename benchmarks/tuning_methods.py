@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from results import report_rows, run_shipped, table, write_section
 
-CPU_FORM = ["vars.steps=300", "vars.context=128", "vars.batch=16", "vars.tune_steps=150"]
+CPU_FORM = ["vars.steps=300", "vars.context=128", "vars.batch=16", "vars.tune_steps=300"]
 MB = 1e6
 
 
