@@ -2,32 +2,23 @@
 (nanoGPT's small CPU config, 2000 steps) on the real tinyshakespeare, validation
 loss over the whole held-out 10%. Writes the "Shakespeare-char" section of RESULTS.md.
 
-    python benchmarks/shakespeare_char.py [--data PATH] [--store DIR]
+    python benchmarks/shakespeare_char.py [--store DIR] [--set vars.data=PATH]
 
 With ``--store`` a previous run of the same pipeline is reused from the cache.
 """
 
 from __future__ import annotations
 
-import argparse
-import tempfile
 from pathlib import Path
 
-from results import run_pipeline, table, write_section
+from results import run_shipped, table, write_section
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 TARGETS = {"modern": 1.66, "classic": 1.95}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--store", type=Path, default=None)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        record = run_pipeline(ROOT / "pipelines" / "shakespeare-char.yaml",
-                              [f"vars.data={args.data}"], args.store or Path(tmp) / "store")
+    record, _ = run_shipped("shakespeare-char", [f"vars.data={DATA}"])
     switches = {"modern": "RoPE, RMSNorm, SwiGLU, sdpa",
                 "classic": "learned, LayerNorm, GELU, sdpa"}
     rows = []
