@@ -135,8 +135,11 @@ def synthesize(task: Task, generator: GPT, tokenizer: Tokenizer, need: Mapping[s
                 predicted = classify(task, candidates)
                 outcome.rejected["classifier disagrees"] += sum(p != label for p in predicted)
                 candidates = [t for t, p in zip(candidates, predicted, strict=True) if p == label]
-            for text in candidates[:count - accepted]:
+            room = count - accepted
+            for text in candidates[:room]:
                 kept.append(Instance(f"synthetic-{label}-{len(kept)}", text, (label,), "train"))
+            if len(candidates) > room:  # passed every filter, but the class is full
+                outcome.rejected["surplus"] += len(candidates) - room
             accepted = min(count, accepted + len(candidates))
             progress(len(kept), total)
     outcome.synthetic = [i.id for i in kept]

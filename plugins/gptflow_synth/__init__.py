@@ -24,6 +24,7 @@ class before and after, rejections by reason) and ``counts.png``.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -92,7 +93,7 @@ def run(context: Context, inputs: dict[str, Any], p: SynthParams) -> dict[str, A
     report: dict[str, Any] = {}
     for task in tasks:
         counts = {label: 0 for label in task.labels or []}
-        counts.update(_count(task.split("train")))
+        counts.update(Counter(i.outputs[0] for i in task.split("train")))
         need = targets(counts, p.balance, p.counts)
         outcome = synthesize(
             task, generator, tokenizer, need, info.get("prompt", {}),
@@ -111,12 +112,6 @@ def run(context: Context, inputs: dict[str, Any], p: SynthParams) -> dict[str, A
             "acceptance": kept / generated if generated else 1.0,
             **{f"{name}.{label}": n for name, r in report.items()
                for label, n in r["after"].items()}}
-
-
-def _count(instances: Any) -> dict[str, int]:
-    from collections import Counter
-
-    return dict(Counter(i.outputs[0] for i in instances))
 
 
 def _write_report(out: Path, report: dict[str, Any]) -> None:
