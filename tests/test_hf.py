@@ -85,6 +85,8 @@ def test_unmappable_configs_name_the_field(tmp_path, tokenizer):
              "num_hidden_layers": 1, "num_attention_heads": 2}
     with pytest.raises(HFError, match=r"rope_scaling\.rope_type 'yarn' is not supported"):
         config_from_hf({**llama, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "x")
+    with pytest.raises(HFError, match="intermediate_size: missing"):
+        config_from_hf({k: v for k, v in llama.items() if k != "intermediate_size"}, "x")
     with pytest.raises(HFError, match="mlp_bias"):
         config_from_hf({**llama, "attention_bias": True}, "x")
     with pytest.raises(HFError, match="norm=rmsnorm"):  # no HF architecture computes this mix

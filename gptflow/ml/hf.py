@@ -96,6 +96,11 @@ def config_from_hf(data: dict[str, Any], where: str) -> tuple[GPTConfig, str]:
     def refuse(field: str, why: str) -> HFError:
         return HFError(f"{where}: {field}: {why}")
 
+    def need(field: str) -> Any:
+        if field not in data:
+            raise refuse(field, "missing")
+        return data[field]
+
     if kind == "gpt2":
         act = data.get("activation_function", "gelu_new")
         if act not in GPT2_GELU:
@@ -106,18 +111,21 @@ def config_from_hf(data: dict[str, Any], where: str) -> tuple[GPTConfig, str]:
                 raise refuse(field, "true is not supported")
         if data.get("scale_attn_weights", True) is not True:
             raise refuse("scale_attn_weights", "false is not supported")
-        config = GPTConfig(
-            vocab_size=data["vocab_size"], context=data.get("n_positions", 1024),
-            n_layer=data["n_layer"], n_head=data["n_head"], d_model=data["n_embd"],
-            d_ff=data.get("n_inner"), position="learned", norm="layernorm", mlp="gelu",
-            bias=True, norm_eps=data.get("layer_norm_epsilon", 1e-5),
-            tie_embeddings=data.get("tie_word_embeddings", True))
+        try:
+            config = GPTConfig(
+                vocab_size=need("vocab_size"), context=data.get("n_positions", 1024),
+                n_layer=need("n_layer"), n_head=need("n_head"), d_model=need("n_embd"),
+                d_ff=data.get("n_inner"), position="learned", norm="layernorm", mlp="gelu",
+                bias=True, norm_eps=data.get("layer_norm_epsilon", 1e-5),
+                tie_embeddings=data.get("tie_word_embeddings", True))
+        except ValueError as e:
+            raise HFError(f"{where}: {e}") from None
         return config, "gpt2"
     if kind == "llama":
         act = data.get("hidden_act", "silu")
         if act != "silu":
             raise refuse("hidden_act", f"{act!r} is not supported (silu)")
-        d, heads = data["hidden_size"], data["num_attention_heads"]
+        d, heads = need("hidden_size"), need("num_attention_heads")
         if data.get("head_dim") not in (None, d // heads):
             raise refuse("head_dim", f"{data['head_dim']} differs from hidden_size / "
                          f"num_attention_heads = {d // heads}")
@@ -135,10 +143,10 @@ def config_from_hf(data: dict[str, Any], where: str) -> tuple[GPTConfig, str]:
                    if rope_type != "default" else None)
         try:
             config = GPTConfig(
-                vocab_size=data["vocab_size"], context=data.get("max_position_embeddings", 2048),
-                n_layer=data["num_hidden_layers"], n_head=heads,
+                vocab_size=need("vocab_size"), context=data.get("max_position_embeddings", 2048),
+                n_layer=need("num_hidden_layers"), n_head=heads,
                 n_kv_head=data.get("num_key_value_heads") or heads, d_model=d,
-                d_ff=data["intermediate_size"], position="rope", norm="rmsnorm", mlp="swiglu",
+                d_ff=need("intermediate_size"), position="rope", norm="rmsnorm", mlp="swiglu",
                 bias=bias, rope_theta=float(theta), rope_scaling=scaling,
                 norm_eps=data.get("rms_norm_eps", 1e-6),
                 tie_embeddings=data.get("tie_word_embeddings", False))

@@ -27,8 +27,8 @@ class LoadParams(Params):
 def run(context: Context, inputs: dict[str, Any], p: LoadParams) -> dict[str, Any]:
     from pathlib import Path
 
-    from gptflow.ml.checkpoint import ModelLoadError, load_model, save_model
-    from gptflow.ml.hf import HFError, family_of, is_hf_folder, load_hf
+    from gptflow.ml.checkpoint import load_model, save_model
+    from gptflow.ml.hf import family_of, is_hf_folder, load_hf
 
     source = Path(p.path)
     try:
@@ -38,7 +38,7 @@ def run(context: Context, inputs: dict[str, Any], p: LoadParams) -> dict[str, An
         else:
             model, tokenizer = load_model(source)
             family = "gptflow"
-    except (HFError, ModelLoadError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # HFError, ModelLoadError, unreadable files
         raise NodeError(f"params.path: {e}") from None
     size = save_model(context.output_dir("model"), model, tokenizer, source_format=family)
     return {"family": family, "params": model.num_params(), "bytes_on_disk": size}
