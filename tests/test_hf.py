@@ -165,11 +165,14 @@ def test_from_hf_pipeline_tunes_and_evaluates_an_imported_model(run_pipeline, tm
 
 
 # -- parity with transformers ----------------------------------------------------------
-transformers = pytest.importorskip("transformers", reason="the hf extra is not installed "
-                                   "(pip install 'gptflow[hf]'; tox -e hf)")
+@pytest.fixture(scope="module")
+def transformers():
+    return pytest.importorskip("transformers", reason="the hf extra is not installed "
+                               "(pip install 'gptflow[hf]'; tox -e hf)")
 
 
-def hf_model(family: str, vocab: int, tied: bool, kv_heads: int = 2) -> torch.nn.Module:
+def hf_model(transformers, family: str, vocab: int, tied: bool, kv_heads: int = 2
+             ) -> torch.nn.Module:
     torch.manual_seed(1)
     if family == "gpt2":
         config = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2,
@@ -194,9 +197,9 @@ HF_CASES = [("gpt2", True, 4), ("gpt2", False, 4), ("llama", True, 2), ("llama",
 
 
 @pytest.mark.parametrize(("family", "tied", "kv_heads"), HF_CASES)
-def test_transformers_model_imports_with_equal_logits(tmp_path, tokenizer, family, tied,
-                                                      kv_heads):
-    theirs = hf_model(family, tokenizer.vocab_size, tied, kv_heads)
+def test_transformers_model_imports_with_equal_logits(transformers, tmp_path, tokenizer, family,
+                                                      tied, kv_heads):
+    theirs = hf_model(transformers, family, tokenizer.vocab_size, tied, kv_heads)
     theirs.save_pretrained(tmp_path / "hf")
     tokenizer.save(tmp_path / "hf" / "tokenizer.json")
     config, state, _, _ = import_hf(tmp_path / "hf")
@@ -211,8 +214,8 @@ def test_transformers_model_imports_with_equal_logits(tmp_path, tokenizer, famil
 
 
 @pytest.mark.parametrize(("family", "overrides"), CASES)
-def test_exported_model_loads_in_transformers_with_equal_logits(tmp_path, tokenizer, family,
-                                                                overrides):
+def test_exported_model_loads_in_transformers_with_equal_logits(transformers, tmp_path, tokenizer,
+                                                                family, overrides):
     model = gptflow_model(family, tokenizer, **overrides)
     save_model(tmp_path / "ours", model, tokenizer)
     export_hf(model, tokenizer, tmp_path / "hf")
@@ -226,7 +229,7 @@ def test_exported_model_loads_in_transformers_with_equal_logits(tmp_path, tokeni
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_lora_adapter_exports_to_peft_where_exact(tmp_path, tokenizer, family):
+def test_lora_adapter_exports_to_peft_where_exact(transformers, tmp_path, tokenizer, family):
     from gptflow.ml.hf import export_peft
     from gptflow.ml.lora import apply_lora
 
