@@ -50,8 +50,6 @@ class LoraParams(InstructionParams):
 
 
 def run(context: Context, inputs: dict[str, Any], p: LoraParams) -> dict[str, Any]:
-    import torch
-
     from gptflow.ml.checkpoint import adapt, load_model, save_adapter
     from gptflow.ml.tuning import finish, prompt_info, tune
 
@@ -71,8 +69,6 @@ def run(context: Context, inputs: dict[str, Any], p: LoraParams) -> dict[str, An
     metrics["base_bytes_in_memory"] = sum(
         t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
         if not t.requires_grad)
-    if torch.cuda.is_available():
-        metrics["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
     return metrics
 
 
