@@ -346,9 +346,11 @@ def cmd_export(args: argparse.Namespace) -> int:
             merge_lora(model)
             what = export_hf(model, tokenizer, staging)
             what += " (the adapter merged into its base)" if "rank" in config else ""
-    except (ModelLoadError, HFError) as e:
+    except BaseException as e:  # nothing half-written is left behind
         shutil.rmtree(staging, ignore_errors=True)
-        raise InputError(f"{source}: {e}") from None
+        if isinstance(e, (ModelLoadError, HFError)):
+            raise InputError(f"{source}: {e}") from None
+        raise
     if target.exists():
         target.rmdir()
     staging.rename(target)
