@@ -1,4 +1,4 @@
-"""quantize: a smaller model artifact with weight-only quantized linear layers.
+"""quantize: a smaller model artifact with int8, int4 or NF4 linear layers.
 
 YAML keys (``params``):
 
@@ -71,4 +71,4 @@ def register_node_types(register: Any) -> None:
     register(NodeType(
         name="quantize", run=run, params=QuantizeParams, version="1",
         inputs={"model": Input("model")}, outputs={"model": "model"},
-        description="Weight-only quantization of a model: int8, int4 or nf4."))
+        description="Quantize a model: int8 (weight-only or dynamic), int4 or nf4."))
