@@ -51,22 +51,15 @@ def write_section(title: str, command: str, note: str, body: str) -> None:
 
 def run_pipeline(path: Path, overrides: list[str], store: Path, only: tuple[str, ...] = (),
                  jobs: int = 1) -> dict[str, Any]:
-    """Run a pipeline through gptflow's runner (in this process, or each node in a
-    fresh worker process with ``jobs`` > 1); returns run.json."""
+    """Run a pipeline through gptflow's one entry point (in this process, or each node
+    in a fresh worker process with ``jobs`` > 1); returns run.json."""
     from rich.console import Console
 
     from gptflow.console import Display
-    from gptflow.manager import load_plugins
-    from gptflow.pipeline import load_pipeline
-    from gptflow.plan import make_plan
-    from gptflow.runner import Runner
-    from gptflow.store import Store
+    from gptflow.session import run_pipeline as run
 
-    plugins = load_plugins()
-    pipeline = load_pipeline(path, plugins, overrides)
-    s = Store(store)
-    Runner(pipeline, plugins, s, Display(Console()), jobs).run(make_plan(pipeline, s, only=only))
-    return s.load_run(s.resolve_run("latest"))
+    return run(path, overrides, store, only=only, jobs=jobs,
+               display=Display(Console())).to_json()
 
 
 def run_shipped(name: str, defaults: list[str] | tuple[str, ...] = (), jobs: int = 1

@@ -17,7 +17,7 @@ import time
 import numpy as np
 from results import table, write_section
 
-from gptflow.corpora import python_docs, reviews
+from gptflow.ml.corpora import python_docs, reviews
 from gptflow.ml.tokenizer import Tokenizer
 
 TARGET_MB = 30

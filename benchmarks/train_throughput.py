@@ -30,7 +30,7 @@ from results import run_pipeline, table, write_section
 from gptflow.ml.config import preset_config
 from gptflow.ml.lm import lr_lambda, param_groups, token_loss
 from gptflow.ml.model import GPT, KVCache
-from gptflow.params import OptimParams
+from gptflow.ml.optim import Optim
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 BATCH, CONTEXT, WARMUP_STEPS = 12, 64, 3
@@ -40,7 +40,7 @@ def lean_train(tokens: np.ndarray, vocab: int, steps: int, precision: str) -> fl
     """A plain PyTorch loop; returns tokens/s."""
     torch.manual_seed(1337)
     model = GPT(preset_config("shakespeare-char", vocab_size=vocab))
-    optim = OptimParams()
+    optim = Optim()
     opt = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
                             betas=(optim.beta1, optim.beta2))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, steps))

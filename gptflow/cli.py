@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -108,12 +107,10 @@ def _store(args: argparse.Namespace) -> Any:
     return Store(args.store)
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    from gptflow.manager import load_plugins
-    from gptflow.pipeline import load_pipeline
+def _session(args: argparse.Namespace) -> Any:
+    from gptflow.session import Session
 
-    plugins = load_plugins()
-    return load_pipeline(args.pipeline, plugins, args.overrides), plugins
+    return Session.load(args.pipeline, args.overrides, args.store)
 
 
 def _console() -> Any:
@@ -124,19 +121,16 @@ def _console() -> Any:
 
 # -- verbs --------------------------------------------------------------------------
 def cmd_validate(args: argparse.Namespace) -> int:
-    pipeline, _ = _load(args)
-    print(f"{args.pipeline}: ok ({len(pipeline.nodes)} nodes)")
+    session = _session(args)
+    print(f"{args.pipeline}: ok ({len(session.pipeline.nodes)} nodes)")
     return EXIT_OK
 
 
 def cmd_plan(args: argparse.Namespace, steps: Any = None) -> int:
     from rich.table import Table
 
-    from gptflow.plan import make_plan
-
     if steps is None:
-        pipeline, _ = _load(args)
-        steps = make_plan(pipeline, _store(args))
+        steps = _session(args).plan()
     table = Table(title="plan", title_justify="left")
     for col in ("node", "plugin", "action", "why", "fingerprint"):
         table.add_column(col)
@@ -148,53 +142,29 @@ def cmd_plan(args: argparse.Namespace, steps: Any = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from gptflow.console import Display, private_console
-    from gptflow.plan import make_plan
-    from gptflow.runner import Runner, follow, follower_rank
+    from gptflow.distributed import follow, follower_rank
+    from gptflow.records import RunStatus
 
-    pipeline, plugins = _load(args)
-    store = _store(args)
     if args.jobs < 1:
         raise InputError(f"--jobs {args.jobs}: must be at least 1")
-    steps = make_plan(pipeline, store, args.only, args.start, args.force)
+    session = _session(args)
+    steps = session.plan(args.only, args.start, args.force)
     if args.dry_run:
         return cmd_plan(args, steps)
     rank = follower_rank()
     if rank:  # another process of a distributed run: rank 0 keeps the store and the record
-        follow(steps, plugins, store, rank)
+        follow(steps, session.plugins, session.store, rank)
         return EXIT_OK
-    with private_console() as console, Display(console) as display:
-        record = Runner(pipeline, plugins, store, display, args.jobs).run(
-            steps, ["gptflow", *sys.argv[1:]])
-    return {"ok": EXIT_OK, "interrupted": EXIT_INTERRUPTED}.get(record["status"], EXIT_FAILED)
+    record = session.run(steps, args.jobs, argv=["gptflow", *sys.argv[1:]])
+    return {RunStatus.OK: EXIT_OK, RunStatus.INTERRUPTED: EXIT_INTERRUPTED}.get(
+        record.status, EXIT_FAILED)
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
-    pipeline, _ = _load(args)
-    print(draw_graph(pipeline, args.format))
+    from gptflow.graph import draw_graph
+
+    print(draw_graph(_session(args).pipeline, args.format))
     return EXIT_OK
-
-
-def draw_graph(pipeline: Any, fmt: str) -> str:
-    edges = [(r.node, node.name, f"{r.output}->{slot}")
-             for node in pipeline.nodes.values() for slot, refs in node.inputs.items()
-             for r in refs]
-    if fmt == "mermaid":
-        lines = ["graph TD"]
-        lines += [f'  {n.name}["{n.name}<br/>({n.plugin})"]' for n in pipeline.nodes.values()]
-        lines += [f"  {a} -->|{label}| {b}" for a, b, label in edges]
-    elif fmt == "dot":
-        lines = [f'digraph "{pipeline.name}" {{', "  rankdir=LR;"]
-        lines += [f'  "{n.name}" [label="{n.name}\\n({n.plugin})", shape=box];'
-                  for n in pipeline.nodes.values()]
-        lines += [f'  "{a}" -> "{b}" [label="{label}"];' for a, b, label in edges]
-        lines.append("}")
-    else:
-        lines = [f"{pipeline.name}"]
-        for node in pipeline.nodes.values():
-            ups = ", ".join(f"{r}" for refs in node.inputs.values() for r in refs)
-            lines.append(f"  {node.name} ({node.plugin})" + (f" <- {ups}" if ups else ""))
-    return "\n".join(lines)
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -252,6 +222,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from gptflow.console import styled
+    from gptflow.records import NodeStatus
 
     store = _store(args)
     table = Table(title=f"runs in {store.root}", title_justify="left")
@@ -259,36 +230,37 @@ def cmd_runs(args: argparse.Namespace) -> int:
         table.add_column(col)
     for run_id in store.run_ids():
         r = store.load_run(run_id)
-        counts = [sum(n["status"] == s for n in r["nodes"].values())
-                  for s in ("ran", "cached", "failed")]
-        table.add_row(run_id, r["pipeline"]["name"], styled(r["status"]),
-                      r["started"][:19].replace("T", " "), *map(str, counts))
+        counts = [r.count(s) for s in (NodeStatus.RAN, NodeStatus.CACHED, NodeStatus.FAILED)]
+        table.add_row(run_id, r.pipeline.name, styled(r.status),
+                      r.started[:19].replace("T", " "), *map(str, counts))
     _console().print(table)
     return EXIT_OK
 
 
-def _run_record(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    store = _store(args)
+def _run_record(store_root: str | None, run: str) -> Any:
+    from gptflow.store import Store
+
+    store = Store(store_root)
     try:
-        run_id = store.resolve_run(args.run)
+        run_id = store.resolve_run(run)
     except KeyError as e:
         raise InputError(str(e.args[0])) from None
-    return store, store.load_run(run_id)
+    return store.load_run(run_id)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     from gptflow.console import summary_table
 
-    _, record = _run_record(args)
+    record = _run_record(args.store, args.run)
     if args.json:
-        print(json.dumps(record, indent=2))
+        print(json.dumps(record.to_json(), indent=2))
         return EXIT_OK
     console = _console()
     console.print(summary_table(record))
-    for name, node in record["nodes"].items():
-        if node.get("error"):
-            console.print(f"[red]{name}: {node['error']}[/] (log: {node['log']})")
-        for output in node.get("outputs", {}).values():
+    for name, node in record.nodes.items():
+        if node.error:
+            console.print(f"[red]{name}: {node.error}[/] (log: {node.log})")
+        for output in node.outputs.values():
             table = Path(output) / "report.md"
             if table.is_file():
                 console.print(f"\n[bold]{name}[/]\n{table.read_text(encoding='utf-8')}")
@@ -324,63 +296,45 @@ def cmd_export(args: argparse.Namespace) -> int:
     source, target = Path(args.model), Path(args.to)
     if not source.is_dir() and ":" in args.model:
         run, _, node = args.model.partition(":")
-        source = Path(_output_folder(argparse.Namespace(store=args.store, run=run), node))
+        source = Path(_output_folder(args.store, run, node))
     if not any((source / f).is_file() for f in ("config.json", "adapter_config.json")):
         raise InputError(f"{source}: not a model or adapter folder (no config.json)")
     if target.exists() and any(target.iterdir()):
         raise InputError(f"{target}: exists and is not empty; export needs a new folder")
-    from gptflow.ml.checkpoint import ModelLoadError, load_any
-    from gptflow.ml.hf import HFError, export_hf, export_peft
-    from gptflow.ml.lora import merge_lora
-    from gptflow.ml.quant import dequantize_model
+    from gptflow.ml.checkpoint import ModelLoadError
+    from gptflow.ml.export import export
+    from gptflow.ml.hf import HFError
 
-    staging = target.with_name(f".{target.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     try:
-        model, tokenizer, config = load_any(source)
-        dequantize = dequantize_model(model)
-        if "rank" in config and export_peft(model, tokenizer, config, staging):
-            what = "a PEFT LoRA adapter, its base in base/"
-        else:
-            merge_lora(model)
-            what = export_hf(model, tokenizer, staging)
-            what += " (the adapter merged into its base)" if "rank" in config else ""
-    except BaseException as e:  # nothing half-written is left behind
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(e, (ModelLoadError, HFError)):
-            raise InputError(f"{source}: {e}") from None
-        raise
-    if target.exists():
-        target.rmdir()
-    staging.rename(target)
-    print(f"{target}: {what}" + ("; de-quantized to float32" if dequantize else ""))
+        what = export(source, target)
+    except (ModelLoadError, HFError) as e:
+        raise InputError(f"{source}: {e}") from None
+    print(f"{target}: {what}")
     return EXIT_OK
 
 
 def cmd_path(args: argparse.Namespace) -> int:
-    print(_output_folder(args, args.target))
+    print(_output_folder(args.store, args.run, args.target))
     return EXIT_OK
 
 
-def _output_folder(args: argparse.Namespace, target: str) -> str:
-    """The folder of NODE[.OUTPUT] in run ``args.run``."""
-    _, record = _run_record(args)
+def _output_folder(store: str | None, run: str, target: str) -> str:
+    """The folder of NODE[.OUTPUT] in run ``run``."""
+    from gptflow.dag import pick_output
+
+    record = _run_record(store, run)
     node, _, output = target.partition(".")
-    entry = record["nodes"].get(node)
+    entry = record.nodes.get(node)
     if entry is None:
-        raise InputError(f"run {record['run_id']} has no node {node!r}")
-    outputs = entry.get("outputs") or {}
-    if not outputs:
-        raise InputError(f"node {node!r} has no outputs in run {record['run_id']} "
-                         f"(status: {entry['status']})")
-    if not output:
-        if len(outputs) != 1:
-            raise InputError(f"node {node!r} has outputs {', '.join(outputs)}: write {node}.OUTPUT")
-        output = next(iter(outputs))
-    if output not in outputs:
-        raise InputError(f"node {node!r} has no output {output!r}; outputs: {', '.join(outputs)}")
-    return str(outputs[output])
+        raise InputError(f"run {record.run_id} has no node {node!r}")
+    if not entry.outputs:
+        raise InputError(f"node {node!r} has no outputs in run {record.run_id} "
+                         f"(status: {entry.status})")
+    try:
+        folder: str = entry.outputs[pick_output(node, output, entry.outputs)]
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    return folder
 
 
 if __name__ == "__main__":

@@ -6,13 +6,15 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from gptflow.records import RunRecord
 
 STYLE = {"ran": "green", "ok": "green", "cached": "cyan", "failed": "bold red",
          "skipped": "yellow", "interrupted": "bold red", "running": "magenta",
@@ -24,7 +26,9 @@ HEADLINE = ("val_loss", "accuracy", "macro_f1", "train_loss", "tokens_per_s", "m
 
 
 def styled(status: str) -> str:
-    return f"[{STYLE.get(status, 'default')}]{status}[/]"
+    """A status (a plain string or a status enum) in its colour."""
+    value = getattr(status, "value", status)
+    return f"[{STYLE.get(value, 'default')}]{value}[/]"
 
 
 @contextlib.contextmanager
@@ -96,23 +100,22 @@ class Display:
         mark = {"ran": "✓", "cached": "○", "skipped": "-"}.get(status, "✗")
         self.line(f"[{STYLE.get(status, 'default')}]{mark} {node}[/] {detail}")
 
-    def summary(self, record: Mapping[str, Any]) -> None:
+    def summary(self, record: RunRecord) -> None:
         self.console.print(summary_table(record))
 
 
-def summary_table(record: Mapping[str, Any]) -> Table:
+def summary_table(record: RunRecord) -> Table:
     """Node, status, duration and headline metrics of one run."""
-    status = record["status"]
-    table = Table(title=f"run {record['run_id']} · {record['pipeline']['name']} · "
-                        f"{styled(status)}", title_justify="left")
+    table = Table(title=f"run {record.run_id} · {record.pipeline.name} · "
+                        f"{styled(record.status)}", title_justify="left")
     for col in ("node", "plugin", "status", "time", "metrics"):
         table.add_column(col, overflow="fold")
-    for name, node in record["nodes"].items():
-        metrics = node.get("metrics") or {}
+    for name, node in record.nodes.items():
+        metrics = node.metrics
         first = [k for k in HEADLINE if k in metrics]
         keys = (first + [k for k in metrics if k not in HEADLINE and k != "peak_mem_bytes"])[:6]
         shown = ", ".join(f"{k}={fmt_metric(metrics[k])}" for k in keys)
-        duration = node.get("duration_s")
-        table.add_row(name, node["plugin"], styled(node["status"]),
+        duration = node.duration_s
+        table.add_row(name, node.plugin, styled(node.status),
                       fmt_duration(duration) if duration is not None else "", shown)
     return table

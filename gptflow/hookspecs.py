@@ -22,10 +22,13 @@ import pluggy
 if TYPE_CHECKING:
     from gptflow.nodes import NodeType
 
-hookspec = pluggy.HookspecMarker("gptflow")
+__all__ = ["after_node_run", "after_pipeline_run", "before_node_run", "before_pipeline_run",
+           "on_node_error", "register_node_types", "register_training_callbacks"]
+
+_hookspec = pluggy.HookspecMarker("gptflow")  # private: plugins use gptflow.hookimpl
 
 
-@hookspec
+@_hookspec
 def register_node_types(register: Callable[[NodeType], None]) -> None:
     """Declare the node types a plugin provides.
 
@@ -38,7 +41,7 @@ def register_node_types(register: Callable[[NodeType], None]) -> None:
     """
 
 
-@hookspec
+@_hookspec
 def register_training_callbacks(node: str, register: Callable[[Any], None]) -> None:
     """Add Lightning callbacks to every training node.
 
@@ -51,7 +54,7 @@ def register_training_callbacks(node: str, register: Callable[[Any], None]) -> N
     """
 
 
-@hookspec
+@_hookspec
 def before_pipeline_run(run_id: str, pipeline: str, nodes: list[str]) -> None:
     """Called once before the first node of a run starts.
 
@@ -65,7 +68,7 @@ def before_pipeline_run(run_id: str, pipeline: str, nodes: list[str]) -> None:
     """
 
 
-@hookspec
+@_hookspec
 def before_node_run(run_id: str, node: str, plugin: str, fingerprint: str) -> None:
     """Called before a node that is not cached starts running.
 
@@ -80,7 +83,7 @@ def before_node_run(run_id: str, node: str, plugin: str, fingerprint: str) -> No
     """
 
 
-@hookspec
+@_hookspec
 def after_node_run(
     run_id: str, node: str, status: str, metrics: Mapping[str, Any], outputs: Mapping[str, str]
 ) -> None:
@@ -98,7 +101,7 @@ def after_node_run(
     """
 
 
-@hookspec
+@_hookspec
 def on_node_error(run_id: str, node: str, error: str, log_path: str) -> None:
     """Called when a node fails.
 
@@ -113,7 +116,7 @@ def on_node_error(run_id: str, node: str, error: str, log_path: str) -> None:
     """
 
 
-@hookspec
+@_hookspec
 def after_pipeline_run(run_id: str, status: str, record: Mapping[str, Any]) -> None:
     """Called once when a run ends, whatever its outcome.
 

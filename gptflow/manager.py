@@ -36,6 +36,10 @@ BUILTIN_PLUGINS = (
 )
 
 
+class PluginError(Exception):
+    """A plugin that cannot be loaded as written: the message names it and the hook."""
+
+
 @dataclass(frozen=True)
 class Registered:
     """A node type and the distribution that provided it."""
@@ -55,17 +59,27 @@ class Plugins:
         self.extra_modules = extra_modules  # rebuilt by name in worker processes
         self.node_types: dict[str, Registered] = {}
         providers = {id(plugin): dist.project_name for plugin, dist in pm.list_plugin_distinfo()}
-        for impl in pm.hook.register_node_types.get_hookimpls():
+        impls = pm.hook.register_node_types.get_hookimpls()
+        for impl in impls:  # one plugin at a time, through pluggy, to know who registered what
             provider = providers.get(id(impl.plugin), _module_provider(impl.plugin))
-            impl.function(register=lambda nt, p=provider: self._register(nt, p))
+            only = pm.subset_hook_caller("register_node_types",
+                                         [i.plugin for i in impls if i is not impl])
+            try:
+                only(register=lambda nt, p=provider: self._register(nt, p))
+            except PluginError:
+                raise
+            except Exception as e:
+                raise PluginError(f"plugin {impl.plugin_name} ({provider}): hook "
+                                  f"register_node_types raised {type(e).__name__}: {e}") from e
 
     def _register(self, node_type: NodeType, provider: str) -> None:
         if not isinstance(node_type, NodeType):
-            raise TypeError(f"{provider}: register() takes a gptflow.NodeType, got {node_type!r}")
+            raise PluginError(f"{provider}: register() takes a gptflow.NodeType, "
+                              f"got {node_type!r}")
         taken = self.node_types.get(node_type.name)
         if taken:
-            raise ValueError(f"node type {node_type.name!r} is registered twice: "
-                             f"by {taken.provider} and by {provider}")
+            raise PluginError(f"node type {node_type.name!r} is registered twice: "
+                              f"by {taken.provider} and by {provider}")
         self.node_types[node_type.name] = Registered(node_type, provider)
 
     def training_callbacks(self, node: str) -> list[Any]:

@@ -101,50 +101,42 @@ class PathRef:
     """Marks a params field whose value names local files, folders or globs:
     their content becomes part of the node's fingerprint.
 
-    Use as ``Annotated[str, PathRef()]``; ``builtin:NAME`` values are not paths.
+    Use as ``Annotated[str, PathRef()]``; ``PathRef("corpus")`` also accepts the
+    ``builtin:`` sources of that kind (see :mod:`gptflow.sources`).
     """
 
+    def __init__(self, *builtins: str) -> None:
+        self.builtins = builtins
+
     def __repr__(self) -> str:
-        return "PathRef()"
+        return f"PathRef({', '.join(map(repr, self.builtins))})"
 
 
 Loc = tuple[str | int, ...]
 
 
-def path_refs(params: BaseModel, loc: Loc = ()) -> list[tuple[Loc, str]]:
-    """Every (location, value) in ``params`` that a :class:`PathRef` field names."""
-    found: list[tuple[Loc, str]] = []
+def path_refs(params: BaseModel, loc: Loc = ()) -> list[tuple[Loc, str, PathRef]]:
+    """Every (location, value, marker) in ``params`` that a :class:`PathRef` field names."""
+    found: list[tuple[Loc, str, PathRef]] = []
     for name, info in type(params).model_fields.items():
         value = getattr(params, name)
         if isinstance(value, BaseModel):
             found += path_refs(value, (*loc, name))
-        elif any(isinstance(m, PathRef) for m in info.metadata) or _marks_paths(info.annotation):
+            continue
+        ref = _path_ref([*info.metadata, info.annotation])
+        if ref is not None:
             values = value if isinstance(value, list) else [value]
-            found += [((*loc, name, i) if isinstance(value, list) else (*loc, name), v)
+            found += [((*loc, name, i) if isinstance(value, list) else (*loc, name), v, ref)
                       for i, v in enumerate(values) if isinstance(v, str)]
     return found
 
 
-def _marks_paths(annotation: Any) -> bool:
-    if any(isinstance(m, PathRef) for m in getattr(annotation, "__metadata__", ())):
-        return True
-    return any(_marks_paths(a) for a in getattr(annotation, "__args__", ()))
-
-
-def expand_path(value: str) -> list[Path]:
-    """The files or folders a path, folder or glob names; ``builtin:`` names none.
-
-    Raises FileNotFoundError when nothing matches.
-    """
-    if value.startswith("builtin:"):
-        return []
-    if any(c in value for c in "*?["):
-        matches = sorted(Path().glob(value)) if not Path(value).is_absolute() else sorted(
-            Path("/").glob(value.lstrip("/")))
-        if not matches:
-            raise FileNotFoundError(f"no file matches {value!r}")
-        return matches
-    path = Path(value)
-    if not path.exists():
-        raise FileNotFoundError(f"no such file or folder: {value!r}")
-    return [path]
+def _path_ref(marks: list[Any]) -> PathRef | None:
+    for mark in marks:
+        if isinstance(mark, PathRef):
+            return mark
+        nested = [*getattr(mark, "__metadata__", ()), *getattr(mark, "__args__", ())]
+        found = _path_ref(nested) if nested else None
+        if found is not None:
+            return found
+    return None

@@ -12,9 +12,10 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from gptflow.errors import InputError, Problem
-from gptflow.nodes import expand_path, path_refs
-from gptflow.pipeline import Node, Pipeline, _suggest
+from gptflow.dag import Node, Pipeline
+from gptflow.errors import InputError, Problem, did_you_mean
+from gptflow.nodes import path_refs
+from gptflow.sources import expand_path
 from gptflow.store import Store, canonical_json
 
 FINGERPRINT_CHARS = 32
@@ -32,7 +33,7 @@ class Step:
 def manifest(node: Node, upstream: dict[str, str], store: Store) -> dict[str, Any]:
     """Everything a node's fingerprint is made of, kept so `plan` can say what changed."""
     files: dict[str, dict[str, str]] = {}
-    for _, value in path_refs(node.params):
+    for _, value, _ in path_refs(node.params):
         files[value] = {p.as_posix(): store.hash_path(p) for p in expand_path(value)}
     return {
         "plugin": node.plugin,
@@ -55,7 +56,7 @@ def make_plan(pipeline: Pipeline, store: Store, only: Collection[str] = (),
         for name in names:
             if name not in pipeline.nodes:
                 raise InputError([Problem(f"{flag} {name}: no node named {name!r}"
-                                          f"{_suggest(name, pipeline.nodes)}",
+                                          f"{did_you_mean(name, pipeline.nodes)}",
                                           str(pipeline.path))])
     selected = set(pipeline.nodes)
     if only:
@@ -91,12 +92,11 @@ def _previous_manifests(store: Store, pipeline: str, runs: int = 20) -> dict[str
     found: dict[str, dict[str, Any]] = {}
     for run_id in reversed(store.run_ids()[-runs:]):
         record = store.load_run(run_id)
-        if record.get("pipeline", {}).get("name") != pipeline:
+        if record.pipeline.name != pipeline:
             continue
-        for name, node in record.get("nodes", {}).items():
-            fp = node.get("fingerprint")
-            if name not in found and fp and store.has(fp):
-                found[name] = store.node_record(fp)["manifest"]
+        for name, node in record.nodes.items():
+            if name not in found and store.has(node.fingerprint):
+                found[name] = store.node_record(node.fingerprint).manifest
     return found
 
 

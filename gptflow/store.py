@@ -31,10 +31,12 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from gptflow.nodes import Artifact
+from gptflow.records import NodeRecord, RunRecord, RunStatus
 
 FORMAT_VERSION = 1
-RUN_SCHEMA = 1
 CHUNK = 1 << 20
 
 
@@ -70,6 +72,19 @@ def pid_alive(pid: int) -> bool:
 
 class CorruptArtifact(Exception):
     """A published artifact whose files do not match their checksums."""
+
+
+class CorruptRecord(ValueError):
+    """A run.json or node.json that does not match its schema."""
+
+
+def _read_record(path: Path, kind: type[RunRecord] | type[NodeRecord]) -> Any:
+    try:
+        return kind.model_validate_json(path.read_bytes())
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise CorruptRecord(f"{path}: {where or 'record'}: {first['msg']}") from None
 
 
 class Store:
@@ -126,14 +141,16 @@ class Store:
     def has(self, fingerprint: str) -> bool:
         return (self.artifact_dir(fingerprint) / "node.json").is_file()
 
-    def node_record(self, fingerprint: str) -> dict[str, Any]:
-        return dict(json.loads((self.artifact_dir(fingerprint) / "node.json").read_text()))
+    def node_record(self, fingerprint: str) -> NodeRecord:
+        record: NodeRecord = _read_record(self.artifact_dir(fingerprint) / "node.json",
+                                          NodeRecord)
+        return record
 
     def outputs(self, fingerprint: str, verify: bool = True) -> dict[str, Artifact]:
         """The published outputs of a node, checked against their checksums."""
         record = self.node_record(fingerprint)
         found = {}
-        for name in record["outputs"]:
+        for name in record.outputs:
             path = self.artifact_dir(fingerprint) / name
             try:
                 info = json.loads((path / "artifact.json").read_text())
@@ -161,7 +178,7 @@ class Store:
         path.mkdir(parents=True)
         return path
 
-    def publish(self, staging: Path, fingerprint: str, record: dict[str, Any],
+    def publish(self, staging: Path, fingerprint: str, record: NodeRecord,
                 outputs: Mapping[str, tuple[str, Mapping[str, Any]]]) -> None:
         """Checksum every output, write node.json, then rename into place.
 
@@ -176,10 +193,11 @@ class Store:
             write_json(path / "artifact.json", {
                 "type": kind, "format_version": FORMAT_VERSION,
                 "fingerprint": f"{fingerprint}/{name}",
-                "producer": {"node": record["node"], "plugin": record["plugin"],
-                             "plugin_version": record["version"], "run_id": record["run_id"]},
+                "producer": {"node": record.node, "plugin": record.plugin,
+                             "plugin_version": record.version, "run_id": record.run_id},
                 "files": files, "meta": dict(meta)})
-        write_json(staging / "node.json", {**record, "outputs": list(outputs)})
+        record.outputs = list(outputs)
+        write_json(staging / "node.json", record.to_json())
         target = self.artifact_dir(fingerprint)
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():  # --force over an old or corrupt copy
@@ -238,16 +256,16 @@ class Store:
                            else f"run {run!r} is ambiguous: {', '.join(matches)}")
         return matches[0]
 
-    def load_run(self, run_id: str) -> dict[str, Any]:
-        record = dict(json.loads((self.run_dir(run_id) / "run.json").read_text()))
-        if record.get("status") == "running" and not pid_alive(record.get("pid", 0)):
-            record["status"] = "killed"
+    def load_run(self, run_id: str) -> RunRecord:
+        record: RunRecord = _read_record(self.run_dir(run_id) / "run.json", RunRecord)
+        if record.status == RunStatus.RUNNING and not pid_alive(record.pid):
+            record.status = RunStatus.KILLED
         return record
 
-    def save_run(self, record: Mapping[str, Any]) -> None:
-        path = self.run_dir(record["run_id"])
+    def save_run(self, record: RunRecord) -> None:
+        path = self.run_dir(record.run_id)
         (path / "logs").mkdir(parents=True, exist_ok=True)
-        write_json(path / "run.json", record)
+        write_json(path / "run.json", record.to_json())
 
 
 def sha256_file(path: Path, sync: bool = False) -> str:

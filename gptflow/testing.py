@@ -36,8 +36,8 @@ class Result:
 
     @property
     def record(self) -> dict[str, Any]:
-        """The latest run's run.json."""
-        return self.store.load_run(self.store.resolve_run("latest"))
+        """The latest run's run.json, as ``gptflow show --json`` prints it."""
+        return self.store.load_run(self.store.resolve_run("latest")).to_json()
 
     def output(self, node: str, name: str | None = None) -> Path:
         """The artifact folder of a node's output in the latest run."""

@@ -14,7 +14,7 @@ from gptflow.ml.config import preset_config
 from gptflow.ml.distill import DistillLM, kd_loss
 from gptflow.ml.lm import token_loss
 from gptflow.ml.model import GPT
-from gptflow.params import OptimParams
+from gptflow.ml.optim import Optim
 
 
 def test_kd_loss_by_hand():
@@ -47,7 +47,7 @@ def test_only_the_student_learns():
     teacher = GPT(preset_config("tiny", vocab_size=50))
     student = GPT(preset_config("tiny", vocab_size=50, d_model=32, n_head=2))
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    module = DistillLM(student, teacher, OptimParams(lr=1e-2, warmup_steps=0), 5, 0.5, 2.0)
+    module = DistillLM(student, teacher, Optim(lr=1e-2, warmup_steps=0), 5, 0.5, 2.0)
     opt = module.configure_optimizers()["optimizer"]
     assert all(p.data_ptr() not in {q.data_ptr() for q in teacher.parameters()}
                for g in opt.param_groups for p in g["params"])

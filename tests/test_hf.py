@@ -230,6 +230,7 @@ def test_exported_model_loads_in_transformers_with_equal_logits(transformers, tm
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_lora_adapter_exports_to_peft_where_exact(transformers, tmp_path, tokenizer, family):
+    from gptflow.ml.adapter import LoraConfig
     from gptflow.ml.hf import export_peft
     from gptflow.ml.lora import apply_lora
 
@@ -240,7 +241,7 @@ def test_lora_adapter_exports_to_peft_where_exact(transformers, tmp_path, tokeni
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):
                 p.normal_(0, 0.05)
-    config = {"rank": 4, "alpha": 8, "dropout": 0.0}
+    config = LoraConfig("", "", rank=4, alpha=8)
     if family == "gpt2":  # q/k/v are one c_attn there: no exact PEFT form
         assert not export_peft(model, tokenizer, config, tmp_path / "out")
         assert not (tmp_path / "out").exists()

@@ -16,7 +16,8 @@ from gptflow.ml.evaluation import (
     label_log_likelihoods,
 )
 from gptflow.ml.instruct import IGNORE, Example, collate, encode_examples
-from gptflow.ml.tasks import format_prompt, load_tasks, sentiment4
+from gptflow.ml.prompts import PromptFormat
+from gptflow.ml.tasks import load_task_files, sentiment4
 from gptflow.ml.tokenizer import Tokenizer
 
 NI = SHARED_DATA / "natural-instructions"
@@ -35,7 +36,7 @@ EXPECTED = {  # from the data README: instances kept, labels of classification t
 
 @needs_ni
 def test_loader_on_every_real_task_file():
-    tasks = {t.name: t for t in load_tasks(str(NI))}
+    tasks = {t.name: t for t in load_task_files([NI])}
     assert set(tasks) == set(EXPECTED)
     for name, (count, labels) in EXPECTED.items():
         task = tasks[name]
@@ -66,7 +67,7 @@ def test_sentiment4_imbalance_knob_keeps_test_balanced():
 
 def test_prompt_format_matches_natural_instructions():
     task = sentiment4(n=10, test=4)
-    prompt = format_prompt(task, "I thought the animation was good, but the movie "
+    prompt = PromptFormat().render(task, "I thought the animation was good, but the movie "
                                  "disappointed me.", k_examples=1)
     assert prompt.startswith("Definition: Classify the given review")
     assert "Positive Example 1 -\nInput: " in prompt

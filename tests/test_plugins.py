@@ -11,7 +11,7 @@ import pluggy
 import pytest
 
 from gptflow import NodeType, hookimpl, hookspecs
-from gptflow.manager import load_plugins
+from gptflow.manager import PluginError, load_plugins
 
 ROOT = Path(__file__).parent.parent
 
@@ -45,20 +45,15 @@ def test_lifecycle_hooks_in_order(tmp_path):
     from rich.console import Console
 
     from gptflow.console import Display
-    from gptflow.pipeline import load_pipeline
-    from gptflow.plan import make_plan
-    from gptflow.runner import Runner
-    from gptflow.store import Store
+    from gptflow.session import run_pipeline
 
     recorder = Recorder()
     plugins = load_plugins(extra=[recorder])
     path = tmp_path / "p.yaml"
     path.write_text("name: h\nnodes:\n  a: {plugin: text}\n"
                     "  b: {plugin: fail, inputs: {after: a}}\n")
-    pipeline = load_pipeline(path, plugins)
-    store = Store(tmp_path / "store")
     with open(tmp_path / "out.txt", "w") as out, Display(Console(file=out)) as display:
-        Runner(pipeline, plugins, store, display).run(make_plan(pipeline, store))
+        run_pipeline(path, store=tmp_path / "store", plugins=plugins, display=display)
     assert recorder.calls == [
         ("before_pipeline_run", "h", ("a", "b")),
         ("before_node_run", "a"), ("after_node_run", "a", "ran"),
@@ -73,7 +68,7 @@ def test_duplicate_node_type_names_both_providers():
         def register_node_types(self, register):
             register(NodeType("text", print, object, {}))  # type: ignore[arg-type]
 
-    with pytest.raises(ValueError, match="'text' is registered twice: by toy_nodes and by"):
+    with pytest.raises(PluginError, match="'text' is registered twice: by toy_nodes and by"):
         load_plugins(extra=[Dup()])
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gptflow.corpora import reviews
+from gptflow.ml.corpora import reviews
 
 
 def pipeline(corpus: Path, steps: int = 20, **extra: str) -> str:

@@ -7,6 +7,7 @@ and names what does not match.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from gptflow.ml.adapter import LoraConfig
 from gptflow.ml.config import GPTConfig
+from gptflow.ml.lora import adapter_state_dict, load_adapter, merge_lora, prepare
 from gptflow.ml.model import GPT
+from gptflow.ml.prompts import PromptFormat
 from gptflow.ml.quant import quantize_model
 from gptflow.ml.tokenizer import Tokenizer
 
@@ -87,74 +91,67 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     return model, Tokenizer.load(folder / "tokenizer.json")
 
 
-ADAPTER_FORMAT = "gptflow-lora"
-
-
-def save_adapter(folder: Path, model: GPT, info: dict[str, Any]) -> int:
-    """Write an adapter artifact: adapter weights only, plus how to rebuild them
-    on their base (which ``info`` names by folder and fingerprint)."""
-    from gptflow.ml.lora import adapter_state_dict
-
+def save_adapter(folder: Path, model: GPT, config: LoraConfig) -> int:
+    """Write an adapter artifact: adapter weights only, plus its config (how to
+    rebuild them on their base, which it names by folder and fingerprint)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter_config.json").write_text(json.dumps(
-        {"format": ADAPTER_FORMAT, "format_version": 1, **info}, indent=2))
+    (folder / "adapter_config.json").write_text(json.dumps(config.to_dict(), indent=2))
     save_file(adapter_state_dict(model), str(folder / "adapter.safetensors"),
               metadata={"format": "pt"})
     return folder_bytes(folder)
 
 
-def adapt(model: GPT, config: dict[str, Any]) -> list[str]:
-    """Prepare a base model as an adapter config says (NF4 base, LoRA layers);
-    returns the names of the adapted layers."""
-    from gptflow.ml.lora import apply_lora
-    from gptflow.ml.quant import quantize_linears_nf4
+@dataclass(frozen=True)
+class Loaded:
+    """What :func:`load_any` read besides the model and tokenizer."""
 
-    if config.get("quantize_base") == "nf4":
-        quantize_linears_nf4(model, config["nf4_block"], config["double_quant"])
-    return apply_lora(model, config["layers"], config["rank"], config["alpha"],
-                      config["dropout"], config.get("also_train", ()))
+    config: dict[str, Any]  # the artifact's config.json (empty for a Hugging Face folder)
+    adapter: LoraConfig | None = None  # when the folder is an adapter
+    prompt: PromptFormat = field(default_factory=PromptFormat)  # how it was tuned
 
 
-def load_any(folder: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, dict[str, Any]]:
+def load_any(folder: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, Loaded]:
     """A model artifact, an adapter artifact applied to its base (which must be
     the very artifact it was trained on), or a Hugging Face folder. Returns the
     model, its tokenizer and the artifact's config."""
     from gptflow.ml.hf import is_hf_folder, load_hf
-    from gptflow.ml.lora import load_adapter
 
     folder = Path(folder)
     if is_hf_folder(folder):
         model, tokenizer = load_hf(folder)
-        return model.to(device), tokenizer, {}
+        return model.to(device), tokenizer, Loaded({})
     if not (folder / "adapter_config.json").is_file():
         model, tokenizer = load_model(folder, device)
-        return model, tokenizer, read_config(folder)[1]
-    config = json.loads((folder / "adapter_config.json").read_text())
-    base = Path(config["base_path"])
+        config = read_config(folder)[1]
+        return model, tokenizer, Loaded(config, prompt=PromptFormat.of(config))
+    try:
+        adapter = LoraConfig.from_dict(json.loads((folder / "adapter_config.json").read_text()))
+    except ValueError as e:
+        raise ModelLoadError(f"{folder}/adapter_config.json: {e}") from None
+    base = Path(adapter.base_path)
     found = json.loads((base / "artifact.json").read_text()).get("fingerprint") \
         if (base / "artifact.json").is_file() else None
-    if found != config["base_fingerprint"]:
+    if found != adapter.base_fingerprint:
         raise ModelLoadError(f"{folder}: this adapter was trained on base "
-                             f"{config['base_fingerprint']}, but {base} is "
+                             f"{adapter.base_fingerprint}, but {base} is "
                              f"{found or 'not a stored artifact'}")
     model, tokenizer = load_model(base, device)
-    adapt(model, config)
+    prepare(model, adapter)
     state: dict[str, torch.Tensor] = {}
     with safe_open(str(folder / "adapter.safetensors"), framework="pt", device=device) as f:
         for key in f.keys():  # noqa: SIM118
             state[key] = f.get_tensor(key)
     load_adapter(model, state)
     model.eval()
-    return model, tokenizer, config
+    return model, tokenizer, Loaded(read_config(base)[1], adapter, adapter.prompt)
 
 
-def load_plain(folder: str | Path) -> tuple[GPT, Tokenizer, dict[str, Any]]:
+def load_plain(folder: str | Path) -> tuple[GPT, Tokenizer, Loaded]:
     """Any model or adapter artifact as a plain full-precision GPT: quantized layers
     dequantized, adapters merged into their (dequantized) base."""
-    from gptflow.ml.lora import merge_lora
     from gptflow.ml.quant import dequantize_model
 
-    model, tokenizer, config = load_any(folder)
+    model, tokenizer, loaded = load_any(folder)
     dequantize_model(model)
     merge_lora(model)
-    return model, tokenizer, config
+    return model, tokenizer, loaded

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 Position = Literal["learned", "rope"]
 Norm = Literal["layernorm", "rmsnorm"]
 MLP = Literal["gelu", "swiglu"]
 Attention = Literal["sdpa", "naive"]
+QuantMethod = Literal["int8", "int8-dynamic", "int4", "nf4"]
+QUANT_METHODS: tuple[str, ...] = get_args(QuantMethod)
 ROPE_SCALINGS = ("default", "linear", "llama3")
 
 

@@ -19,32 +19,21 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
-from gptflow import corpora
 from gptflow.ml.tasks import load_natural_instructions
 from gptflow.ml.tokenizer import Tokenizer
-from gptflow.nodes import expand_path
 
 GOLDEN = (math.sqrt(5) - 1) / 2
 
 
-def iter_documents(source: str, text_field: str = "text") -> Iterator[str]:
-    """The documents of one source: a built-in corpus, or files, folders, globs.
+def file_documents(paths: Iterable[Path], text_field: str = "text") -> Iterator[str]:
+    """The documents of files and folders (folders read recursively, in name order).
 
     ``.jsonl`` files give one document per line (field ``text_field``); Natural
     Instructions task files (``.json``) give their definition and their inputs,
     never their outputs, so that pretraining cannot see held-out answers; other
     files are one document each.
     """
-    if source.startswith("builtin:"):
-        name = source.removeprefix("builtin:")
-        builtins: dict[str, Callable[[], Iterator[str]]] = {
-            "python-docs": corpora.python_docs, "reviews": corpora.reviews}
-        if name not in builtins:
-            raise ValueError(f"unknown built-in corpus {source!r}; "
-                             f"known: {', '.join('builtin:' + b for b in builtins)}")
-        yield from builtins[name]()
-        return
-    for path in expand_path(source):
+    for path in paths:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for file in files:
             if file.suffix == ".jsonl":

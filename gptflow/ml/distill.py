@@ -14,7 +14,7 @@ from torch import Tensor
 
 from gptflow.ml.lm import CausalLM, token_loss
 from gptflow.ml.model import GPT
-from gptflow.params import OptimParams
+from gptflow.ml.optim import Optim
 
 
 def kd_loss(student: Tensor, teacher: Tensor, targets: Tensor, alpha: float,
@@ -33,7 +33,7 @@ class DistillLM(CausalLM):
     """CausalLM whose training loss also matches a frozen teacher; only the
     student's parameters are in the optimizer."""
 
-    def __init__(self, student: GPT, teacher: GPT, optim: OptimParams, max_steps: int,
+    def __init__(self, student: GPT, teacher: GPT, optim: Optim, max_steps: int,
                  alpha: float, temperature: float) -> None:
         super().__init__(student, optim, max_steps)
         self.teacher = [teacher.eval().requires_grad_(False)]  # a list: not a submodule

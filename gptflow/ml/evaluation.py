@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from gptflow.ml.generate import generate
 from gptflow.ml.instruct import IGNORE
 from gptflow.ml.model import GPT
-from gptflow.ml.tasks import DEFAULT_TEMPLATE, Task, format_prompt
+from gptflow.ml.prompts import PromptFormat
+from gptflow.ml.tasks import Task
 from gptflow.ml.tokenizer import Tokenizer
 
 
@@ -53,13 +54,11 @@ def label_log_likelihoods(model: GPT, tokenizer: Tokenizer, prompts: Sequence[st
     return scores
 
 
-def prompts_for(task: Task, texts: Sequence[str], prompt: Mapping[str, Any],
+def prompts_for(task: Task, texts: Sequence[str], prompt: PromptFormat,
                 k_examples: int | None = None) -> list[str]:
-    """Prompts for ``texts`` as the model was tuned (its stored ``prompt`` info);
-    ``k_examples`` overrides its number of demonstrations."""
-    k = k_examples if k_examples is not None else int(prompt.get("k_examples", 0))
-    template = str(prompt.get("template", DEFAULT_TEMPLATE))
-    return [format_prompt(task, text, k, template) for text in texts]
+    """Prompts for ``texts`` as the model was tuned; ``k_examples`` overrides its
+    number of demonstrations."""
+    return [prompt.render(task, text, k_examples) for text in texts]
 
 
 def classify(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str], labels: Sequence[str]

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from gptflow.ml.adapter import LoraConfig
 from gptflow.ml.config import GPTConfig
 from gptflow.ml.model import GPT
 from gptflow.ml.tokenizer import EOT, PAD, Tokenizer
@@ -296,8 +297,7 @@ def import_hf(source: Path) -> tuple[GPTConfig, dict[str, Tensor], Tokenizer, st
     return config, state, read_tokenizer(source), family
 
 
-def export_peft(model: GPT, tokenizer: Tokenizer, adapter: dict[str, Any], folder: Path
-                ) -> bool:
+def export_peft(model: GPT, tokenizer: Tokenizer, adapter: LoraConfig, folder: Path) -> bool:
     """Write a LoRA-adapted Llama-family model as a PEFT adapter (``adapter_config.json``
     + ``adapter_model.safetensors``) with its base as a Hugging Face folder in
     ``folder/base``. Returns False, writing nothing, where PEFT's layout cannot
@@ -308,7 +308,7 @@ def export_peft(model: GPT, tokenizer: Tokenizer, adapter: dict[str, Any], folde
 
     from gptflow.ml.lora import LoRALinear
 
-    if family_of(model.config) != "llama" or adapter.get("also_train"):
+    if family_of(model.config) != "llama" or adapter.also_train:
         return False
     names = {r.ours[0].removesuffix(".weight"): r.theirs.removesuffix(".weight")
              for r in table(model.config, "llama")}
@@ -323,8 +323,8 @@ def export_peft(model: GPT, tokenizer: Tokenizer, adapter: dict[str, Any], folde
             setattr(base.get_submodule(parent), child, module.base)
     export_hf(base, tokenizer, folder / "base")
     (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": adapter["rank"],
-        "lora_alpha": adapter["alpha"], "lora_dropout": adapter["dropout"],
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": adapter.rank,
+        "lora_alpha": adapter.alpha, "lora_dropout": adapter.dropout,
         "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
         "inference_mode": True, "base_model_name_or_path": str((folder / "base").resolve())},
         indent=2))

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset
 
-from gptflow.ml.tasks import DEFAULT_TEMPLATE, Task, format_prompt
+from gptflow.ml.prompts import PromptFormat
+from gptflow.ml.tasks import Task
 from gptflow.ml.tokenizer import Tokenizer
 
 IGNORE = -100
@@ -30,22 +31,21 @@ class Example:
 
 
 def encode_examples(tasks: Sequence[Task], tokenizer: Tokenizer, split: str, max_len: int,
-                    k_examples: int = 0, template: str = DEFAULT_TEMPLATE,
-                    max_per_task: int | None = None, seed: int = 0) -> list[Example]:
+                    prompt: PromptFormat | None = None, max_per_task: int | None = None,
+                    seed: int = 0) -> list[Example]:
     """Every instance of ``split`` as an Example; prompts lose their oldest
     tokens when prompt + target exceed ``max_len``."""
+    prompt = prompt or PromptFormat()
     examples = []
     for task in tasks:
         instances = task.split(split)
         if max_per_task is not None and len(instances) > max_per_task:
             instances = random.Random(f"{seed}/{task.name}").sample(instances, max_per_task)
-        prompts = tokenizer.encode_batch([format_prompt(task, i.input, k_examples, template)
-                                          for i in instances])
+        prompts = tokenizer.encode_batch([prompt.render(task, i.input) for i in instances])
         targets = tokenizer.encode_batch([" " + i.outputs[0] for i in instances])
-        for prompt, target in zip(prompts, targets, strict=True):
+        for ids, target in zip(prompts, targets, strict=True):
             target = np.append(target, tokenizer.eot_id)[: max_len // 2]
-            prompt = prompt[-(max_len - len(target)):]
-            examples.append(Example(prompt, target))
+            examples.append(Example(ids[-(max_len - len(target)):], target))
     return examples
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gptflow.ml.model import GPT
-from gptflow.params import OptimParams
+from gptflow.ml.optim import Optim
 
 
 def token_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
@@ -24,7 +24,7 @@ def token_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tens
                            reduction=reduction)
 
 
-def lr_lambda(optim: OptimParams, max_steps: int) -> Any:
+def lr_lambda(optim: Optim, max_steps: int) -> Any:
     """Multiplier of optim.lr: linear warmup, then cosine decay to min_lr."""
     floor = optim.min_lr / optim.lr
 
@@ -47,7 +47,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 class CausalLM(L.LightningModule):
-    def __init__(self, model: GPT, optim: OptimParams, max_steps: int) -> None:
+    def __init__(self, model: GPT, optim: Optim, max_steps: int) -> None:
         super().__init__()
         self.model, self.optim, self.max_steps = model, optim, max_steps
         self._val_sum = torch.zeros((), dtype=torch.float64)

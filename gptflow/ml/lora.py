@@ -11,13 +11,16 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gptflow.ml.adapter import LoraConfig
+from gptflow.ml.quant import quantize_linears_nf4
+
 ADAPTER_KEYS = ("lora_A", "lora_B")
-DEFAULT_TARGETS = ("*.q_proj", "*.k_proj", "*.v_proj", "*.o_proj")
 
 
 class LoRALinear(nn.Module):
@@ -77,6 +80,17 @@ def apply_lora(model: nn.Module, targets: Sequence[str], rank: int, alpha: float
         parent = model.get_submodule(parent_name)
         setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout))
     return names
+
+
+def prepare(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """Turn a base model into the adapted one ``config`` describes: the linear layers
+    in NF4 first for QLoRA, then LoRA on the chosen layers. Returns the config with
+    the exact names of the adapted layers, which is what an adapter saves."""
+    if config.quantize_base == "nf4":
+        quantize_linears_nf4(model, config.nf4_block, config.double_quant)
+    names = apply_lora(model, config.layers, config.rank, config.alpha, config.dropout,
+                       config.also_train)
+    return replace(config, layers=tuple(names))
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:

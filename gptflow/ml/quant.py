@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gptflow.ml.config import QUANT_METHODS
+
 NF4_LEVELS = torch.tensor([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
@@ -252,9 +254,6 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-METHODS = ("int8", "int8-dynamic", "int4", "nf4")
-
-
 class QuantEmbedding(nn.Module):
     """A token embedding stored as the rows of an int8 or int4 layer; the same
     layer can serve as the tied output head, so the matrix is stored once."""
@@ -277,6 +276,8 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 64,
     with its quantized form, and with ``embeddings`` the token embedding too
     (int8/int4; a tied head then shares its quantized table). Returns how many
     layers were replaced."""
+    if method not in QUANT_METHODS:
+        raise ValueError(f"unknown quantization method {method!r} ({', '.join(QUANT_METHODS)})")
     if method == "nf4":
         if embeddings:
             raise ValueError("nf4 keeps embeddings in full precision; use int8 or int4")

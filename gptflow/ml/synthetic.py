@@ -14,11 +14,11 @@ import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from gptflow.ml.evaluation import prompts_for
 from gptflow.ml.generate import sample
 from gptflow.ml.model import GPT
+from gptflow.ml.prompts import PromptFormat
 from gptflow.ml.tasks import Instance, Task, default_split, reversed_task
 from gptflow.ml.tokenizer import Tokenizer
 
@@ -98,7 +98,7 @@ class Sampling:
 
 
 def synthesize(task: Task, generator: GPT, tokenizer: Tokenizer, need: Mapping[str, int],
-               prompt: Mapping[str, Any], filters: Filters, sampling: Sampling,
+               prompt: PromptFormat, filters: Filters, sampling: Sampling,
                classify: Classify | None = None,
                progress: Callable[[int, int], None] = lambda done, total: None) -> Outcome:
     """Add up to ``need[label]`` synthetic train instances per label to ``task``."""

@@ -13,13 +13,11 @@ import hashlib
 import json
 import random
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qsl
 
-from gptflow import corpora
-from gptflow.nodes import expand_path
+from gptflow.ml import corpora
 
 SPLITS = ("train", "val", "test")
 SENTIMENT4_DEFINITION = ("Classify the given review into one of four categories: Positive, "
@@ -77,17 +75,12 @@ def _bucket(text: str, val_fraction: float, test_fraction: float) -> str:
     return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
 
 
-def load_tasks(source: str, fields: tuple[str, str, str] = ("instruction", "input", "output")
-               ) -> list[Task]:
-    """The tasks of one source: builtin:sentiment4[?n=..&seed=..&Mixed=..], NI task
-    .json files, folders or globs of them, or .jsonl instruction data."""
-    if source.startswith("builtin:"):
-        name, _, query = source.removeprefix("builtin:").partition("?")
-        if name != "sentiment4":
-            raise ValueError(f"unknown built-in task {source!r}; known: builtin:sentiment4")
-        return [sentiment4(**{k: v for k, v in parse_qsl(query)})]
+def load_task_files(paths: Iterable[Path],
+                    fields: tuple[str, str, str] = ("instruction", "input", "output")
+                    ) -> list[Task]:
+    """The tasks in NI task .json files, .jsonl instruction data, and folders of them."""
     tasks = []
-    for path in expand_path(source):
+    for path in paths:
         files = sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl")) \
             if path.is_dir() else [path]
         for file in files:
@@ -197,17 +190,3 @@ def sentiment4(n: str | int = 2000, seed: str | int = 0, test: str | int = 400,
                 for text, _ in [(corpora.review(random.Random(label), label), label)]]
     return Task("sentiment4", SENTIMENT4_DEFINITION, instances, examples,
                 ["Sentiment Analysis"])
-
-
-DEFAULT_TEMPLATE = ("Definition: {definition}\n\n{examples}"
-                    "Now complete the following example -\nInput: {input}\nOutput:")
-EXAMPLE_TEMPLATE = "Positive Example {n} -\nInput: {input}\nOutput: {output}\n\n"
-
-
-def format_prompt(task: Task, text: str, k_examples: int = 0,
-                  template: str = DEFAULT_TEMPLATE) -> str:
-    """The Natural Instructions prompt: definition, k demonstrations, the input,
-    'Output:'. The target follows after one space."""
-    examples = "".join(EXAMPLE_TEMPLATE.format(n=n + 1, input=i, output=o)
-                       for n, (i, o) in enumerate(task.examples[:k_examples]))
-    return template.format(definition=task.definition, examples=examples, input=text)

@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import Field
 
 from gptflow import Context, Input, NodeError, NodeType, hookimpl
-from gptflow.params import InstructionParams, ModelParams, OptimParams, TrainerParams
+from gptflow.recipes.params import InstructionParams, ModelParams, OptimParams, TrainerParams
 
 
 class DistillParams(InstructionParams):
@@ -41,7 +41,6 @@ class DistillParams(InstructionParams):
 
 
 def run(context: Context, inputs: dict[str, Any], p: DistillParams) -> dict[str, Any]:
-    import lightning as L
     from torch.utils.data import DataLoader
 
     from gptflow.ml.checkpoint import load_model, save_model
@@ -49,11 +48,12 @@ def run(context: Context, inputs: dict[str, Any], p: DistillParams) -> dict[str,
     from gptflow.ml.distill import DistillLM
     from gptflow.ml.evaluation import generation_speed
     from gptflow.ml.model import GPT
+    from gptflow.ml.optim import Optim
     from gptflow.ml.tokenizer import Tokenizer
-    from gptflow.ml.training import fit, loss_curve
-    from gptflow.ml.tuning import prompt_info, tune
+    from gptflow.recipes.training import fit, loss_curve, seed
+    from gptflow.recipes.tuning import tune
 
-    L.seed_everything(p.seed, verbose=False)
+    seed(p.seed)
     teacher, teacher_tok = load_model(inputs["teacher"].path)
     tokens, data = inputs.get("tokens"), inputs.get("data") or []
     if (tokens is None) == (not p.tasks and not data):
@@ -71,26 +71,24 @@ def run(context: Context, inputs: dict[str, Any], p: DistillParams) -> dict[str,
             raise NodeError(f"the {who}'s tokenizer differs from the one the data is encoded "
                             "with: distillation needs one shared tokenizer")
 
-    def module(model: GPT, optim: OptimParams, steps: int) -> DistillLM:
+    def module(model: GPT, optim: Optim, steps: int) -> DistillLM:
         return DistillLM(model, teacher, optim, steps, p.alpha, p.temperature)
 
     info: dict[str, Any] = {}
     if tokens is None:
-        trainer, metrics = tune(context, student, tokenizer, p, data, module)
-        info["prompt"] = prompt_info(p)
+        fitted = tune(context, student, tokenizer, p, data, module)
+        info["prompt"] = p.prompt().to_dict()
     else:
         context_len = min(student.config.context, teacher.config.context)
         train = RandomWindows(TokenShards(tokens.path, "train"), context_len, p.batch_size,
                               p.seed)
         val = SequentialWindows(TokenShards(tokens.path, "val"), context_len)
-        trainer, tput, final = fit(context, module(student, p.optim, p.trainer.max_steps),
-                                   train, DataLoader(val, batch_size=p.batch_size), p.trainer,
-                                   p.trainer.max_steps)
-        metrics = {"params": student.num_params(), "steps": trainer.global_step,
-                   "tokens_per_s": tput.tokens_per_s, **final}
+        fitted = fit(context, module(student, p.optim.config(), p.trainer.max_steps), train,
+                     DataLoader(val, batch_size=p.batch_size), p.trainer, p.trainer.max_steps)
+    metrics = fitted.metrics
     metrics.update(teacher_params=teacher.num_params(),
                    param_ratio=student.num_params() / teacher.num_params())
-    if trainer.is_global_zero:
+    if fitted.trainer.is_global_zero:
         out = context.output_dir("model")
         metrics["bytes_on_disk"] = save_model(out, student, tokenizer, **info)
         loss_curve(context, out / "loss.png")

@@ -25,11 +25,11 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from gptflow import Context, Input, NodeType, PathRef, hookimpl
-from gptflow.params import Params
+from gptflow.recipes.params import Params
 
 
 class EvaluateParams(Params):
-    tasks: list[Annotated[str, PathRef()]] = Field(default_factory=list)
+    tasks: list[Annotated[str, PathRef("tasks")]] = Field(default_factory=list)
     """Task sources: NI task .json files, folders, globs, .jsonl, builtin:sentiment4."""
     fields: tuple[str, str, str] = ("instruction", "input", "output")
     """Field names of instruction, input and output in .jsonl sources."""
@@ -58,10 +58,10 @@ def run(context: Context, inputs: dict[str, Any], p: EvaluateParams) -> dict[str
         prompts_for,
     )
     from gptflow.ml.quant import logical_params
-    from gptflow.ml.tasks import load_tasks
+    from gptflow.recipes import sources
     from gptflow_evaluate.report import render
 
-    tasks = [t for source in p.tasks for t in load_tasks(source, p.fields)]
+    tasks = [t for source in p.tasks for t in sources.tasks(source, p.fields)]
     rows: list[dict[str, Any]] = []
     confusions: dict[tuple[str, str], Any] = {}
 
@@ -78,7 +78,7 @@ def run(context: Context, inputs: dict[str, Any], p: EvaluateParams) -> dict[str
                 add(name, task.name, metrics)
     for n, artifact in enumerate(inputs["models"]):
         name = artifact.producer
-        model, tokenizer, info = load_any(artifact.path)
+        model, tokenizer, loaded = load_any(artifact.path)
         add(name, "-", {"params": logical_params(model),
                         "trainable_params": sum(q.numel() for q in model.parameters()
                                                 if q.requires_grad),
@@ -94,7 +94,7 @@ def run(context: Context, inputs: dict[str, Any], p: EvaluateParams) -> dict[str
             instances = task.split(p.split)[: p.max_instances]
             if not instances:
                 continue
-            prompts = prompts_for(task, [i.input for i in instances], info.get("prompt", {}),
+            prompts = prompts_for(task, [i.input for i in instances], loaded.prompt,
                                   p.k_examples)
             labels = task.labels
             if labels is not None:

@@ -21,21 +21,23 @@ from __future__ import annotations
 from typing import Any
 
 from gptflow import Context, NodeType, hookimpl
-from gptflow.params import TUNING_INPUTS, InstructionParams
+from gptflow.recipes.params import TUNING_INPUTS, InstructionParams
 
 
 def run(context: Context, inputs: dict[str, Any], p: InstructionParams) -> dict[str, Any]:
     from gptflow.ml.checkpoint import load_model, save_model
-    from gptflow.ml.tuning import finish, prompt_info, tune
+    from gptflow.recipes.training import loss_curve
+    from gptflow.recipes.tuning import tune
 
     model, tokenizer = load_model(inputs["model"].path)
     model.train()
-    trainer, metrics = tune(context, model, tokenizer, p, inputs.get("data") or [])
-    if trainer.is_global_zero:
-        metrics["bytes_on_disk"] = save_model(context.output_dir("model"), model, tokenizer,
-                                              prompt=prompt_info(p))
-    finish(context, trainer, "model")
-    return metrics
+    fitted = tune(context, model, tokenizer, p, inputs.get("data") or [])
+    if fitted.trainer.is_global_zero:
+        out = context.output_dir("model")
+        fitted.metrics["bytes_on_disk"] = save_model(out, model, tokenizer,
+                                                     prompt=p.prompt().to_dict())
+        loss_curve(context, out / "loss.png")
+    return fitted.metrics
 
 
 @hookimpl

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from gptflow import Context, NodeError, NodeType, PathRef, hookimpl
-from gptflow.params import Params
+from gptflow.recipes.params import Params
 
 
 class LoadParams(Params):

@@ -25,47 +25,50 @@ from typing import Any, Literal
 from pydantic import Field
 
 from gptflow import Context, NodeType, hookimpl
-from gptflow.params import TUNING_INPUTS, InstructionParams
+from gptflow.ml.adapter import LoraConfig
+from gptflow.recipes.params import TUNING_INPUTS, InstructionParams
+
+DEFAULTS = LoraConfig(base_path="", base_fingerprint="")
 
 
 class LoraParams(InstructionParams):
-    rank: int = Field(8, ge=1)
+    rank: int = Field(DEFAULTS.rank, ge=1)
     """Rank r of each adapter: B (out, r) @ A (r, in)."""
-    alpha: float = Field(16.0, gt=0)
+    alpha: float = Field(DEFAULTS.alpha, gt=0)
     """Scale of the adapter update: alpha / rank."""
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(DEFAULTS.dropout, ge=0, lt=1)
     """Dropout on the adapter's input."""
-    layers: list[str] = Field(default_factory=lambda: ["*.q_proj", "*.k_proj", "*.v_proj",
-                                                       "*.o_proj"])
+    layers: list[str] = Field(default_factory=lambda: list(DEFAULTS.layers))
     """Name patterns of linear layers to adapt (attention: *_proj of attn; MLP: *.up_proj...)."""
     also_train: list[str] = Field(default_factory=list)
     """Parameter names (patterns) trained in full and saved with the adapter, as peft's
     modules_to_save; e.g. embed.weight when new output tokens must be learned."""
-    quantize_base: Literal["none", "nf4"] = "none"
+    quantize_base: Literal["none", "nf4"] = DEFAULTS.quantize_base
     """nf4: keep the frozen base in 4-bit NormalFloat (QLoRA)."""
-    nf4_block: int = Field(64, ge=16)
+    nf4_block: int = Field(DEFAULTS.nf4_block, ge=16)
     """Weights per NF4 absmax block."""
-    double_quant: bool = True
+    double_quant: bool = DEFAULTS.double_quant
     """Quantize the NF4 block scales to int8 as well."""
 
 
 def run(context: Context, inputs: dict[str, Any], p: LoraParams) -> dict[str, Any]:
-    from gptflow.ml.checkpoint import adapt, load_model, save_adapter
-    from gptflow.ml.tuning import finish, prompt_info, tune
+    from gptflow.ml.checkpoint import load_model, save_adapter
+    from gptflow.ml.lora import prepare
+    from gptflow.recipes.training import loss_curve
+    from gptflow.recipes.tuning import tune
 
     base = inputs["model"]
     model, tokenizer = load_model(base.path)
-    config = {"base_path": str(base.path), "base_fingerprint": base.fingerprint,
-              "rank": p.rank, "alpha": p.alpha, "dropout": p.dropout, "layers": p.layers,
-              "also_train": p.also_train,
-              "quantize_base": p.quantize_base, "nf4_block": p.nf4_block,
-              "double_quant": p.double_quant, "prompt": prompt_info(p)}
-    config["layers"] = adapt(model, config)  # the exact names, for loading
+    config = prepare(model, LoraConfig(
+        str(base.path), base.fingerprint, p.rank, p.alpha, p.dropout, tuple(p.layers),
+        tuple(p.also_train), p.quantize_base, p.nf4_block, p.double_quant, p.prompt()))
     model.train()
-    trainer, metrics = tune(context, model, tokenizer, p, inputs.get("data") or [])
-    if trainer.is_global_zero:
-        metrics["bytes_on_disk"] = save_adapter(context.output_dir("adapter"), model, config)
-    finish(context, trainer, "adapter")
+    fitted = tune(context, model, tokenizer, p, inputs.get("data") or [])
+    metrics = fitted.metrics
+    if fitted.trainer.is_global_zero:
+        out = context.output_dir("adapter")
+        metrics["bytes_on_disk"] = save_adapter(out, model, config)
+        loss_curve(context, out / "loss.png")
     metrics["base_bytes_in_memory"] = sum(
         t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
         if not t.requires_grad)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from gptflow import Context, Input, NodeType, hookimpl
-from gptflow.params import Params
+from gptflow.recipes.params import Params
 
 
 class MergeParams(Params):
@@ -23,9 +23,9 @@ class MergeParams(Params):
 def run(context: Context, inputs: dict[str, Any], p: MergeParams) -> dict[str, Any]:
     from gptflow.ml.checkpoint import load_plain, save_model
 
-    model, tokenizer, config = load_plain(inputs["adapter"].path)
+    model, tokenizer, loaded = load_plain(inputs["adapter"].path)
     size = save_model(context.output_dir("model"), model, tokenizer,
-                      prompt=config.get("prompt", {}))
+                      prompt=loaded.prompt.to_dict())
     return {"params": model.num_params(), "bytes_on_disk": size}
 
 

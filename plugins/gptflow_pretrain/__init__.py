@@ -6,12 +6,12 @@ YAML keys (``params``):
   ``norm: rmsnorm|layernorm``, ``mlp: swiglu|gelu``, ``attention: sdpa|naive``,
   ``n_kv_head``, ``context``, ...);
 * ``trainer``: lightning.Trainer settings (``max_steps``, ``precision``,
-  ``devices``, ``strategy``, ``accumulate_grad_batches``, ...);
+  ``devices``, ``strategy``, ``accumulate_grad_batches``, ...), and
+  ``peak_tflops``, the peak MFU is reported against (measured when absent);
 * ``optim``: AdamW (``lr``, ``min_lr``, ``warmup_steps``, ``beta2``, ``weight_decay``);
 * ``batch_size``, ``seed``;
 * ``tokens`` (``20x`` = 20 tokens per parameter, Chinchilla) or
   ``compute_budget_flops``: a budget that sets ``max_steps``;
-* ``peak_tflops``: the peak MFU is reported against (measured when absent).
 
 Inputs: ``tokens``; optional ``init``, a model to continue training.
 Output: ``model`` (config.json, model.safetensors, tokenizer.json, loss.png).
@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import Field
 
 from gptflow import Context, Input, NodeError, NodeType, hookimpl
-from gptflow.params import Budget, ModelParams, OptimParams, TrainerParams
+from gptflow.recipes.params import Budget, ModelParams, OptimParams, TrainerParams
 
 
 class PretrainParams(Budget):
@@ -36,12 +36,9 @@ class PretrainParams(Budget):
     """Sequences per micro-batch on each device."""
     seed: int = 1337
     """Seeds initialisation and the order of training windows."""
-    peak_tflops: float | None = Field(None, gt=0)
-    """Peak TFLOP/s for MFU; measured (CPU) or looked up (GPU) when absent."""
 
 
 def run(context: Context, inputs: dict[str, Any], p: PretrainParams) -> dict[str, Any]:
-    import lightning as L
     from torch.utils.data import DataLoader
 
     from gptflow.ml.checkpoint import load_model, save_model
@@ -49,9 +46,9 @@ def run(context: Context, inputs: dict[str, Any], p: PretrainParams) -> dict[str
     from gptflow.ml.lm import CausalLM
     from gptflow.ml.model import GPT
     from gptflow.ml.tokenizer import Tokenizer
-    from gptflow.ml.training import fit, loss_curve, peak_flops
+    from gptflow.recipes.training import fit, loss_curve, seed
 
-    L.seed_everything(p.seed, verbose=False)
+    seed(p.seed)
     folder = inputs["tokens"].path
     tokenizer = Tokenizer.load(folder / "tokenizer.json")
     if inputs.get("init") is not None:
@@ -67,39 +64,19 @@ def run(context: Context, inputs: dict[str, Any], p: PretrainParams) -> dict[str
     devices = tp.devices if isinstance(tp.devices, int) else 1
     tokens_per_step = p.batch_size * cfg.context * tp.accumulate_grad_batches * devices \
         * tp.num_nodes
-    n_params = model.num_params()
-    max_steps = p.steps(n_params, tokens_per_step, tp.max_steps)
+    max_steps = p.steps(model.num_params(), tokens_per_step, tp.max_steps)
     train = RandomWindows(TokenShards(folder, "train"), cfg.context, p.batch_size, p.seed)
     val = SequentialWindows(TokenShards(folder, "val"), cfg.context)
     if not len(val):
         raise NodeError("the tokens artifact has no validation split (val_fraction: 0)")
-    module = CausalLM(model, p.optim, max_steps)
-    trainer, tput, final = fit(context, module, train, DataLoader(val, batch_size=p.batch_size),
-                               tp, max_steps)
-    peak, source = ((p.peak_tflops * 1e12, "stated in params") if p.peak_tflops
-                    else peak_flops(tp.accelerator))
-    tokens_seen = trainer.global_step * tokens_per_step
-    flops_per_token = model.flops_per_token()
-    out = context.output_dir("model")
-    size = 0
-    if trainer.is_global_zero:
-        size = save_model(out, model, tokenizer, trained_tokens=tokens_seen)
+    fitted = fit(context, CausalLM(model, p.optim.config(), max_steps), train,
+                 DataLoader(val, batch_size=p.batch_size), tp, max_steps)
+    if fitted.trainer.is_global_zero:
+        out = context.output_dir("model")
+        fitted.metrics["bytes_on_disk"] = save_model(out, model, tokenizer,
+                                                     trained_tokens=fitted.metrics["tokens"])
         loss_curve(context, out / "loss.png")
-    return {
-        "params": n_params,
-        "trainable_params": sum(q.numel() for q in model.parameters() if q.requires_grad),
-        "steps": trainer.global_step,
-        "tokens": tokens_seen,
-        "flops": 6 * n_params * tokens_seen,
-        "chinchilla_tokens": 20 * n_params,
-        "tokens_per_s": tput.tokens_per_s,
-        "step_ms": 1000 * tokens_per_step / tput.tokens_per_s if tput.tokens_per_s else 0.0,
-        "mfu": tput.tokens_per_s * flops_per_token / peak if peak else 0.0,
-        "peak_flops": peak,
-        "peak_source": source,
-        "bytes_on_disk": size,
-        **final,
-    }
+    return fitted.metrics
 
 
 @hookimpl

@@ -21,16 +21,17 @@ the fly. Input: ``model``. Output: ``model`` (loadable by
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field
 
 from gptflow import Context, Input, NodeError, NodeType, hookimpl
-from gptflow.params import Params
+from gptflow.ml.config import QuantMethod
+from gptflow.recipes.params import Params
 
 
 class QuantizeParams(Params):
-    method: Literal["int8", "int8-dynamic", "int4", "nf4"] = "int8"
+    method: QuantMethod = "int8"
     """int8: per-channel symmetric, weight-only; int8-dynamic: the same weights with
     activations quantized per call (faster on CPU); int4: group-wise; nf4: QLoRA's
     NormalFloat."""
@@ -54,7 +55,7 @@ def run(context: Context, inputs: dict[str, Any], p: QuantizeParams) -> dict[str
         layers = quantize_model(model, p.method, p.group_size, p.embeddings)
     except ValueError as e:
         raise NodeError(f"params: {e}") from None
-    info = {k: v for k, v in read_config(source)[1].items() if k == "prompt"}
+    info = {k: v for k, v in read_config(source)[1].items() if k == "prompt"}  # kept as is
     size = save_model(context.output_dir("model"), model, tokenizer,
                       quantization={"method": p.method, "group_size": p.group_size,
                                     "embeddings": p.embeddings}, **info)

@@ -31,11 +31,11 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from gptflow import Context, Input, NodeError, NodeType, PathRef, hookimpl
-from gptflow.params import Params
+from gptflow.recipes.params import Params
 
 
 class SynthParams(Params):
-    tasks: list[Annotated[str, PathRef()]] = Field(default_factory=list)
+    tasks: list[Annotated[str, PathRef("tasks")]] = Field(default_factory=list)
     """Classification task sources: NI task files, .jsonl, builtin:sentiment4."""
     fields: tuple[str, str, str] = ("instruction", "input", "output")
     """Field names of instruction, input and output in .jsonl sources."""
@@ -63,9 +63,10 @@ def run(context: Context, inputs: dict[str, Any], p: SynthParams) -> dict[str, A
     from gptflow.ml.checkpoint import load_any
     from gptflow.ml.evaluation import classify, prompts_for
     from gptflow.ml.synthetic import Filters, Sampling, synthesize, targets
-    from gptflow.ml.tasks import Task, load_dataset_tasks, load_tasks, write_dataset
+    from gptflow.ml.tasks import Task, load_dataset_tasks, write_dataset
+    from gptflow.recipes import sources
 
-    tasks = [t for source in p.tasks for t in load_tasks(source, p.fields)]
+    tasks = [t for source in p.tasks for t in sources.tasks(source, p.fields)]
     tasks += [t for artifact in inputs.get("data") or [] for t in load_dataset_tasks(artifact.path)]
     if not tasks:
         raise NodeError("no tasks: give params.tasks or a data input")
@@ -77,16 +78,16 @@ def run(context: Context, inputs: dict[str, Any], p: SynthParams) -> dict[str, A
         if unknown:
             raise NodeError(f"params.counts: {', '.join(sorted(unknown))} not a label of "
                             f"{task.name!r} ({', '.join(task.labels)})")
-    generator, tokenizer, info = load_any(inputs["generator"].path)
-    if not info.get("prompt", {}).get("reverse"):
+    generator, tokenizer, loaded = load_any(inputs["generator"].path)
+    if not loaded.prompt.reverse:
         context.log.warning("the generator was not tuned with reverse: true; it may not "
                             "write texts for labels")
     checker = None
     if inputs.get("classifier") is not None:
-        clf, clf_tokenizer, clf_info = load_any(inputs["classifier"].path)
+        clf, clf_tokenizer, clf_loaded = load_any(inputs["classifier"].path)
 
         def checker(task: Task, texts: Any) -> list[str]:
-            prompts = prompts_for(task, texts, clf_info.get("prompt", {}))
+            prompts = prompts_for(task, texts, clf_loaded.prompt)
             return classify(clf, clf_tokenizer, prompts, task.labels or [])
 
     out = context.output_dir("dataset")
@@ -96,7 +97,7 @@ def run(context: Context, inputs: dict[str, Any], p: SynthParams) -> dict[str, A
         counts.update(Counter(i.outputs[0] for i in task.split("train")))
         need = targets(counts, p.balance, p.counts)
         outcome = synthesize(
-            task, generator, tokenizer, need, info.get("prompt", {}),
+            task, generator, tokenizer, need, loaded.prompt,
             Filters(p.min_chars, p.max_chars, p.near_duplicate, p.ngram),
             Sampling(p.temperature, p.top_k, p.top_p, p.max_new_tokens, p.batch,
                      p.max_attempts, p.seed),

@@ -23,13 +23,13 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 
 from gptflow import Context, NodeType, PathRef, hookimpl
-from gptflow.params import Params
+from gptflow.recipes.params import Params
 
 
 class TokenizeParams(Params):
-    corpus: list[Annotated[str, PathRef()]] = Field(min_length=1)
+    corpus: list[Annotated[str, PathRef("corpus")]] = Field(min_length=1)
     """Text sources: builtin:python-docs, builtin:reviews, files, folders, globs, .jsonl."""
-    tokenizer: Annotated[str, PathRef()] = "builtin:bpe"
+    tokenizer: Annotated[str, PathRef("tokenizer")] = "builtin:bpe"
     """builtin:bpe (train byte-level BPE), builtin:char, or a tokenizer.json path."""
     vocab_size: int = Field(4096, ge=300, le=1 << 20)
     """BPE vocabulary size, special tokens included."""
@@ -51,14 +51,15 @@ class TokenizeParams(Params):
 
 
 def run(context: Context, inputs: dict[str, Any], p: TokenizeParams) -> dict[str, Any]:
-    from gptflow.ml.data import iter_documents, write_tokens
+    from gptflow.ml.data import write_tokens
     from gptflow.ml.tokenizer import Tokenizer
+    from gptflow.recipes.sources import documents
 
     spool = context.work_dir / "documents.jsonl"
     started = time.perf_counter()
     with open(spool, "w", encoding="utf-8") as f:  # read every source once
         for source in p.corpus:
-            for doc in iter_documents(source, p.text_field):
+            for doc in documents(source, p.text_field):
                 f.write(json.dumps(doc, ensure_ascii=False) + "\n")
     context.log.info("read the corpus in %.1f s", time.perf_counter() - started)
 

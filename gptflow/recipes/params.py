@@ -1,4 +1,4 @@
-"""Params models shared by training nodes (pure pydantic: no torch).
+"""Params models shared by training nodes (pydantic; importing them imports no torch).
 
 Field docstrings are the help text of ``gptflow plugins NAME`` and the JSON
 Schema; cross-field checks name the YAML key in their message.
@@ -7,12 +7,13 @@ Schema; cross-field checks name the YAML key in their message.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from gptflow.ml.config import PRESETS, GPTConfig, preset_config
-from gptflow.ml.tasks import DEFAULT_TEMPLATE
+from gptflow.ml.config import MLP, PRESETS, Attention, GPTConfig, Norm, Position, preset_config
+from gptflow.ml.optim import Optim
+from gptflow.ml.prompts import DEFAULT_TEMPLATE, PromptFormat
 from gptflow.nodes import Input, PathRef
 
 
@@ -35,18 +36,24 @@ class ModelParams(Params):
     """Key/value heads for grouped-query attention (divides n_head)."""
     d_model: int | None = None
     d_ff: int | None = None
-    position: Literal["learned", "rope"] | None = None
+    position: Position | None = None
     """learned absolute positions (GPT-2) or rotary embeddings (RoPE)."""
-    norm: Literal["layernorm", "rmsnorm"] | None = None
-    mlp: Literal["gelu", "swiglu"] | None = None
-    attention: Literal["sdpa", "naive"] | None = None
+    norm: Norm | None = None
+    mlp: MLP | None = None
+    attention: Attention | None = None
     """sdpa = torch's fused scaled_dot_product_attention (FlashAttention kernels on GPU)."""
     rope_theta: float | None = None
+    rope_scaling: dict[str, Any] | None = None
+    """RoPE frequency scaling as Hugging Face writes it: {rope_type: linear, factor: F}
+    or {rope_type: llama3, factor, low_freq_factor, high_freq_factor,
+    original_max_position_embeddings}."""
     norm_eps: float | None = None
     bias: bool | None = None
     dropout: float | None = Field(None, ge=0, lt=1)
     tie_embeddings: bool | None = None
     """Reuse the token embedding as the output head: softmax(W^T h)."""
+    init_std: float | None = Field(None, gt=0)
+    """Standard deviation of the initial weights (residual projections: / sqrt(2 n_layer))."""
 
     @model_validator(mode="after")
     def _builds(self) -> ModelParams:
@@ -72,6 +79,9 @@ class OptimParams(Params):
     beta2: float = 0.99
     weight_decay: float = Field(0.1, ge=0)
     """Applied to weight matrices and embeddings only, never to norms or biases."""
+
+    def config(self) -> Optim:
+        return Optim(**self.model_dump())
 
 
 class TrainerParams(Params):
@@ -100,6 +110,9 @@ class TrainerParams(Params):
     """Steps between resumable checkpoints (kept in the node's work folder)."""
     loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
     """Extra Lightning loggers; CSV metrics are always written."""
+    peak_tflops: float | None = Field(None, gt=0)
+    """Peak TFLOP/s that MFU is reported against; measured (CPU) or looked up (GPU)
+    when absent."""
 
     @field_validator("max_time")
     @classmethod
@@ -152,7 +165,7 @@ class Budget(Params):
 class InstructionParams(Params):
     """Instruction tuning on tasks: what full fine-tuning and LoRA share."""
 
-    tasks: list[Annotated[str, PathRef()]] = Field(default_factory=list)
+    tasks: list[Annotated[str, PathRef("tasks")]] = Field(default_factory=list)
     """Task sources: NI task .json files, folders, globs, .jsonl, builtin:sentiment4."""
     fields: tuple[str, str, str] = ("instruction", "input", "output")
     """Field names of instruction, input and output in .jsonl sources."""
@@ -167,6 +180,10 @@ class InstructionParams(Params):
     reverse: bool = False
     """Train the tasks backwards — write an input given its output (a review given
     its label): the generator that generate-synthetic-data samples from."""
+
+    def prompt(self) -> PromptFormat:
+        """How the tuned model is prompted: stored with it for evaluate and synth."""
+        return PromptFormat(self.template, self.k_examples, self.reverse)
     trainer: TrainerParams = Field(default_factory=lambda: TrainerParams(max_steps=300))
     optim: OptimParams = Field(default_factory=lambda: OptimParams(lr=5e-4, min_lr=5e-5,
                                                                    warmup_steps=20))

@@ -1,10 +1,12 @@
 """Driving a Lightning Trainer for a gptflow node: trainer params, resumable
-checkpoints keyed by fingerprint, progress, throughput and MFU, loss curves."""
+checkpoints keyed by fingerprint, progress, throughput, the training report,
+loss curves."""
 
 from __future__ import annotations
 
 import csv
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,39 +17,25 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from torch.utils.data import DataLoader, IterableDataset
 
 from gptflow.memory import PeakMemory
+from gptflow.ml.model import GPT
 from gptflow.nodes import Context
-from gptflow.params import TrainerParams
-
-# dense bf16 peaks of common accelerators, for MFU (FLOP/s)
-GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
-             "L4": 121e12, "RTX 4090": 165e12, "V100": 125e12, "T4": 65e12}
+from gptflow.recipes.params import TrainerParams
+from gptflow.recipes.report import peak_flops, training_report
 
 
-def peak_flops(accelerator: str) -> tuple[float, str]:
-    """The peak MFU is measured against, and where the figure comes from."""
-    if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"):
-        name = torch.cuda.get_device_name()
-        for key, value in GPU_PEAKS.items():
-            if key in name:
-                return value, f"{name} dense bf16 datasheet"
-        return 0.0, f"{name}: unknown peak"
-    n = 1024  # measured: a square fp32 matmul, the best this CPU does
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best, f"measured fp32 matmul, {torch.get_num_threads()} threads"
+def seed(value: int) -> None:
+    """Seed Python, numpy and torch (every rank alike)."""
+    L.seed_everything(value, verbose=False)
 
 
 class Throughput(Callback):
-    """Tokens/s over training steps only (validation excluded), and progress."""
+    """Tokens/s over training steps only (validation and warm-up excluded), the
+    tokens of every batch, and progress."""
 
     def __init__(self, context: Context, max_steps: int) -> None:
         self.context, self.max_steps = context, max_steps
         self.train_time, self.tokens, self._start, self._batch_tokens = 0.0, 0, 0.0, 0
+        self.timed_batches, self.seen, self.batches = 0, 0, 0
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any,
                              *args: Any) -> None:
@@ -56,9 +44,12 @@ class Throughput(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any,
                            *args: Any) -> None:
+        self.seen += self._batch_tokens
+        self.batches += 1
         if trainer.global_step > 2 or self.max_steps <= 10:  # skip warm-up steps
             self.train_time += time.perf_counter() - self._start
             self.tokens += self._batch_tokens
+            self.timed_batches += 1
         step = trainer.global_step
         if trainer.is_global_zero and (step % 10 == 0 or step == self.max_steps):
             loss = outputs["loss"].item() if isinstance(outputs, dict) else float("nan")
@@ -100,12 +91,21 @@ def make_trainer(context: Context, tp: TrainerParams, max_steps: int,
         use_distributed_sampler=False)
 
 
+@dataclass
+class Fitted:
+    """What a training run leaves: the trainer (rank, global step) and its metrics
+    (what the module logged, the full-split validation, the training report)."""
+
+    trainer: L.Trainer
+    metrics: dict[str, Any]
+
+
 def fit(context: Context, module: L.LightningModule, train: IterableDataset[Any],
-        val_loader: DataLoader[Any], tp: TrainerParams, max_steps: int
-        ) -> tuple[L.Trainer, Throughput, dict[str, float]]:
-    """Train (resuming from the last checkpoint of this fingerprint), then
-    measure the validation loss over the whole split; returns the final metrics
-    (what the module logged, the full-split validation, resumed_from_step)."""
+        val_loader: DataLoader[Any], tp: TrainerParams, max_steps: int) -> Fitted:
+    """Train ``module.model`` (resuming from the last checkpoint of this fingerprint),
+    then measure the validation loss over the whole split."""
+    model = module.model
+    assert isinstance(model, GPT), "a training module keeps its GPT as .model"
     throughput = Throughput(context, max_steps)
     resume = ResumeData(train)
     trainer = make_trainer(context, tp, max_steps, [throughput, resume])
@@ -119,15 +119,22 @@ def fit(context: Context, module: L.LightningModule, train: IterableDataset[Any]
         trainer.fit(module, train_dataloaders=DataLoader(train, batch_size=None),
                     val_dataloaders=val_loader,
                     ckpt_path=str(last) if last.exists() else None)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    metrics["train_peak_rss_bytes"] = peak.bytes  # the process: libraries and data included
+    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    memory = {"train_peak_rss_bytes": peak.bytes}  # the process: libraries and data included
     if cuda:
-        metrics["train_peak_cuda_bytes"] = torch.cuda.max_memory_allocated(
+        memory["train_peak_cuda_bytes"] = torch.cuda.max_memory_allocated(
             trainer.strategy.root_device)
     trainer.limit_val_batches = 1.0  # the final validation covers the whole split
     (final,) = trainer.validate(module, dataloaders=val_loader, verbose=False)
-    metrics["resumed_from_step"] = resume.start_step
-    return trainer, throughput, {**metrics, **{k: float(v) for k, v in final.items()}}
+    steps_run = trainer.global_step - resume.start_step
+    per_step = throughput.seen / steps_run if steps_run else 0.0
+    step_s = (throughput.train_time / throughput.timed_batches * tp.accumulate_grad_batches
+              if throughput.timed_batches else 0.0)
+    report = training_report(model, trainer.global_step, round(per_step * trainer.global_step),
+                             throughput.tokens_per_s, step_s,
+                             peak_flops(tp.accelerator, tp.peak_tflops), resume.start_step,
+                             memory)
+    return Fitted(trainer, {**metrics, **{k: float(v) for k, v in final.items()}, **report})
 
 
 class ResumeData(Callback):

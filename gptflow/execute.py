@@ -1,0 +1,207 @@
+"""Execute one node: under its fingerprint's lock, into a staging folder that
+the store publishes atomically, with its output sent to its log file. Results
+and progress go to a ``report`` callback as typed events, so the same code runs
+in the runner's process and in a worker process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gptflow.errors import NodeError
+from gptflow.manager import Plugins
+from gptflow.memory import PeakMemory
+from gptflow.nodes import Artifact
+from gptflow.plan import Step
+from gptflow.records import NodeRecord, NodeStatus
+from gptflow.store import Store, now
+
+
+@dataclass(frozen=True)
+class Progress:
+    completed: float
+    total: float | None
+    text: str
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Another run holds the node's lock."""
+
+
+@dataclass(frozen=True)
+class Done:
+    status: NodeStatus  # ran, or cached (another run made it meanwhile)
+    metrics: dict[str, Any]
+    duration_s: float | None = None
+    peak_mem_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: str  # one line
+
+
+Event = Progress | Waiting | Done | Failed
+Report = Callable[[Event], None]
+
+
+@dataclass
+class Job:
+    """Everything a worker needs to run one node (picklable)."""
+
+    run_id: str
+    node: str
+    plugin: str
+    params: dict[str, Any]
+    fingerprint: str
+    manifest: dict[str, Any]
+    inputs: dict[str, Any]  # slot -> Artifact | list[Artifact] | None
+    outputs: dict[str, str]
+    store_root: str
+    log_path: str
+    force: bool
+
+
+class NodeContext:
+    """The concrete :class:`gptflow.Context` handed to a node's run()."""
+
+    def __init__(self, job: Job, staging: Path, store: Store, plugins: Plugins,
+                 report: Report, log: logging.Logger) -> None:
+        self.node = job.node
+        self.fingerprint = job.fingerprint
+        self.work_dir = store.work_dir(job.fingerprint)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.log = log
+        self.meta: dict[str, dict[str, Any]] = {name: {} for name in job.outputs}
+        self._staging, self._plugins, self._report = staging, plugins, report
+
+    def output_dir(self, name: str) -> Path:
+        if name not in self.meta:
+            raise KeyError(f"node {self.node!r} has no output {name!r}")
+        return self._staging / name
+
+    def progress(self, completed: float, total: float | None = None, text: str = "") -> None:
+        self._report(Progress(completed, total, text))
+
+    def set_meta(self, output: str, **meta: Any) -> None:
+        self.meta[output].update(meta)
+
+    def training_callbacks(self) -> list[Any]:
+        return self._plugins.training_callbacks(self.node)
+
+
+def execute(job: Job, plugins: Plugins, report: Report) -> None:
+    """Run one node under its lock and publish it; report Done or Failed."""
+    store = Store(job.store_root)
+    with store.lock(job.fingerprint, on_wait=lambda: report(Waiting())):
+        if store.has(job.fingerprint) and not job.force:  # another run made it meanwhile
+            report(Done(NodeStatus.CACHED, store.node_record(job.fingerprint).metrics))
+            return
+        if job.force:  # recompute from scratch, not from an old checkpoint
+            shutil.rmtree(store.work_dir(job.fingerprint), ignore_errors=True)
+        staging = store.stage(job.fingerprint)
+        for name in job.outputs:
+            (staging / name).mkdir()
+        log = node_logger(job)
+        started = time.perf_counter()
+        try:
+            metrics, context, peak = run_node(job, plugins, store, staging, report, log)
+            empty = [n for n in job.outputs if not any((staging / n).iterdir())]
+            if empty:
+                raise NodeError(f"wrote nothing to output(s) {', '.join(empty)}")
+            duration = time.perf_counter() - started
+            metrics.setdefault("peak_mem_bytes", peak)
+            record = NodeRecord(node=job.node, plugin=job.plugin,
+                                version=job.manifest["version"], run_id=job.run_id,
+                                fingerprint=job.fingerprint, manifest=job.manifest,
+                                metrics=metrics, duration_s=duration, created=now())
+            store.publish(staging, job.fingerprint, record,
+                          {n: (t, context.meta[n]) for n, t in job.outputs.items()})
+            shutil.rmtree(store.work_dir(job.fingerprint), ignore_errors=True)  # resume state
+        except BaseException as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            log.error("%s", traceback.format_exc())
+            if isinstance(e, Exception):
+                report(Failed(_one_line(e)))
+                return
+            raise
+        finally:
+            for handler in list(log.handlers):
+                handler.close()
+                log.removeHandler(handler)
+        report(Done(NodeStatus.RAN, metrics, duration, peak))
+
+
+def run_node(job: Job, plugins: Plugins, store: Store, staging: Path, report: Report,
+             log: logging.Logger) -> tuple[dict[str, Any], NodeContext, int]:
+    """Call the node's run() with its output going to the log; returns
+    (metrics, context, peak resident bytes)."""
+    with _redirect_output(job.log_path), PeakMemory() as peak:
+        node_type = plugins.node_types[job.plugin].node_type
+        params = node_type.params.model_validate(job.params)
+        context = NodeContext(job, staging, store, plugins, report, log)
+        metrics = dict(node_type.run(context, job.inputs, params) or {})
+    return metrics, context, peak.bytes
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    message = text[0] if text else ""
+    return message if isinstance(e, NodeError) else f"{type(e).__name__}: {message}"
+
+
+def node_logger(job: Job) -> logging.Logger:
+    log = logging.getLogger(f"gptflow.node.{job.node}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    handler = logging.FileHandler(job.log_path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    return log
+
+
+@contextmanager
+def _redirect_output(log_path: str) -> Iterator[None]:
+    """Send everything the node prints (Lightning, warnings) to its log file."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log_path, "a", encoding="utf-8") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def make_job(run_id: str, step: Step, inputs: dict[str, Any], store: Store, log: str) -> Job:
+    return Job(run_id, step.node.name, step.node.plugin, step.node.params.model_dump(mode="json"),
+               step.fingerprint, step.manifest, inputs, dict(step.node.node_type.outputs),
+               str(store.root), log, step.reason == "forced")
+
+
+def resolve_inputs(step: Step, store: Store, fingerprints: dict[str, str]) -> dict[str, Any]:
+    """Slot -> verified upstream artifact(s), as the node's run() receives them."""
+    inputs: dict[str, Any] = {}
+    for slot, spec in step.node.node_type.inputs.items():
+        arts: list[Artifact] = [store.outputs(fingerprints[r.node])[r.output]
+                                for r in step.node.inputs.get(slot, [])]
+        inputs[slot] = arts if spec.many else (arts[0] if arts else None)
+    return inputs

@@ -1,0 +1,62 @@
+"""Instruction tuning shared by full fine-tuning, LoRA and task distillation:
+load the tasks, encode them with the prompt masked, train, report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from gptflow.errors import NodeError
+from gptflow.ml.instruct import Batches, InstructionBatches, encode_examples
+from gptflow.ml.lm import CausalLM
+from gptflow.ml.model import GPT
+from gptflow.ml.optim import Optim
+from gptflow.ml.quant import logical_params
+from gptflow.ml.tasks import load_dataset_tasks, reversed_task
+from gptflow.ml.tokenizer import Tokenizer
+from gptflow.nodes import Artifact, Context
+from gptflow.recipes import sources
+from gptflow.recipes.params import InstructionParams
+from gptflow.recipes.training import Fitted, fit, seed
+
+
+def tune(context: Context, model: GPT, tokenizer: Tokenizer, p: InstructionParams,
+         data: Sequence[Artifact] = (),
+         make_module: Callable[[GPT, Optim, int], CausalLM] = CausalLM) -> Fitted:
+    """Train ``model`` (its trainable parameters) on the tasks, with the loss of
+    ``make_module`` (plain next-token loss by default)."""
+    seed(p.seed)
+    tasks = [t for source in p.tasks for t in sources.tasks(source, p.fields)]
+    tasks += [t for artifact in data for t in load_dataset_tasks(artifact.path)]
+    if not tasks:
+        raise NodeError("no tasks: give params.tasks or a data input")
+    if p.reverse:
+        tasks = [reversed_task(t) for t in tasks]
+    max_len = min(p.max_len or model.config.context, model.config.context)
+    train, val = (encode_examples(tasks, tokenizer, split, max_len, p.prompt(),
+                                  p.max_per_task if split == "train" else None, p.seed)
+                  for split in ("train", "val"))
+    if not val:
+        raise NodeError("the tasks have no validation instances")
+    context.log.info("%d training and %d validation examples from %d tasks", len(train),
+                     len(val), len(tasks))
+    module = make_module(model, p.optim.config(), p.trainer.max_steps)
+    batches = InstructionBatches(train, p.batch_size, tokenizer.pad_id, p.seed)
+    val_loader = DataLoader(Batches(val, p.batch_size, tokenizer.pad_id), batch_size=None)
+    fitted = fit(context, module, batches, val_loader, p.trainer, p.trainer.max_steps)
+    fitted.metrics.update(train_examples=len(train), val_examples=len(val), tasks=len(tasks),
+                          **tuning_footprint(model))
+    return fitted
+
+
+def tuning_footprint(model: GPT) -> dict[str, Any]:
+    """What tuning holds for the model: its weights as stored (NF4 for QLoRA) and,
+    for each trainable parameter, its gradient and AdamW's two moments."""
+    trainable = [q for q in model.parameters() if q.requires_grad]
+    n_trainable = sum(q.numel() for q in trainable)
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return {"trainable_share": n_trainable / logical_params(model),
+            "train_state_bytes": weights + 3 * sum(q.numel() * q.element_size()
+                                                   for q in trainable)}

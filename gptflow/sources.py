@@ -1,0 +1,89 @@
+"""What a params value may name: local files, folders and globs, or a
+``builtin:`` source from the one registry below.
+
+Validation consults this module (so a misspelled ``builtin:revews`` is an error
+before anything runs), the planner hashes what :func:`expand_path` finds, and
+the recipes layer turns each name into data. Pure Python: no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+PREFIX = "builtin:"
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """A source gptflow makes itself, with no download."""
+
+    kind: str  # corpus, tasks or tokenizer: which params fields may name it
+    doc: str
+    options: bool = False  # takes ``?key=value&...`` after its name
+
+
+BUILTINS: dict[str, Builtin] = {
+    "python-docs": Builtin("corpus", "docstrings of the running Python's standard library"),
+    "reviews": Builtin("corpus", "generated reviews, each with its sentiment"),
+    "sentiment4": Builtin("tasks", "the 4-class review task (Positive, Negative, Neutral, "
+                                   "Mixed); ?n=2000&seed=0&test=400&Mixed=0.05", options=True),
+    "bpe": Builtin("tokenizer", "train a byte-level BPE tokenizer on the corpus"),
+    "char": Builtin("tokenizer", "one token per character of the corpus"),
+}
+
+
+def is_builtin(value: str) -> bool:
+    return value.startswith(PREFIX)
+
+
+def builtin_name(value: str) -> tuple[str, str]:
+    """``builtin:NAME?QUERY`` -> (NAME, QUERY)."""
+    name, _, query = value.removeprefix(PREFIX).partition("?")
+    return name, query
+
+
+def check_builtin(value: str, kinds: tuple[str, ...]) -> str | None:
+    """Why ``value`` is not a built-in source that a field of ``kinds`` takes, or None."""
+    from gptflow.errors import did_you_mean
+
+    name, query = builtin_name(value)
+    known = [n for n, b in BUILTINS.items() if b.kind in kinds]
+    if not known:
+        return f"{value!r}: this param takes paths, not built-in sources"
+    if name not in known:
+        return (f"unknown built-in source {value!r}{did_you_mean(name, known)}; "
+                f"known here: {', '.join(PREFIX + n for n in known)}")
+    if query and not BUILTINS[name].options:
+        return f"{PREFIX}{name} takes no options (got ?{query})"
+    return None
+
+
+def expand_path(value: str) -> list[Path]:
+    """The files or folders a path, folder or glob names; ``builtin:`` names none.
+
+    Raises FileNotFoundError when nothing matches.
+    """
+    if is_builtin(value):
+        return []
+    if any(c in value for c in "*?["):
+        matches = sorted(Path().glob(value)) if not Path(value).is_absolute() else sorted(
+            Path("/").glob(value.lstrip("/")))
+        if not matches:
+            raise FileNotFoundError(f"no file matches {value!r}")
+        return matches
+    path = Path(value)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or folder: {value!r}")
+    return [path]
+
+
+def check_source(value: str, builtins: tuple[str, ...]) -> str | None:
+    """Why ``value`` names nothing a field taking ``builtins`` sources accepts, or None."""
+    if is_builtin(value):
+        return check_builtin(value, builtins)
+    try:
+        expand_path(value)
+    except FileNotFoundError as e:
+        return str(e)
+    return None
