@@ -303,7 +303,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise InputError(f"{target}: exists and is not empty; export needs a new folder")
     from gptflow.ml.checkpoint import ModelLoadError
     from gptflow.ml.export import export
-    from gptflow.ml.hf import HFError
+    from gptflow.ml.families import HFError
 
     try:
         what = export(source, target)

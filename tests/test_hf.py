@@ -13,8 +13,9 @@ import torch
 
 from gptflow.ml.checkpoint import load_model, save_model
 from gptflow.ml.config import preset_config
+from gptflow.ml.families import read_family
 from gptflow.ml.generate import generate
-from gptflow.ml.hf import HFError, config_from_hf, export_hf, import_hf
+from gptflow.ml.hf import HFError, export_hf, import_hf
 from gptflow.ml.model import GPT, scale_rope
 from gptflow.ml.tokenizer import Tokenizer
 
@@ -77,18 +78,18 @@ def test_export_then_import_is_exact(tmp_path, tokenizer, family, overrides):
 
 def test_unmappable_configs_name_the_field(tmp_path, tokenizer):
     with pytest.raises(HFError, match="model_type: 'mamba' is not supported"):
-        config_from_hf({"model_type": "mamba"}, "x/config.json")
+        read_family({"model_type": "mamba"}, "x/config.json")
     with pytest.raises(HFError, match="activation_function: 'relu'"):
-        config_from_hf({"model_type": "gpt2", "activation_function": "relu", "vocab_size": 10,
+        read_family({"model_type": "gpt2", "activation_function": "relu", "vocab_size": 10,
                         "n_layer": 1, "n_head": 1, "n_embd": 8}, "x/config.json")
     llama = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
              "num_hidden_layers": 1, "num_attention_heads": 2}
     with pytest.raises(HFError, match=r"rope_scaling\.rope_type 'yarn' is not supported"):
-        config_from_hf({**llama, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "x")
+        read_family({**llama, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "x")
     with pytest.raises(HFError, match="intermediate_size: missing"):
-        config_from_hf({k: v for k, v in llama.items() if k != "intermediate_size"}, "x")
+        read_family({k: v for k, v in llama.items() if k != "intermediate_size"}, "x")
     with pytest.raises(HFError, match="mlp_bias"):
-        config_from_hf({**llama, "attention_bias": True}, "x")
+        read_family({**llama, "attention_bias": True}, "x")
     with pytest.raises(HFError, match="norm=rmsnorm"):  # no HF architecture computes this mix
         export_hf(gptflow_model("gpt2", tokenizer, norm="rmsnorm"), tokenizer, tmp_path / "m")
 

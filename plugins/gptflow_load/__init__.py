@@ -28,13 +28,14 @@ def run(context: Context, inputs: dict[str, Any], p: LoadParams) -> dict[str, An
     from pathlib import Path
 
     from gptflow.ml.checkpoint import load_model, save_model
-    from gptflow.ml.hf import family_of, is_hf_folder, load_hf
+    from gptflow.ml.families import family_of
+    from gptflow.ml.hf import is_hf_folder, load_hf
 
     source = Path(p.path)
     try:
         if is_hf_folder(source):
             model, tokenizer = load_hf(source)
-            family = family_of(model.config)
+            family = family_of(model.config).name
         else:
             model, tokenizer = load_model(source)
             family = "gptflow"

@@ -1,0 +1,210 @@
+"""Hugging Face model families, one record each (litgpt's per-model converters):
+which switches of the one GPT compute the family, how its ``config.json`` maps
+onto a :class:`GPTConfig` and back, and its weight map. Adding a family is
+adding one record to ``FAMILIES``.
+
+A weight-map row names, for one Hugging Face tensor, the gptflow tensor(s) it
+is: GPT-2 fuses q/k/v into ``c_attn`` (several rows joined along dim 0) and
+stores its linear weights transposed (``Conv1D``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gptflow.ml.config import GPTConfig
+
+
+class HFError(ValueError):
+    """A Hugging Face folder gptflow cannot map; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Row:
+    ours: tuple[str, ...]  # gptflow tensors, concatenated along dim 0 when several
+    theirs: str
+    transposed: bool = False  # GPT-2 Conv1D keeps (in, out)
+
+
+class Fields:
+    """A config.json being read: every refusal names the field and the file."""
+
+    def __init__(self, data: Mapping[str, Any], where: str) -> None:
+        self.data, self.where = data, where
+
+    def get(self, field: str, default: Any = None) -> Any:
+        return self.data.get(field, default)
+
+    def need(self, field: str) -> Any:
+        if field not in self.data:
+            raise self.refuse(field, "missing")
+        return self.data[field]
+
+    def refuse(self, field: str, why: str) -> HFError:
+        return HFError(f"{self.where}: {field}: {why}")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # config.json's model_type
+    architecture: str  # config.json's architectures[0]
+    computes: Callable[[GPTConfig], bool]  # whether this family computes what a config does
+    read_config: Callable[[Fields], dict[str, Any]]  # -> GPTConfig fields
+    write_config: Callable[[GPTConfig], dict[str, Any]]  # -> family-specific config.json keys
+    rows: Callable[[GPTConfig], list[Row]]  # the weight map, head excluded
+    peft_exact: bool  # its adapted layers have PEFT names (GPT-2 fuses q/k/v: no)
+    checkpoint_prefix: str = ""  # prefixed to tensors saved without it (GPT2Model files)
+
+    def weight_map(self, config: GPTConfig) -> list[Row]:
+        rows = self.rows(config)
+        if not config.tie_embeddings:
+            rows.append(Row(("lm_head.weight",), "lm_head.weight"))
+        return rows
+
+
+# -- GPT-2 ---------------------------------------------------------------------------
+GPT2_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # the tanh approximation we compute
+GPT2_DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
+
+
+def _gpt2_computes(c: GPTConfig) -> bool:
+    return (c.position, c.norm, c.mlp) == ("learned", "layernorm", "gelu") \
+        and c.kv_heads == c.n_head
+
+
+def _gpt2_read(f: Fields) -> dict[str, Any]:
+    act = f.get("activation_function", "gelu_new")
+    if act not in GPT2_GELU:
+        raise f.refuse("activation_function", f"{act!r} is not supported (only the tanh "
+                       f"GELU: {', '.join(GPT2_GELU)})")
+    for field in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
+        if f.get(field):
+            raise f.refuse(field, "true is not supported")
+    if f.get("scale_attn_weights", True) is not True:
+        raise f.refuse("scale_attn_weights", "false is not supported")
+    return dict(vocab_size=f.need("vocab_size"), context=f.get("n_positions", 1024),
+                n_layer=f.need("n_layer"), n_head=f.need("n_head"), d_model=f.need("n_embd"),
+                d_ff=f.get("n_inner"), position="learned", norm="layernorm", mlp="gelu",
+                bias=True, norm_eps=f.get("layer_norm_epsilon", 1e-5),
+                tie_embeddings=f.get("tie_word_embeddings", True))
+
+
+def _gpt2_write(c: GPTConfig) -> dict[str, Any]:
+    return {"n_positions": c.context, "n_embd": c.d_model, "n_layer": c.n_layer,
+            "n_head": c.n_head, "n_inner": c.d_ff, "activation_function": "gelu_new",
+            "layer_norm_epsilon": c.norm_eps, **dict.fromkeys(GPT2_DROPOUTS, 0.0)}
+
+
+def _gpt2_rows(c: GPTConfig) -> list[Row]:
+    rows = [Row(("embed.weight",), "transformer.wte.weight"),
+            Row(("pos_embed.weight",), "transformer.wpe.weight")]
+    for i in range(c.n_layer):
+        b, h = f"blocks.{i}.", f"transformer.h.{i}."
+        for s in ("weight", "bias"):
+            conv = s == "weight"
+            rows += [Row((f"{b}attn_norm.{s}",), f"{h}ln_1.{s}"),
+                     Row(tuple(f"{b}attn.{x}_proj.{s}" for x in "qkv"), f"{h}attn.c_attn.{s}",
+                         conv),
+                     Row((f"{b}attn.o_proj.{s}",), f"{h}attn.c_proj.{s}", conv),
+                     Row((f"{b}mlp_norm.{s}",), f"{h}ln_2.{s}"),
+                     Row((f"{b}mlp.up_proj.{s}",), f"{h}mlp.c_fc.{s}", conv),
+                     Row((f"{b}mlp.down_proj.{s}",), f"{h}mlp.c_proj.{s}", conv)]
+    rows += [Row(("norm.weight",), "transformer.ln_f.weight"),
+             Row(("norm.bias",), "transformer.ln_f.bias")]
+    return rows
+
+
+GPT2 = Family("gpt2", "GPT2LMHeadModel", _gpt2_computes, _gpt2_read, _gpt2_write, _gpt2_rows,
+              peft_exact=False, checkpoint_prefix="transformer.")
+
+
+# -- Llama ---------------------------------------------------------------------------
+def _llama_computes(c: GPTConfig) -> bool:
+    return (c.position, c.norm, c.mlp) == ("rope", "rmsnorm", "swiglu")
+
+
+def _llama_read(f: Fields) -> dict[str, Any]:
+    act = f.get("hidden_act", "silu")
+    if act != "silu":
+        raise f.refuse("hidden_act", f"{act!r} is not supported (silu)")
+    d, heads = f.need("hidden_size"), f.need("num_attention_heads")
+    if f.get("head_dim") not in (None, d // heads):
+        raise f.refuse("head_dim", f"{f.get('head_dim')} differs from hidden_size / "
+                       f"num_attention_heads = {d // heads}")
+    bias = bool(f.get("attention_bias", False))
+    if bool(f.get("mlp_bias", False)) != bias:
+        raise f.refuse("mlp_bias", "must equal attention_bias (one bias switch for all "
+                       "linear layers)")
+    rope = dict(f.get("rope_parameters") or {})  # transformers 5 keeps theta here
+    theta = rope.pop("rope_theta", f.get("rope_theta", 10000.0))
+    scaling = f.get("rope_scaling") or rope
+    kind_field = "rope_type" if "rope_type" in scaling else "type"
+    rope_type = scaling.get(kind_field, "default")
+    scaling = ({"rope_type": rope_type, **{k: v for k, v in scaling.items()
+                                           if k not in ("rope_type", "type")}}
+               if rope_type != "default" else None)
+    return dict(vocab_size=f.need("vocab_size"), context=f.get("max_position_embeddings", 2048),
+                n_layer=f.need("num_hidden_layers"), n_head=heads,
+                n_kv_head=f.get("num_key_value_heads") or heads, d_model=d,
+                d_ff=f.need("intermediate_size"), position="rope", norm="rmsnorm", mlp="swiglu",
+                bias=bias, rope_theta=float(theta), rope_scaling=scaling,
+                norm_eps=f.get("rms_norm_eps", 1e-6),
+                tie_embeddings=f.get("tie_word_embeddings", False))
+
+
+def _llama_write(c: GPTConfig) -> dict[str, Any]:
+    return {"hidden_size": c.d_model, "intermediate_size": c.ff_dim,
+            "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+            "num_key_value_heads": c.kv_heads, "head_dim": c.head_dim,
+            "max_position_embeddings": c.context, "rms_norm_eps": c.norm_eps,
+            "rope_theta": c.rope_theta, "rope_scaling": c.rope_scaling,
+            "attention_bias": c.bias, "mlp_bias": c.bias, "hidden_act": "silu",
+            "attention_dropout": 0.0}
+
+
+def _llama_rows(c: GPTConfig) -> list[Row]:
+    rows = [Row(("embed.weight",), "model.embed_tokens.weight")]
+    suffixes = ("weight", "bias") if c.bias else ("weight",)
+    for i in range(c.n_layer):
+        b, h = f"blocks.{i}.", f"model.layers.{i}."
+        rows += [Row((f"{b}attn_norm.weight",), f"{h}input_layernorm.weight"),
+                 Row((f"{b}mlp_norm.weight",), f"{h}post_attention_layernorm.weight")]
+        rows += [Row((f"{b}attn.{x}_proj.{s}",), f"{h}self_attn.{x}_proj.{s}")
+                 for x in "qkvo" for s in suffixes]
+        rows += [Row((f"{b}mlp.{x}_proj.{s}",), f"{h}mlp.{x}_proj.{s}")
+                 for x in ("gate", "up", "down") for s in suffixes]
+    rows.append(Row(("norm.weight",), "model.norm.weight"))
+    return rows
+
+
+LLAMA = Family("llama", "LlamaForCausalLM", _llama_computes, _llama_read, _llama_write,
+               _llama_rows, peft_exact=True)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA)}
+
+
+def family_of(config: GPTConfig) -> Family:
+    """The Hugging Face family whose computation equals this config's."""
+    for family in FAMILIES.values():
+        if family.computes(config):
+            return family
+    raise HFError(f"no Hugging Face architecture computes position={config.position}, "
+                  f"norm={config.norm}, mlp={config.mlp}"
+                  + (f", n_kv_head={config.n_kv_head}" if config.position == "learned" else "")
+                  + ": GPT-2 is learned+layernorm+gelu, Llama rope+rmsnorm+swiglu")
+
+
+def read_family(data: Mapping[str, Any], where: str) -> tuple[GPTConfig, Family]:
+    """The family of a Hugging Face config.json and a GPTConfig computing what it says."""
+    fields = Fields(data, where)
+    family = FAMILIES.get(str(data.get("model_type")))
+    if family is None:
+        raise fields.refuse("model_type", f"{data.get('model_type')!r} is not supported "
+                            f"({', '.join(FAMILIES)})")
+    fields_of_config = family.read_config(fields)
+    try:
+        return GPTConfig(**fields_of_config), family
+    except ValueError as e:  # the config's own consistency checks
+        raise HFError(f"{where}: {e}") from None
