@@ -52,7 +52,7 @@ def _plots(folder: Path, models: Sequence[str], tasks: Sequence[str],
         ax.set_ylabel("true")
         for i in range(len(labels)):
             for j in range(len(labels)):
-                ax.text(j, i, int(matrix[i][j]), ha="center", va="center", fontsize=8)
+                ax.text(j, i, str(int(matrix[i][j])), ha="center", va="center", fontsize=8)
         ax.set_title(f"{model} on {task}")
         fig.tight_layout()
         fig.savefig(folder / f"confusion-{model}-{task}.png")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -101,7 +102,7 @@ def run(context: Context, inputs: dict[str, Any], p: SynthParams) -> dict[str, A
             Filters(p.min_chars, p.max_chars, p.near_duplicate, p.ngram),
             Sampling(p.temperature, p.top_k, p.top_p, p.max_new_tokens, p.batch,
                      p.max_attempts, p.seed),
-            checker, lambda done, total, name=task.name: context.progress(done, total, name))
+            checker, partial(_progress, context, task.name))
         write_dataset(out, outcome.task, outcome.synthetic)
         report[task.name] = {"before": counts, "after": {**counts, **outcome.after},
                              "generated": outcome.generated,
@@ -113,6 +114,10 @@ def run(context: Context, inputs: dict[str, Any], p: SynthParams) -> dict[str, A
             "acceptance": kept / generated if generated else 1.0,
             **{f"{name}.{label}": n for name, r in report.items()
                for label, n in r["after"].items()}}
+
+
+def _progress(context: Context, name: str, done: int, total: int) -> None:
+    context.progress(done, total, name)
 
 
 def _write_report(out: Path, report: dict[str, Any]) -> None:
