@@ -168,45 +168,23 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
-    from gptflow.describe import param_rows
+    from gptflow.describe import node_type_tables, node_types_table
     from gptflow.manager import load_plugins
 
     plugins = load_plugins()
     console = _console()
-    if args.name:
-        reg = plugins.node_types.get(args.name)
-        if reg is None:
-            raise InputError(f"no node type {args.name!r}; installed: "
-                             f"{', '.join(sorted(plugins.node_types)) or 'none'}")
-        nt = reg.node_type
-        console.print(f"[bold]{nt.name}[/] (version {nt.version}, from {reg.provider})\n"
-                      f"{nt.description}\n")
-        for title, rows in (
-            ("inputs", [(s, " | ".join(i.types) + ("[]" if i.many else ""),
-                         "optional" if i.optional else "required", i.doc)
-                        for s, i in nt.inputs.items()]),
-            ("outputs", [(n, t, "", "") for n, t in nt.outputs.items()]),
-            ("params", list(param_rows(nt.params))),
-        ):
-            table = Table(title=title, title_justify="left")
-            for col in ("name", "type", "default" if title == "params" else "", "doc"):
-                table.add_column(col, overflow="fold")
-            for row in rows:
-                table.add_row(*row)
-            console.print(table)
+    if not args.name:
+        console.print(node_types_table(plugins))
         return EXIT_OK
-    table = Table(title="node types", title_justify="left")
-    for col in ("name", "inputs", "outputs", "version", "from", "description"):
-        table.add_column(col, overflow="fold")
-    for name in sorted(plugins.node_types):
-        reg = plugins.node_types[name]
-        nt = reg.node_type
-        table.add_row(name, ", ".join(f"{s}: {'|'.join(i.types)}" for s, i in nt.inputs.items()),
-                      ", ".join(f"{n}: {t}" for n, t in nt.outputs.items()), nt.version,
-                      reg.provider, nt.description.split("\n")[0])
-    console.print(table)
+    registered = plugins.node_types.get(args.name)
+    if registered is None:
+        raise InputError(f"no node type {args.name!r}; installed: "
+                         f"{', '.join(sorted(plugins.node_types)) or 'none'}")
+    nt = registered.node_type
+    console.print(f"[bold]{nt.name}[/] (version {nt.version}, from {registered.provider})\n"
+                  f"{nt.description}\n")
+    for table in node_type_tables(nt):
+        console.print(table)
     return EXIT_OK
 
 

@@ -14,21 +14,22 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from gptflow.records import RunRecord
+from gptflow.records import NodeStatus, RunRecord, RunStatus
 
-STYLE = {"ran": "green", "ok": "green", "cached": "cyan", "failed": "bold red",
-         "skipped": "yellow", "interrupted": "bold red", "running": "magenta",
-         "killed": "bold red", "pending": "dim"}
+STYLE = {NodeStatus.RAN: "green", RunStatus.OK: "green", NodeStatus.CACHED: "cyan",
+         NodeStatus.FAILED: "bold red", RunStatus.FAILED: "bold red",
+         NodeStatus.SKIPPED: "yellow", NodeStatus.INTERRUPTED: "bold red",
+         RunStatus.INTERRUPTED: "bold red", NodeStatus.RUNNING: "magenta",
+         RunStatus.RUNNING: "magenta", RunStatus.KILLED: "bold red", NodeStatus.PENDING: "dim"}
+MARK = {NodeStatus.RAN: "✓", NodeStatus.CACHED: "○", NodeStatus.SKIPPED: "-"}
 
 
 HEADLINE = ("val_loss", "accuracy", "macro_f1", "train_loss", "tokens_per_s", "mfu", "params",
             "trainable_params", "bytes_on_disk")
 
 
-def styled(status: str) -> str:
-    """A status (a plain string or a status enum) in its colour."""
-    value = getattr(status, "value", status)
-    return f"[{STYLE.get(value, 'default')}]{value}[/]"
+def styled(status: NodeStatus | RunStatus) -> str:
+    return f"[{STYLE.get(status, 'default')}]{status.value}[/]"
 
 
 @contextlib.contextmanager
@@ -94,11 +95,10 @@ class Display:
             self.progress.update(self.tasks[node], completed=completed, total=total,
                                  description=text)
 
-    def finished(self, node: str, status: str, detail: str) -> None:
+    def finished(self, node: str, status: NodeStatus, detail: str) -> None:
         if node in self.tasks:
             self.progress.remove_task(self.tasks.pop(node))
-        mark = {"ran": "✓", "cached": "○", "skipped": "-"}.get(status, "✗")
-        self.line(f"[{STYLE.get(status, 'default')}]{mark} {node}[/] {detail}")
+        self.line(f"[{STYLE.get(status, 'default')}]{MARK.get(status, '✗')} {node}[/] {detail}")
 
     def summary(self, record: RunRecord) -> None:
         self.console.print(summary_table(record))

@@ -13,8 +13,10 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from pydantic_core import PydanticUndefined
+from rich.table import Table
 
 from gptflow.manager import Plugins
+from gptflow.nodes import NodeType
 
 
 def type_name(annotation: Any) -> str:
@@ -90,3 +92,36 @@ def pipeline_schema(plugins: Plugins) -> dict[str, Any]:
         },
         "$defs": defs.get("$defs", {}),
     }
+
+
+def node_types_table(plugins: Plugins) -> Table:
+    """Every installed node type on one line: slots, version, provider."""
+    table = Table(title="node types", title_justify="left")
+    for col in ("name", "inputs", "outputs", "version", "from", "description"):
+        table.add_column(col, overflow="fold")
+    for name in sorted(plugins.node_types):
+        registered = plugins.node_types[name]
+        nt = registered.node_type
+        table.add_row(name, ", ".join(f"{s}: {'|'.join(i.types)}" for s, i in nt.inputs.items()),
+                      ", ".join(f"{n}: {t}" for n, t in nt.outputs.items()), nt.version,
+                      registered.provider, nt.description.split("\n")[0])
+    return table
+
+
+def node_type_tables(nt: NodeType) -> list[Table]:
+    """One node type in full: its inputs, outputs and params (types, defaults, docs)."""
+    tables = []
+    for title, rows in (
+        ("inputs", [(s, " | ".join(i.types) + ("[]" if i.many else ""),
+                     "optional" if i.optional else "required", i.doc)
+                    for s, i in nt.inputs.items()]),
+        ("outputs", [(n, t, "", "") for n, t in nt.outputs.items()]),
+        ("params", list(param_rows(nt.params))),
+    ):
+        table = Table(title=title, title_justify="left")
+        for col in ("name", "type", "default" if title == "params" else "", "doc"):
+            table.add_column(col, overflow="fold")
+        for row in rows:
+            table.add_row(*row)
+        tables.append(table)
+    return tables

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from gptflow.dag import Node, Pipeline
 from gptflow.errors import InputError, Problem, did_you_mean
@@ -26,7 +26,7 @@ class Step:
     node: Node
     fingerprint: str
     manifest: dict[str, Any]
-    action: str  # "run" or "cached"
+    action: Literal["run", "cached"]
     reason: str
 
 

@@ -92,7 +92,8 @@ class Runner:
                 if any(u.blocks for u in ups):
                     del todo[name]
                     nodes[name].status = NodeStatus.SKIPPED
-                    self.display.finished(name, "skipped", "[dim]skipped: an upstream node failed")
+                    self.display.finished(name, NodeStatus.SKIPPED,
+                                         "[dim]skipped: an upstream node failed")
                 elif all(u.done for u in ups) and len(running) < self.jobs:
                     del todo[name]
                     running[name] = self._start(step, events)
@@ -164,7 +165,8 @@ class Runner:
             return False
         if isinstance(event, Failed):
             entry.status, entry.error = NodeStatus.FAILED, event.error
-            self.display.finished(node, "failed", f"FAILED: {event.error} [dim](log: {entry.log})")
+            self.display.finished(node, NodeStatus.FAILED,
+                                  f"FAILED: {event.error} [dim](log: {entry.log})")
             self.plugins.on_node_error(run_id, node, event.error, entry.log)
             return True
         entry.status, entry.metrics = event.status, event.metrics
@@ -173,7 +175,7 @@ class Runner:
                          for name in step.node.node_type.outputs}
         cached = event.status == NodeStatus.CACHED
         detail = "cached" if cached else f"ran in {fmt_duration(event.duration_s or 0.0)}"
-        self.display.finished(node, event.status.value, detail)
+        self.display.finished(node, event.status, detail)
         self.plugins.after_node_run(run_id, node, event.status.value, entry.metrics,
                                     entry.outputs)
         return True
