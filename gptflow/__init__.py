@@ -1,15 +1,17 @@
 """gptflow: declarative, cached, resumable pipelines for GPT models.
 
-Plugin authors import from here only: ``hookimpl`` and the node declaration types.
+Plugin authors import from here only: ``hookimpl``, the node declaration types
+and ``Params``, the base of every params model.
 """
 
 import pluggy
 
 from gptflow.errors import NodeError
-from gptflow.nodes import Artifact, Context, Input, NodeType, PathRef
+from gptflow.nodes import Artifact, Context, Input, NodeType, Params, PathRef
 
 __version__ = "0.1.0"
 
 hookimpl = pluggy.HookimplMarker("gptflow")
 
-__all__ = ["Artifact", "Context", "Input", "NodeError", "NodeType", "PathRef", "hookimpl"]
+__all__ = ["Artifact", "Context", "Input", "NodeError", "NodeType", "Params", "PathRef",
+           "hookimpl"]

@@ -12,9 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 ARTIFACT_TYPES = ("tokenizer", "tokens", "model", "adapter", "dataset", "report")
+
+
+class Params(BaseModel):
+    """The base of a node's params model: unknown keys are errors, field docstrings
+    are the help of ``gptflow plugins NAME`` and the JSON Schema."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 @dataclass(frozen=True)

@@ -9,18 +9,12 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from gptflow.ml.config import MLP, PRESETS, Attention, GPTConfig, Norm, Position, preset_config
 from gptflow.ml.optim import Optim
 from gptflow.ml.prompts import DEFAULT_TEMPLATE, PromptFormat
-from gptflow.nodes import Input, PathRef
-
-
-class Params(BaseModel):
-    """Base of every params model: unknown keys are errors, docstrings are help."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+from gptflow.nodes import Input, Params, PathRef
 
 
 class ModelParams(Params):

@@ -24,8 +24,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from gptflow import Context, Input, NodeType, PathRef, hookimpl
-from gptflow.recipes.params import Params
+from gptflow import Context, Input, NodeType, Params, PathRef, hookimpl
 
 
 class EvaluateParams(Params):

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from gptflow import Context, NodeError, NodeType, PathRef, hookimpl
-from gptflow.recipes.params import Params
+from gptflow import Context, NodeError, NodeType, Params, PathRef, hookimpl
 
 
 class LoadParams(Params):

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gptflow import Context, Input, NodeType, hookimpl
-from gptflow.recipes.params import Params
+from gptflow import Context, Input, NodeType, Params, hookimpl
 
 
 class MergeParams(Params):

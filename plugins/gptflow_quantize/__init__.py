@@ -25,9 +25,8 @@ from typing import Any
 
 from pydantic import Field
 
-from gptflow import Context, Input, NodeError, NodeType, hookimpl
+from gptflow import Context, Input, NodeError, NodeType, Params, hookimpl
 from gptflow.ml.config import QuantMethod
-from gptflow.recipes.params import Params
 
 
 class QuantizeParams(Params):

@@ -31,8 +31,7 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from gptflow import Context, Input, NodeError, NodeType, PathRef, hookimpl
-from gptflow.recipes.params import Params
+from gptflow import Context, Input, NodeError, NodeType, Params, PathRef, hookimpl
 
 
 class SynthParams(Params):

@@ -22,8 +22,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
-from gptflow import Context, NodeType, PathRef, hookimpl
-from gptflow.recipes.params import Params
+from gptflow import Context, NodeType, Params, PathRef, hookimpl
 
 
 class TokenizeParams(Params):

@@ -18,14 +18,12 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from gptflow import Context, Input, NodeType, PathRef, hookimpl
+from gptflow import Context, Input, NodeType, Params, PathRef, hookimpl
 
 
-class WordCountParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
-
+class WordCountParams(Params):
     files: list[Annotated[str, PathRef()]] = Field(default_factory=list)
     """Text files or globs to count."""
     top: int = Field(10, ge=1)
