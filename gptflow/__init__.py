@@ -7,11 +7,11 @@ and ``Params``, the base of every params model.
 import pluggy
 
 from gptflow.errors import NodeError
-from gptflow.nodes import Artifact, Context, Input, NodeType, Params, PathRef
+from gptflow.nodes import Artifact, Context, Input, NodeType, ObserveOnly, Params, PathRef
 
 __version__ = "0.1.0"
 
 hookimpl = pluggy.HookimplMarker("gptflow")
 
-__all__ = ["Artifact", "Context", "Input", "NodeError", "NodeType", "Params", "PathRef",
-           "hookimpl"]
+__all__ = ["Artifact", "Context", "Input", "NodeError", "NodeType", "ObserveOnly", "Params",
+           "PathRef", "hookimpl"]

@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="say what would run, run nothing")
     p.add_argument("--jobs", "-j", type=int, default=1, metavar="K",
                    help="run up to K independent nodes in parallel processes")
+    p.add_argument("--track", action="append", default=[], metavar="TRACKER",
+                   help="track the run (e.g. mlflow; MLFLOW_TRACKING_URI is honoured), as "
+                        "the pipeline's tracking: block does")
     verb("validate", cmd_validate, "check a pipeline; runs nothing", pipeline=True)
     verb("plan", cmd_plan, "which nodes would run and which are cached, and why", pipeline=True)
     p = verb("graph", cmd_graph, "draw the DAG", pipeline=True)
@@ -110,7 +113,8 @@ def _store(args: argparse.Namespace) -> Any:
 def _session(args: argparse.Namespace) -> Any:
     from gptflow.session import Session
 
-    return Session.load(args.pipeline, args.overrides, args.store)
+    return Session.load(args.pipeline, args.overrides, args.store,
+                        track=getattr(args, "track", ()))
 
 
 def _console() -> Any:
@@ -227,21 +231,23 @@ def _run_record(store_root: str | None, run: str) -> Any:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from gptflow.console import summary_table
+    from gptflow.console import reports, summary_table
+    from gptflow.manager import load_plugins
 
     record = _run_record(args.store, args.run)
     if args.json:
         print(json.dumps(record.to_json(), indent=2))
         return EXIT_OK
     console = _console()
-    console.print(summary_table(record))
+    console.print(summary_table(record, load_plugins().headlines()))
     for name, node in record.nodes.items():
         if node.error:
             console.print(f"[red]{name}: {node.error}[/] (log: {node.log})")
-        for output in node.outputs.values():
-            table = Path(output) / "report.md"
-            if table.is_file():
-                console.print(f"\n[bold]{name}[/]\n{table.read_text(encoding='utf-8')}")
+    for name, text in reports(record):
+        console.print(f"\n[bold]{name}[/]\n{text}")
+    loggers = Path(_store(args).run_dir(record.run_id)) / "loggers"
+    if loggers.is_dir():
+        console.print(f"\ntracker files (TensorBoard, W&B): {loggers}")
     return EXIT_OK
 
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
@@ -24,8 +26,9 @@ STYLE = {NodeStatus.RAN: "green", RunStatus.OK: "green", NodeStatus.CACHED: "cya
 MARK = {NodeStatus.RAN: "✓", NodeStatus.CACHED: "○", NodeStatus.SKIPPED: "-"}
 
 
-HEADLINE = ("val_loss", "accuracy", "macro_f1", "train_loss", "tokens_per_s", "mfu", "params",
-            "trainable_params", "bytes_on_disk")
+HEADLINE = ("val_loss", "accuracy", "macro_f1", "tokens_per_s", "params", "bytes_on_disk")
+"""Shown for node types that declare no headline metrics of their own."""
+SHOWN = 4  # headline metrics per node: three lines at most in 80 columns
 
 
 def styled(status: NodeStatus | RunStatus) -> str:
@@ -56,9 +59,13 @@ def fmt_duration(seconds: float) -> str:
 
 
 def fmt_metric(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
-    return str(value)
+    """Short and unbreakable: 4 significant digits, k/M/G for large counts."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value).replace(" ", "\u00a0")
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e4, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 class Display:
@@ -100,22 +107,38 @@ class Display:
             self.progress.remove_task(self.tasks.pop(node))
         self.line(f"[{STYLE.get(status, 'default')}]{MARK.get(status, '✗')} {node}[/] {detail}")
 
-    def summary(self, record: RunRecord) -> None:
-        self.console.print(summary_table(record))
+    def summary(self, record: RunRecord, headlines: Mapping[str, tuple[str, ...]]) -> None:
+        self.console.print(summary_table(record, headlines))
+        for name, text in reports(record):
+            self.console.print(f"\n[bold]{name}[/]\n{text}")
 
 
-def summary_table(record: RunRecord) -> Table:
-    """Node, status, duration and headline metrics of one run."""
+def summary_table(record: RunRecord, headlines: Mapping[str, tuple[str, ...]]) -> Table:
+    """Node, status, duration and the headline metrics each node type declares
+    (``headlines``: plugin -> metric names), fitted to the console's width: a
+    metric wraps as a whole, never inside its value."""
     table = Table(title=f"run {record.run_id} · {record.pipeline.name} · "
-                        f"{styled(record.status)}", title_justify="left")
-    for col in ("node", "plugin", "status", "time", "metrics"):
-        table.add_column(col, overflow="fold")
+                        f"{styled(record.status)}", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("node", overflow="ellipsis", max_width=24)
+    table.add_column("status", no_wrap=True)
+    table.add_column("time", no_wrap=True, justify="right")
+    table.add_column("metrics", overflow="fold", ratio=1)
     for name, node in record.nodes.items():
         metrics = node.metrics
-        first = [k for k in HEADLINE if k in metrics]
-        keys = (first + [k for k in metrics if k not in HEADLINE and k != "peak_mem_bytes"])[:6]
-        shown = ", ".join(f"{k}={fmt_metric(metrics[k])}" for k in keys)
+        keys = [k for k in headlines.get(node.plugin) or HEADLINE if k in metrics][:SHOWN]
+        shown = "  ".join(f"{k}={fmt_metric(metrics[k])}" for k in keys)
         duration = node.duration_s
-        table.add_row(name, node.plugin, styled(node.status),
+        table.add_row(f"{name}\n[dim]{node.plugin}[/]", styled(node.status),
                       fmt_duration(duration) if duration is not None else "", shown)
     return table
+
+
+def reports(record: RunRecord) -> Iterator[tuple[str, str]]:
+    """(node, report.md text) of every output that has one: evaluation tables,
+    synthetic-data counts."""
+    for name, node in record.nodes.items():
+        for output in node.outputs.values():
+            table = Path(output) / "report.md"
+            if table.is_file():
+                yield name, table.read_text(encoding="utf-8")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -49,6 +50,7 @@ class Pipeline:
     sha256: str
     nodes: dict[str, Node] = field(default_factory=dict)  # in execution order
     overrides: tuple[str, ...] = ()
+    tracking: dict[str, dict[str, Any]] = field(default_factory=dict)  # tracker -> options
 
     def downstream(self, names: Iterable[str]) -> list[str]:
         """``names`` and every node that depends on them, in execution order."""

@@ -55,9 +55,12 @@ def param_rows(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, 
 def pipeline_schema(plugins: Plugins) -> dict[str, Any]:
     """JSON Schema of a pipeline file, with the params of every installed node type."""
     names = sorted(plugins.node_types)
+    trackers = sorted(plugins.trackers)
     models: list[tuple[type[BaseModel], Literal["validation"]]] = [
         (plugins.node_types[n].node_type.params, "validation") for n in names]
-    refs, defs = models_json_schema(models, ref_template="#/$defs/{model}")
+    tracker_models: list[tuple[type[BaseModel], Literal["validation"]]] = [
+        (plugins.trackers[n].options, "validation") for n in trackers]
+    refs, defs = models_json_schema(models + tracker_models, ref_template="#/$defs/{model}")
     variants = []
     for name, model in zip(names, models, strict=True):
         node_type = plugins.node_types[name].node_type
@@ -89,6 +92,11 @@ def pipeline_schema(plugins: Plugins) -> dict[str, Any]:
             "vars": {"type": "object", "description": "values used as ${vars.NAME}"},
             "nodes": {"type": "object", "minProperties": 1,
                       "additionalProperties": {"oneOf": variants}},
+            "tracking": {"type": "object", "description": "experiment trackers and their "
+                         "options (gptflow run --track NAME turns one on too)",
+                         "additionalProperties": False,
+                         "properties": {n: refs[m] for n, m in zip(trackers, tracker_models,
+                                                                     strict=True)}},
         },
         "$defs": defs.get("$defs", {}),
     }

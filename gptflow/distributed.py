@@ -45,7 +45,7 @@ def follow(steps: list[Step], plugins: Plugins, store: Store, rank: int,
             staging = store.stage(step.fingerprint)
             log = store.root / "tmp" / f"follower-{step.fingerprint}.rank{rank}.log"
             job = make_job(f"rank{rank}", step, resolve_inputs(step, store, fingerprints), store,
-                           str(log))
+                           str(log), staging / "loggers", {})  # rank 0 alone tracks
             for name in job.outputs:
                 (staging / name).mkdir()
             try:

@@ -70,6 +70,8 @@ class Job:
     outputs: dict[str, str]
     store_root: str
     log_path: str
+    log_dir: str  # outlives the node: tracker files
+    tracking: dict[str, Any]  # the run's trackers, name -> options
     force: bool
 
 
@@ -82,7 +84,9 @@ class NodeContext:
         self.fingerprint = job.fingerprint
         self.work_dir = store.work_dir(job.fingerprint)
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir = Path(job.log_dir)
         self.log = log
+        self._job = job
         self.meta: dict[str, dict[str, Any]] = {name: {} for name in job.outputs}
         self._staging, self._plugins, self._report = staging, plugins, report
 
@@ -98,7 +102,8 @@ class NodeContext:
         self.meta[output].update(meta)
 
     def training_callbacks(self) -> list[Any]:
-        return self._plugins.training_callbacks(self.node)
+        job = self._job
+        return self._plugins.training_callbacks(job.node, job.run_id, job.tracking, job.log_dir)
 
 
 def execute(job: Job, plugins: Plugins, report: Report) -> None:
@@ -191,10 +196,11 @@ def _redirect_output(log_path: str) -> Iterator[None]:
             os.close(saved[1])
 
 
-def make_job(run_id: str, step: Step, inputs: dict[str, Any], store: Store, log: str) -> Job:
+def make_job(run_id: str, step: Step, inputs: dict[str, Any], store: Store, log: str,
+             log_dir: Path, tracking: dict[str, Any]) -> Job:
     return Job(run_id, step.node.name, step.node.plugin, step.node.params.model_dump(mode="json"),
                step.fingerprint, step.manifest, inputs, dict(step.node.node_type.outputs),
-               str(store.root), log, step.reason == "forced")
+               str(store.root), log, str(log_dir), tracking, step.reason == "forced")
 
 
 def resolve_inputs(step: Step, store: Store, fingerprints: dict[str, str]) -> dict[str, Any]:

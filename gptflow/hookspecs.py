@@ -20,10 +20,13 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+
     from gptflow.nodes import NodeType
 
 __all__ = ["after_node_run", "after_pipeline_run", "before_node_run", "before_pipeline_run",
-           "on_node_error", "register_node_types", "register_training_callbacks"]
+           "on_node_error", "register_node_types", "register_trackers",
+           "register_training_callbacks"]
 
 _hookspec = pluggy.HookspecMarker("gptflow")  # private: plugins use gptflow.hookimpl
 
@@ -42,11 +45,29 @@ def register_node_types(register: Callable[[NodeType], None]) -> None:
 
 
 @_hookspec
-def register_training_callbacks(node: str, register: Callable[[Any], None]) -> None:
+def register_trackers(register: Callable[[str, type[BaseModel]], None]) -> None:
+    """Declare the experiment trackers a plugin provides (``tracking:`` in a pipeline).
+
+    Args:
+        register: call it as ``register(name, options_model)``; ``tracking: {name:
+            {...}}`` in a pipeline file (or ``gptflow run --track name``) is then
+            validated against ``options_model`` (a :class:`gptflow.Params`).
+
+    Returns:
+        Nothing. All implementations are called.
+    """
+
+
+@_hookspec
+def register_training_callbacks(node: str, run_id: str, tracking: Mapping[str, Any],
+                                log_dir: str, register: Callable[[Any], None]) -> None:
     """Add Lightning callbacks to every training node.
 
     Args:
         node: the pipeline node about to train.
+        run_id: the id of the run it belongs to.
+        tracking: the run's trackers, name -> validated options as JSON.
+        log_dir: a folder under the run that outlives the node (tracker files).
         register: call it with each ``lightning.Callback`` instance to add.
 
     Returns:
@@ -55,13 +76,16 @@ def register_training_callbacks(node: str, register: Callable[[Any], None]) -> N
 
 
 @_hookspec
-def before_pipeline_run(run_id: str, pipeline: str, nodes: list[str]) -> None:
+def before_pipeline_run(run_id: str, pipeline: str, nodes: list[str], path: str,
+                        tracking: Mapping[str, Any]) -> None:
     """Called once before the first node of a run starts.
 
     Args:
         run_id: the id of the run (``gptflow show RUN``).
         pipeline: the pipeline's name.
         nodes: the nodes of the pipeline in execution order.
+        path: the pipeline file.
+        tracking: the run's trackers, name -> validated options as JSON.
 
     Returns:
         Nothing. All implementations are called.
@@ -84,9 +108,8 @@ def before_node_run(run_id: str, node: str, plugin: str, fingerprint: str) -> No
 
 
 @_hookspec
-def after_node_run(
-    run_id: str, node: str, status: str, metrics: Mapping[str, Any], outputs: Mapping[str, str]
-) -> None:
+def after_node_run(run_id: str, node: str, status: str, metrics: Mapping[str, Any],
+                   outputs: Mapping[str, str], record: Mapping[str, Any]) -> None:
     """Called after a node finished, ran or cached.
 
     Args:
@@ -95,6 +118,8 @@ def after_node_run(
         status: ``ran`` or ``cached``.
         metrics: the node's metrics (names as in DESIGN.md section 8).
         outputs: output name -> artifact directory.
+        record: what made the artifact (``node.json``: plugin, version, fingerprint,
+            the run that computed it, params, duration).
 
     Returns:
         Nothing. All implementations are called.

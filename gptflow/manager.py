@@ -13,11 +13,12 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import pluggy
+from pydantic import BaseModel
 
 from gptflow import hookspecs
 from gptflow.nodes import NodeType
@@ -33,6 +34,7 @@ BUILTIN_PLUGINS = (
     "gptflow_distill",
     "gptflow_synth",
     "gptflow_evaluate",
+    "gptflow_mlflow",
 )
 
 
@@ -48,8 +50,17 @@ class Registered:
     provider: str
 
 
+@dataclass(frozen=True)
+class Tracker:
+    """An experiment tracker: its name in ``tracking:``, its options, its provider."""
+
+    name: str
+    options: type[BaseModel]
+    provider: str
+
+
 class Plugins:
-    """The typed facade the runner calls: node types plus lifecycle hooks.
+    """The typed facade the runner calls: node types, trackers, lifecycle hooks.
 
     With no plugins at all it still works: every hook is a no-op.
     """
@@ -58,19 +69,26 @@ class Plugins:
         self.pm = pm
         self.extra_modules = extra_modules  # rebuilt by name in worker processes
         self.node_types: dict[str, Registered] = {}
+        self.trackers: dict[str, Tracker] = {}
+        self._registration("register_node_types", self._register)
+        self._registration("register_trackers", self._register_tracker)
+
+    def _registration(self, hook: str, register: Callable[..., None]) -> None:
+        """Call a registration hook one plugin at a time, through pluggy (so tracing
+        sees it), to know which distribution registered what."""
+        pm = self.pm
         providers = {id(plugin): dist.project_name for plugin, dist in pm.list_plugin_distinfo()}
-        impls = pm.hook.register_node_types.get_hookimpls()
-        for impl in impls:  # one plugin at a time, through pluggy, to know who registered what
+        impls = getattr(pm.hook, hook).get_hookimpls()
+        for impl in impls:
             provider = providers.get(id(impl.plugin), _module_provider(impl.plugin))
-            only = pm.subset_hook_caller("register_node_types",
-                                         [i.plugin for i in impls if i is not impl])
+            only = pm.subset_hook_caller(hook, [i.plugin for i in impls if i is not impl])
             try:
-                only(register=lambda nt, p=provider: self._register(nt, p))
+                only(register=lambda *a, p=provider: register(*a, provider=p))
             except PluginError:
                 raise
             except Exception as e:
                 raise PluginError(f"plugin {impl.plugin_name} ({provider}): hook "
-                                  f"register_node_types raised {type(e).__name__}: {e}") from e
+                                  f"{hook} raised {type(e).__name__}: {e}") from e
 
     def _register(self, node_type: NodeType, provider: str) -> None:
         if not isinstance(node_type, NodeType):
@@ -82,22 +100,40 @@ class Plugins:
                               f"by {taken.provider} and by {provider}")
         self.node_types[node_type.name] = Registered(node_type, provider)
 
-    def training_callbacks(self, node: str) -> list[Any]:
+    def _register_tracker(self, name: str, options: type[BaseModel], provider: str) -> None:
+        if not (isinstance(options, type) and issubclass(options, BaseModel)):
+            raise PluginError(f"{provider}: tracker {name!r}: options must be a params model "
+                              f"(a gptflow.Params subclass), got {options!r}")
+        taken = self.trackers.get(name)
+        if taken:
+            raise PluginError(f"tracker {name!r} is registered twice: by {taken.provider} "
+                              f"and by {provider}")
+        self.trackers[name] = Tracker(name, options, provider)
+
+    def headlines(self) -> dict[str, tuple[str, ...]]:
+        """Node type -> the metrics its summary shows."""
+        return {name: r.node_type.headline for name, r in self.node_types.items()}
+
+    def training_callbacks(self, node: str, run_id: str, tracking: Mapping[str, Any],
+                           log_dir: str) -> list[Any]:
         callbacks: list[Any] = []
-        self.pm.hook.register_training_callbacks(node=node, register=callbacks.append)
+        self.pm.hook.register_training_callbacks(node=node, run_id=run_id, tracking=tracking,
+                                                 log_dir=log_dir, register=callbacks.append)
         return callbacks
 
-    def before_pipeline_run(self, run_id: str, pipeline: str, nodes: list[str]) -> None:
-        self.pm.hook.before_pipeline_run(run_id=run_id, pipeline=pipeline, nodes=nodes)
+    def before_pipeline_run(self, run_id: str, pipeline: str, nodes: list[str], path: str,
+                            tracking: Mapping[str, Any]) -> None:
+        self.pm.hook.before_pipeline_run(run_id=run_id, pipeline=pipeline, nodes=nodes,
+                                         path=path, tracking=tracking)
 
     def before_node_run(self, run_id: str, node: str, plugin: str, fingerprint: str) -> None:
         self.pm.hook.before_node_run(run_id=run_id, node=node, plugin=plugin,
                                      fingerprint=fingerprint)
 
     def after_node_run(self, run_id: str, node: str, status: str, metrics: Mapping[str, Any],
-                       outputs: Mapping[str, str]) -> None:
+                       outputs: Mapping[str, str], record: Mapping[str, Any]) -> None:
         self.pm.hook.after_node_run(run_id=run_id, node=node, status=status, metrics=metrics,
-                                    outputs=outputs)
+                                    outputs=outputs, record=record)
 
     def on_node_error(self, run_id: str, node: str, error: str, log_path: str) -> None:
         self.pm.hook.on_node_error(run_id=run_id, node=node, error=error, log_path=log_path)

@@ -59,6 +59,7 @@ class Context(Protocol):
     node: str
     fingerprint: str
     work_dir: Path  # survives crashes, keyed by fingerprint: checkpoints go here
+    log_dir: Path  # outlives the node, under its run: tracker files (TensorBoard, W&B)
     log: logging.Logger
 
     def output_dir(self, name: str) -> Path:
@@ -90,6 +91,7 @@ class NodeType:
     inputs: Mapping[str, Input] = field(default_factory=dict)
     version: str = "1"
     description: str = ""
+    headline: tuple[str, ...] = ()  # the few metrics the summary table shows (all: --json)
 
     def __post_init__(self) -> None:
         for slot in self.inputs.values():
@@ -119,7 +121,36 @@ class PathRef:
         return f"PathRef({', '.join(map(repr, self.builtins))})"
 
 
+class ObserveOnly:
+    """Marks a params field that changes what is watched, not what is computed
+    (loggers, logging and checkpoint intervals, progress): it is left out of the
+    node's fingerprint, so changing it re-runs nothing.
+
+    Use as ``Annotated[int, ObserveOnly()]``.
+    """
+
+    def __repr__(self) -> str:
+        return "ObserveOnly()"
+
+
 Loc = tuple[str | int, ...]
+
+
+def split_observed(params: BaseModel) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the params that are fingerprinted, the observe-only ones by dotted name)."""
+    computed: dict[str, Any] = params.model_dump(mode="json")
+    observed: dict[str, Any] = {}
+
+    def walk(model: BaseModel, into: dict[str, Any], prefix: str) -> None:
+        for name, info in type(model).model_fields.items():
+            value = getattr(model, name)
+            if any(isinstance(m, ObserveOnly) for m in info.metadata):
+                observed[prefix + name] = into.pop(name)
+            elif isinstance(value, BaseModel):
+                walk(value, into[name], f"{prefix}{name}.")
+
+    walk(params, computed, "")
+    return computed, observed
 
 
 def path_refs(params: BaseModel, loc: Loc = ()) -> list[tuple[Loc, str, PathRef]]:

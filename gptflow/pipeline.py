@@ -24,13 +24,15 @@ from gptflow.nodes import path_refs
 from gptflow.sources import check_source
 from gptflow.yamlfile import Key, MarkedYAML
 
-TOP_KEYS = ("name", "description", "vars", "nodes")
+TOP_KEYS = ("name", "description", "vars", "nodes", "tracking")
 NODE_KEYS = ("plugin", "description", "inputs", "params")
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 
-def load_pipeline(path: str | Path, plugins: Plugins, overrides: Iterable[str] = ()) -> Pipeline:
-    """Parse, interpolate, override and validate a pipeline file."""
+def load_pipeline(path: str | Path, plugins: Plugins, overrides: Iterable[str] = (),
+                  track: Iterable[str] = ()) -> Pipeline:
+    """Parse, interpolate, override and validate a pipeline file; ``track`` turns on
+    more trackers (``gptflow run --track NAME``) with their default options."""
     path = Path(path)
     loader = MarkedYAML(str(path))
     try:
@@ -60,6 +62,14 @@ def load_pipeline(path: str | Path, plugins: Plugins, overrides: Iterable[str] =
                      "a pipeline needs a 'nodes' mapping with at least one node")
         raise InputError(loader.problems)
     nodes = interpolate(nodes, variables, ("nodes",), loader)
+    tracking = data.get("tracking") or {}
+    if not isinstance(tracking, dict):
+        loader.error(("tracking",), "tracking is a mapping of tracker names to options")
+        tracking = {}
+    tracking = interpolate(tracking, variables, ("tracking",), loader)
+    for name in track:
+        tracking.setdefault(name, {})
+    pipeline.tracking = _trackers(loader, plugins, tracking)
     if loader.problems:  # later checks would only repeat them
         raise InputError(loader.problems)
     raw: dict[str, Node] = {}
@@ -98,6 +108,28 @@ def _text(loader: MarkedYAML, data: Mapping[str, Any], key: Key, required: bool 
         loader.error(key, f"{key[-1]!r} must be a string")
         return ""
     return value
+
+
+def _trackers(loader: MarkedYAML, plugins: Plugins, tracking: dict[str, Any]
+              ) -> dict[str, dict[str, Any]]:
+    """Each tracker's options, validated by the model its plugin registered."""
+    valid = {}
+    for name, options in tracking.items():
+        key: Key = ("tracking", name)
+        tracker = plugins.trackers.get(name)
+        if tracker is None:
+            loader.error(key, f"unknown tracker {name!r}{did_you_mean(name, plugins.trackers)}"
+                         f"; installed: {', '.join(plugins.trackers) or 'none'}", at_key=True)
+            continue
+        if options is not None and not isinstance(options, dict):
+            loader.error(key, f"tracking.{name} is a mapping of options")
+            continue
+        try:
+            valid[name] = tracker.options.model_validate(options or {}).model_dump(mode="json")
+        except ValidationError as e:
+            for err in e.errors():
+                _param_error(loader, key, tracker.options, err)
+    return valid
 
 
 def _node(loader: MarkedYAML, plugins: Plugins, name: str, spec: Any) -> Node | None:

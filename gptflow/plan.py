@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from gptflow.dag import Node, Pipeline
 from gptflow.errors import InputError, Problem, did_you_mean
-from gptflow.nodes import path_refs
+from gptflow.nodes import path_refs, split_observed
 from gptflow.sources import expand_path
 from gptflow.store import Store, canonical_json
 
@@ -35,10 +35,12 @@ def manifest(node: Node, upstream: dict[str, str], store: Store) -> dict[str, An
     files: dict[str, dict[str, str]] = {}
     for _, value, _ in path_refs(node.params):
         files[value] = {p.as_posix(): store.hash_path(p) for p in expand_path(value)}
+    params, observed = split_observed(node.params)
     return {
         "plugin": node.plugin,
         "version": node.node_type.version,
-        "params": node.params.model_dump(mode="json"),
+        "params": params,
+        "observed": observed,  # kept for `plan`, never fingerprinted
         "inputs": {slot: [f"{upstream[r.node]}/{r.output}" for r in refs]
                    for slot, refs in sorted(node.inputs.items())},
         "files": files,
@@ -46,7 +48,9 @@ def manifest(node: Node, upstream: dict[str, str], store: Store) -> dict[str, An
 
 
 def fingerprint(parts: dict[str, Any]) -> str:
-    return hashlib.sha256(canonical_json(parts).encode()).hexdigest()[:FINGERPRINT_CHARS]
+    """The cache key: everything in the manifest but the observe-only params."""
+    hashed = {k: v for k, v in parts.items() if k != "observed"}
+    return hashlib.sha256(canonical_json(hashed).encode()).hexdigest()[:FINGERPRINT_CHARS]
 
 
 def make_plan(pipeline: Pipeline, store: Store, only: Collection[str] = (),
@@ -76,7 +80,7 @@ def make_plan(pipeline: Pipeline, store: Store, only: Collection[str] = (),
         if node.name in forced:
             steps.append(Step(node, fp, parts, "run", "forced"))
         elif store.has(fp):
-            steps.append(Step(node, fp, parts, "cached", "same fingerprint"))
+            steps.append(Step(node, fp, parts, "cached", _why_cached(parts, store, fp)))
         elif node.name in selected:
             steps.append(Step(node, fp, parts, "run", _why(parts, previous.get(node.name))))
         else:
@@ -119,6 +123,15 @@ def _why(new: dict[str, Any], old: dict[str, Any] | None) -> str:
     if files:
         return "data changed: " + ", ".join(sorted(files))
     return "output missing"
+
+
+def _why_cached(new: dict[str, Any], store: Store, fp: str) -> str:
+    old = store.node_record(fp).manifest.get("observed", {})
+    changed = sorted(k for k in set(old) | set(new["observed"])
+                     if old.get(k) != new["observed"].get(k))
+    if changed:
+        return f"same fingerprint (observe-only params changed: {', '.join(changed)})"
+    return "same fingerprint"
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -61,7 +61,8 @@ class Runner:
                    for s in steps})
         store.save_run(record)
         store.clean_tmp()
-        self.plugins.before_pipeline_run(run_id, self.pipeline.name, list(record.nodes))
+        self.plugins.before_pipeline_run(run_id, self.pipeline.name, list(record.nodes),
+                                         str(self.pipeline.path), self.pipeline.tracking)
         status = RunStatus.OK
         try:
             self._schedule(steps)
@@ -76,7 +77,7 @@ class Runner:
             record.status, record.ended = status, now()
             store.save_run(record)
             self.plugins.after_pipeline_run(run_id, status.value, record.to_json())
-        self.display.summary(record)
+        self.display.summary(record, self.plugins.headlines())
         return record
 
     # -- scheduling ----------------------------------------------------------------
@@ -125,7 +126,9 @@ class Runner:
         self.display.started(step.node.name, step.node.plugin, step.reason)
         self.plugins.before_node_run(self.record.run_id, step.node.name, step.node.plugin,
                                      step.fingerprint)
-        job = make_job(self.record.run_id, step, inputs, self.store, entry.log)
+        job = make_job(self.record.run_id, step, inputs, self.store, entry.log,
+                       self.store.logger_dir(self.record.run_id, step.node.name),
+                       self.pipeline.tracking)
         if self.jobs == 1:
             def report(event: Event) -> None:
                 """Progress goes straight to the display; the outcome queues."""
@@ -177,7 +180,8 @@ class Runner:
         detail = "cached" if cached else f"ran in {fmt_duration(event.duration_s or 0.0)}"
         self.display.finished(node, event.status, detail)
         self.plugins.after_node_run(run_id, node, event.status.value, entry.metrics,
-                                    entry.outputs)
+                                    entry.outputs,
+                                    self.store.node_record(step.fingerprint).to_json())
         return True
 
     def _inputs(self, step: Step) -> dict[str, Any]:

@@ -36,11 +36,12 @@ class Session:
 
     @classmethod
     def load(cls, path: str | Path, overrides: Iterable[str] = (),
-             store: str | Path | Store | None = None, plugins: Plugins | None = None
-             ) -> Session:
-        """Validate ``path`` with ``overrides`` (raises InputError, nothing written)."""
+             store: str | Path | Store | None = None, plugins: Plugins | None = None,
+             track: Iterable[str] = ()) -> Session:
+        """Validate ``path`` with ``overrides`` and the trackers in ``track`` turned
+        on (raises InputError, nothing written)."""
         plugins = plugins or load_plugins()
-        return cls(load_pipeline(path, plugins, overrides), plugins,
+        return cls(load_pipeline(path, plugins, overrides, track), plugins,
                    store if isinstance(store, Store) else Store(store))
 
     def plan(self, only: Collection[str] = (), start: Collection[str] = (),

@@ -7,7 +7,7 @@ Layout under the store root (``.gptflow/`` by default)::
     work/<fingerprint>/                          checkpoints that survive a crash
     tmp/                                         staging folders, never trusted
     locks/<fingerprint>.lock                     one writer per fingerprint
-    runs/<run-id>/run.json, logs/<node>.log
+    runs/<run-id>/run.json, logs/<node>.log, loggers/<node>/ (TensorBoard, W&B)
     hashes.sqlite                                file hashes by path, size, mtime
 
 A node writes into a staging folder; :meth:`Store.publish` writes the checksums
@@ -101,6 +101,10 @@ class Store:
 
     def run_dir(self, run_id: str) -> Path:
         return self.root / "runs" / run_id
+
+    def logger_dir(self, run_id: str, node: str) -> Path:
+        """Where a node's tracker files (TensorBoard, W&B offline) outlive it."""
+        return self.run_dir(run_id) / "loggers" / node
 
     # -- content hashes, remembered by (path, size, mtime, inode) ------------
     def _hashes(self) -> sqlite3.Connection:

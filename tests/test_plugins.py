@@ -86,8 +86,9 @@ def test_runs_with_no_plugins_at_all(monkeypatch):
     monkeypatch.delenv("GPTFLOW_PLUGINS")
     plugins = load_plugins(builtins=False)
     assert plugins.node_types == {}
-    plugins.before_pipeline_run("r", "p", [])  # every hook is a no-op
-    assert plugins.training_callbacks("n") == []
+    plugins.before_pipeline_run("r", "p", [], "p.yaml", {})  # every hook is a no-op
+    assert plugins.training_callbacks("n", "r", {}, "logs") == []
+    assert plugins.trackers == {}
 
 
 def test_training_callbacks_hook():
@@ -98,7 +99,8 @@ def test_training_callbacks_hook():
         def register_training_callbacks(self, node, register):
             register((node, marker))
 
-    assert load_plugins(extra=[Adds()]).training_callbacks("base") == [("base", marker)]
+    callbacks = load_plugins(extra=[Adds()]).training_callbacks("base", "r", {}, "logs")
+    assert callbacks == [("base", marker)]
 
 
 def test_every_hook_is_documented():

@@ -144,3 +144,33 @@ def test_registration_goes_through_pluggy_and_keeps_provenance(monkeypatch, caps
     assert plugins.node_types["extra"].provider == __name__
     assert plugins.node_types["tokenize"].provider == "gptflow"
     assert "register_node_types" in capsys.readouterr().err  # hook tracing sees it
+
+
+def test_lora_adapter_does_not_depend_on_what_ran_before(tmp_path, review_corpus):
+    """The adapters' initial weights come from the node's seed, not from whatever the
+    process's random state was (the training report's CPU peak measurement used to
+    shift it)."""
+    import hashlib
+    from pathlib import Path
+
+    import torch
+
+    from gptflow.session import run_pipeline
+
+    text = ("name: lora-seed\nnodes:\n" + TINY_BASE.format(corpus=review_corpus) + """\
+  lora:
+    plugin: lora
+    inputs: {model: base}
+    params: {tasks: ["builtin:sentiment4?n=60&test=10"], trainer: {max_steps: 2},
+             batch_size: 4, rank: 2}
+""")
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    digests = []
+    for force in (None, ["lora"]):  # after pretraining ran; then with the base cached
+        torch.rand(1000)  # and whatever else the process did before
+        record = run_pipeline(path, store=tmp_path / "store", force=force)
+        adapter = Path(record.nodes["lora"].outputs["adapter"]) / "adapter.safetensors"
+        digests.append(hashlib.sha256(adapter.read_bytes()).hexdigest())
+    assert record.nodes["base"].status == "cached"
+    assert digests[0] == digests[1]

@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from gptflow.ml.config import MLP, PRESETS, Attention, GPTConfig, Norm, Position, preset_config
 from gptflow.ml.optim import Optim
 from gptflow.ml.prompts import DEFAULT_TEMPLATE, PromptFormat
-from gptflow.nodes import Input, Params, PathRef
+from gptflow.nodes import Input, ObserveOnly, Params, PathRef
 
 
 class ModelParams(Params):
@@ -95,18 +95,29 @@ class TrainerParams(Params):
     num_nodes: int = Field(1, ge=1)
     accumulate_grad_batches: int = Field(1, ge=1)
     gradient_clip_val: float | None = 1.0
-    val_check_interval: int | None = None
+    # observe-only: what is watched, not what is computed (never in the fingerprint)
+    val_check_interval: Annotated[int | None, ObserveOnly()] = None
     """Steps between validations (a sample of limit_val_batches); None: only at the end."""
-    limit_val_batches: int = Field(50, ge=1)
+    limit_val_batches: Annotated[int, ObserveOnly()] = Field(50, ge=1)
     """Batches per intermediate validation; the final one covers the whole split."""
-    log_every_n_steps: int = Field(10, ge=1)
-    checkpoint_every: int = Field(200, ge=1)
+    log_every_n_steps: Annotated[int, ObserveOnly()] = Field(10, ge=1)
+    checkpoint_every: Annotated[int, ObserveOnly()] = Field(200, ge=1)
     """Steps between resumable checkpoints (kept in the node's work folder)."""
-    loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
-    """Extra Lightning loggers; CSV metrics are always written."""
-    peak_tflops: float | None = Field(None, gt=0)
+    loggers: Annotated[list[Literal["tensorboard", "wandb"]], ObserveOnly()] = Field(
+        default_factory=list)
+    """Extra Lightning loggers, written under the run's folder (runs/<id>/loggers/<node>);
+    CSV metrics are always kept. For MLflow, turn on tracking (tracking: {mlflow: ...})."""
+    peak_tflops: Annotated[float | None, ObserveOnly()] = Field(None, gt=0)
     """Peak TFLOP/s that MFU is reported against; measured (CPU) or looked up (GPU)
     when absent."""
+
+    @field_validator("loggers", mode="before")
+    @classmethod
+    def _mlflow_is_tracking(cls, v: Any) -> Any:
+        if isinstance(v, list) and "mlflow" in v:
+            raise ValueError("mlflow is not a trainer logger: turn on tracking for the "
+                             "pipeline (tracking: {mlflow: {}} or gptflow run --track mlflow)")
+        return v
 
     @field_validator("max_time")
     @classmethod

@@ -4,8 +4,12 @@ loss curves."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import logging
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,31 @@ from gptflow.ml.model import GPT
 from gptflow.nodes import Context
 from gptflow.recipes.params import TrainerParams
 from gptflow.recipes.report import peak_flops, training_report
+
+# third-party noise in node logs, silenced by name: lightning's pytree shim on torch
+# 2.13, and lightning's litlogger advertisement
+NOISY_WARNINGS = (r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",)
+NOISY_LOG_LINES = ("💡 Tip: For seamless cloud logging",)
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(NOISY_LOG_LINES)
+
+
+@contextlib.contextmanager
+def quiet_third_party() -> Iterator[None]:
+    """Keep the named third-party noise out of the node's log while it trains."""
+    lightning_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    noise = _DropNoise()
+    lightning_log.addFilter(noise)
+    try:
+        with warnings.catch_warnings():
+            for message in NOISY_WARNINGS:
+                warnings.filterwarnings("ignore", message=message)
+            yield
+    finally:
+        lightning_log.removeFilter(noise)
 
 
 def seed(value: int) -> None:
@@ -63,19 +92,16 @@ class Throughput(Callback):
 def make_trainer(context: Context, tp: TrainerParams, max_steps: int,
                  callbacks: list[Callback]) -> L.Trainer:
     loggers: list[Logger] = [CSVLogger(str(context.work_dir), name="logs", version=0)]
-    for name in tp.loggers:
+    for name in tp.loggers:  # under the run's folder: they outlive the node's work folder
         if name == "tensorboard":
             from lightning.pytorch.loggers import TensorBoardLogger
 
-            loggers.append(TensorBoardLogger(str(context.work_dir), name="tb"))
-        elif name == "wandb":
+            loggers.append(TensorBoardLogger(str(context.log_dir), name="tensorboard",
+                                             version=""))
+        else:
             from lightning.pytorch.loggers import WandbLogger
 
-            loggers.append(WandbLogger(name=context.node, save_dir=str(context.work_dir)))
-        else:
-            from lightning.pytorch.loggers import MLFlowLogger
-
-            loggers.append(MLFlowLogger(run_name=context.node))
+            loggers.append(WandbLogger(name=context.node, save_dir=str(context.log_dir)))
     checkpoints = ModelCheckpoint(dirpath=context.work_dir / "checkpoints", save_last=True,
                                   save_top_k=0, every_n_train_steps=tp.checkpoint_every)
     return L.Trainer(
@@ -104,6 +130,12 @@ def fit(context: Context, module: L.LightningModule, train: IterableDataset[Any]
         val_loader: DataLoader[Any], tp: TrainerParams, max_steps: int) -> Fitted:
     """Train ``module.model`` (resuming from the last checkpoint of this fingerprint),
     then measure the validation loss over the whole split."""
+    with quiet_third_party():
+        return _fit(context, module, train, val_loader, tp, max_steps)
+
+
+def _fit(context: Context, module: L.LightningModule, train: IterableDataset[Any],
+         val_loader: DataLoader[Any], tp: TrainerParams, max_steps: int) -> Fitted:
     model = module.model
     assert isinstance(model, GPT), "a training module keeps its GPT as .model"
     throughput = Throughput(context, max_steps)

@@ -108,4 +108,5 @@ def register_node_types(register: Any) -> None:
                               doc="task data (with or instead of params.tasks)"),
                 "student": Input("model", optional=True, doc="a model to start the student from")},
         outputs={"model": "model"},
+        headline=("val_loss", "param_ratio", "gen_tokens_per_s", "bytes_on_disk"),
         description="Knowledge distillation: a student learns from a frozen teacher."))

@@ -112,12 +112,16 @@ def run(context: Context, inputs: dict[str, Any], p: EvaluateParams) -> dict[str
     out = context.output_dir("report")
     (out / "report.json").write_text(json.dumps({"rows": rows}, indent=2))
     render(out, rows, confusions)
-    headline = {}
-    for row in rows:
-        if row["metric"] in ("accuracy", "macro_f1") and row["model"] not in ("majority",
-                                                                               "random"):
-            headline[f"{row['model']}.{row['task']}.{row['metric']}"] = row["value"]
-    return headline
+    summary: dict[str, Any] = {"models": len(inputs["models"]), "tasks": len(tasks)}
+    scored = [r for r in rows if r["metric"] in ("accuracy", "macro_f1")
+              and r["model"] not in ("majority", "random")]
+    for row in scored:
+        summary[f"{row['model']}.{row['task']}.{row['metric']}"] = row["value"]
+    f1 = [r for r in scored if r["metric"] == "macro_f1"]
+    if f1:
+        best = max(f1, key=lambda r: r["value"])
+        summary.update(best_model=best["model"], best_macro_f1=best["value"])
+    return summary
 
 
 @hookimpl
@@ -128,4 +132,5 @@ def register_node_types(register: Any) -> None:
                                 doc="the models (or adapters, applied to their base) to compare"),
                 "tokens": Input("tokens", optional=True, doc="perplexity on its val split")},
         outputs={"report": "report"},
+        headline=("best_model", "best_macro_f1", "models", "tasks"),
         description="Compare models on tasks and held-out text, with baselines."))

@@ -46,4 +46,5 @@ def register_node_types(register: Any) -> None:
         name="instruction-finetune", run=run, params=InstructionParams, version="1",
         inputs=TUNING_INPUTS,
         outputs={"model": "model"},
+        headline=("val_loss", "tokens_per_s", "trainable_params", "bytes_on_disk"),
         description="Instruction-tune a model (Natural Instructions format, prompt masked)."))

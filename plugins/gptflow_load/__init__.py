@@ -49,4 +49,5 @@ def register_node_types(register: Any) -> None:
     register(NodeType(
         name="load-model", run=run, params=LoadParams, version="1",
         outputs={"model": "model"},
+        headline=("family", "params", "bytes_on_disk"),
         description="Bring a Hugging Face (GPT-2/Llama) or gptflow model folder into the store."))

@@ -54,11 +54,12 @@ class LoraParams(InstructionParams):
 def run(context: Context, inputs: dict[str, Any], p: LoraParams) -> dict[str, Any]:
     from gptflow.ml.checkpoint import load_model, save_adapter
     from gptflow.ml.lora import prepare
-    from gptflow.recipes.training import loss_curve
+    from gptflow.recipes.training import loss_curve, seed
     from gptflow.recipes.tuning import tune
 
     base = inputs["model"]
     model, tokenizer = load_model(base.path)
+    seed(p.seed)  # the adapters' initial weights depend on the seed alone
     config = prepare(model, LoraConfig(
         str(base.path), base.fingerprint, p.rank, p.alpha, p.dropout, tuple(p.layers),
         tuple(p.also_train), p.quantize_base, p.nf4_block, p.double_quant, p.prompt()))
@@ -81,4 +82,5 @@ def register_node_types(register: Any) -> None:
         name="lora", run=run, params=LoraParams, version="1",
         inputs=TUNING_INPUTS,
         outputs={"adapter": "adapter"},
+        headline=("val_loss", "tokens_per_s", "trainable_share", "train_state_bytes"),
         description="LoRA / QLoRA instruction tuning: a frozen base, trained low-rank adapters."))

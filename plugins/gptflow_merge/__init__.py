@@ -33,4 +33,5 @@ def register_node_types(register: Any) -> None:
     register(NodeType(
         name="merge-adapter", run=run, params=MergeParams, version="1",
         inputs={"adapter": Input("adapter")}, outputs={"model": "model"},
+        headline=("params", "bytes_on_disk"),
         description="Merge a LoRA/QLoRA adapter into its base: a plain model artifact."))

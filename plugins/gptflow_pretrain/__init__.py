@@ -86,4 +86,5 @@ def register_node_types(register: Any) -> None:
         inputs={"tokens": Input("tokens"),
                 "init": Input("model", optional=True, doc="continue from this model")},
         outputs={"model": "model"},
+        headline=("val_loss", "tokens_per_s", "mfu", "params"),
         description="Pretrain a GPT (causal LM) on token shards with Lightning."))

@@ -71,4 +71,5 @@ def register_node_types(register: Any) -> None:
     register(NodeType(
         name="quantize", run=run, params=QuantizeParams, version="1",
         inputs={"model": Input("model")}, outputs={"model": "model"},
+        headline=("bytes_ratio", "gen_tokens_per_s", "gen_tokens_per_s_before"),
         description="Quantize a model: int8 (weight-only or dynamic), int4 or nf4."))

@@ -161,4 +161,5 @@ def register_node_types(register: Any) -> None:
                 "data": Input("dataset", optional=True, many=True,
                               doc="datasets with more classification tasks")},
         outputs={"dataset": "dataset"},
+        headline=("generated", "kept", "acceptance"),
         description="Balance a classification task with generated, filtered texts."))

@@ -105,4 +105,5 @@ def register_node_types(register: Any) -> None:
     register(NodeType(
         name="tokenize", run=run, params=TokenizeParams, version="1",
         outputs={"tokenizer": "tokenizer", "tokens": "tokens"},
+        headline=("train_tokens", "val_tokens", "vocab_size", "chars_per_token"),
         description="Train or load a tokenizer; encode a corpus into train/val token shards."))
