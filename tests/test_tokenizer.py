@@ -16,7 +16,7 @@ TEXTS = [
     "emoji 🎉🚀 and accents: naïve café, Ærøskøbing",
     "  leading spaces\n\n\ttabs and\r\nwindows newlines  ",
     "code: def f(x):\n    return x ** 2  # comment",
-    "<|endoftext|> in the text stays text",
+    "<|endoftext|> in a corpus stays text",
 ]
 CORPUS = [t * 3 for t in TEXTS] + [f"document number {i} says hello" for i in range(200)]
 
@@ -27,14 +27,23 @@ def bpe():
 
 
 def test_bpe_round_trips_any_utf8(bpe):
-    for text in [*TEXTS, "完全に未知の漢字列：龘靐齉", "\x00\x01 control bytes"]:
+    for text in [*TEXTS[:-1], "完全に未知の漢字列：龘靐齉", "\x00\x01 control bytes"]:
         assert bpe.decode(bpe.encode(text)) == text
+
+
+def test_special_tokens_in_a_prompt_are_their_ids(bpe):
+    """As transformers encodes them, in the fast path too; decode can keep them."""
+    ids = bpe.encode(TEXTS[-1])
+    assert ids[0] == bpe.eot_id and ids.count(bpe.eot_id) == 1
+    assert ids == bpe.hf.encode(TEXTS[-1], add_special_tokens=False).ids
+    assert bpe.decode(ids, skip_special=False) == TEXTS[-1]
+    assert bpe.decode(ids) == TEXTS[-1].removeprefix("<|endoftext|>")
 
 
 def test_fast_path_gives_the_same_ids_as_hugging_face(bpe):
     assert bpe.kind == "bpe"
     fast = bpe.encode_batch(TEXTS)
-    for text, ids in zip(TEXTS[:-1], fast, strict=False):  # HF treats specials in text as specials
+    for text, ids in zip(TEXTS, fast, strict=True):
         assert ids.tolist() == bpe.hf.encode(text, add_special_tokens=False).ids
     stream = bpe.encode_documents(TEXTS[:-1])
     expected = [i for t in TEXTS[:-1] for i in [*bpe.encode(t), bpe.eot_id]]

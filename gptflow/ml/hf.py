@@ -130,13 +130,16 @@ def read_tokenizer(folder: Path) -> Tokenizer:
 
 
 def write_tokenizer(folder: Path, tokenizer: Tokenizer, context: int) -> None:
+    """``tokenizer.json`` and a ``tokenizer_config.json`` that AutoTokenizer reads
+    (the chat template, BOS and EOS travel with it)."""
     tokenizer.save(folder / "tokenizer.json")
     eot = tokenizer.hf.id_to_token(tokenizer.eot_id)
     pad = tokenizer.hf.id_to_token(tokenizer.pad_id)
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context,
         "bos_token": eot, "eos_token": eot, "pad_token": pad or PAD,
-        "add_bos_token": False, "clean_up_tokenization_spaces": False}, indent=2))
+        "add_bos_token": False, "clean_up_tokenization_spaces": False,
+        **tokenizer.config.to_hf()}, indent=2))
 
 
 # -- whole folders ------------------------------------------------------------------

@@ -7,14 +7,18 @@
 * any existing ``tokenizer.json`` loaded from disk.
 
 Every tokenizer has an end-of-text token (document separator) and a padding token.
+Added and special tokens (``<|im_start|>``) encode to their ids in every path. A
+pretrained model's tokenizer also carries a :class:`TokenizerConfig` (its BOS/EOS
+and its chat template), kept as ``tokenizer_config.json`` beside ``tokenizer.json``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -42,21 +46,55 @@ def _byte_decoder() -> dict[str, int]:
     return {c: b for b, c in chars.items()}
 
 
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """What ``tokenizer.json`` does not say: the model's BOS/EOS and how it chats
+    (the fields of Hugging Face's ``tokenizer_config.json`` that gptflow uses)."""
+
+    bos_token: str | None = None
+    eos_token: str | None = None  # generation stops here (<|im_end|> for ChatML models)
+    pad_token: str | None = None
+    add_bos_token: bool = False  # BOS before every encoded prompt
+    chat_template: str | None = None  # jinja2, rendered as transformers renders it
+
+    @classmethod
+    def from_hf(cls, data: Mapping[str, Any]) -> TokenizerConfig:
+        def token(value: Any) -> str | None:  # a string, or {"content": ...} (AddedToken)
+            return value.get("content") if isinstance(value, Mapping) else value
+
+        template = data.get("chat_template")
+        if isinstance(template, list):  # several named templates: the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"),
+                            None)
+        return cls(token(data.get("bos_token")), token(data.get("eos_token")),
+                   token(data.get("pad_token")), bool(data.get("add_bos_token", False)),
+                   template)
+
+    def to_hf(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
 class Tokenizer:
-    def __init__(self, hf: HFTokenizer) -> None:
+    def __init__(self, hf: HFTokenizer, config: TokenizerConfig | None = None) -> None:
         self.hf = hf
+        self.config = config or TokenizerConfig()
         spec = json.loads(hf.to_str())
         self.kind = _kind(spec)
-        self.eot_id = self._special(EOT, ("</s>", "<|end_of_text|>", "<eos>"))
-        self.pad_id = self._special(PAD, ("<pad>",), default=self.eot_id)
+        eos = (self.config.eos_token,) if self.config.eos_token else ()
+        self.eot_id = self._special(*eos, EOT, "</s>", "<|end_of_text|>", "<eos>")
+        pad = (self.config.pad_token,) if self.config.pad_token else ()
+        self.pad_id = self._special(*pad, PAD, "<pad>", default=self.eot_id)
+        bos = self.config.bos_token
+        self.bos_id = self._special(bos, default=-1) if bos else None
 
-    def _special(self, name: str, aliases: Sequence[str], default: int | None = None) -> int:
-        for token in (name, *aliases):
+    def _special(self, *names: str, default: int | None = None) -> int:
+        """The id of the first of ``names`` the vocabulary has."""
+        for token in names:
             found = self.hf.token_to_id(token)
             if found is not None:
                 return int(found)
         if default is None:
-            raise ValueError(f"tokenizer has no {name} token")
+            raise ValueError(f"tokenizer has no {names[0]} token")
         return default
 
     # -- construction -----------------------------------------------------------
@@ -88,11 +126,22 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
+        """``tokenizer.json`` (a file, or the folder holding it) and the
+        ``tokenizer_config.json`` beside it, if any."""
         path = Path(path)
-        return cls(HFTokenizer.from_file(str(path / "tokenizer.json" if path.is_dir() else path)))
+        file = path / "tokenizer.json" if path.is_dir() else path
+        beside = file.with_name("tokenizer_config.json")
+        config = (TokenizerConfig.from_hf(json.loads(beside.read_text(encoding="utf-8")))
+                  if beside.is_file() else None)
+        return cls(HFTokenizer.from_file(str(file)), config)
 
     def save(self, path: str | Path) -> None:
+        """Write ``tokenizer.json`` to ``path``, and its config beside it when it has one."""
+        path = Path(path)
         self.hf.save(str(path))
+        if self.config != TokenizerConfig():
+            path.with_name("tokenizer_config.json").write_text(
+                json.dumps(self.config.to_hf(), indent=2), encoding="utf-8")
 
     @property
     def vocab_size(self) -> int:
@@ -103,14 +152,43 @@ class Tokenizer:
         return [int(i) for i in self.encode_batch([text])[0]]
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        """Token ids of each text (special tokens in the text are plain text), int64."""
+        """Token ids of each text, int64; added and special tokens written in the
+        text (``<|im_start|>``) are their ids, as transformers encodes them."""
         if self.kind == "char":
             return [self._char_ids(t) for t in texts]
         if self.kind == "bpe":
-            batches = self._tiktoken.encode_ordinary_batch(list(texts), num_threads=THREADS)
+            batches = self._tiktoken.encode_batch(list(texts), num_threads=THREADS,
+                                                  allowed_special="all")
             return [np.asarray(ids, dtype=np.int64) for ids in batches]
         return [np.asarray(e.ids, dtype=np.int64)
                 for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def _ordinary(self, docs: Sequence[str]) -> list[np.ndarray]:
+        """Token ids of each document with special tokens as plain text."""
+        if self.kind == "bpe":
+            batches = self._tiktoken.encode_ordinary_batch(list(docs), num_threads=THREADS)
+            return [np.asarray(ids, dtype=np.int64) for ids in batches]
+        if self.kind == "char":
+            return [self._char_ids(t) for t in docs]
+        return [np.asarray(e.ids, dtype=np.int64)  # the Rust tokenizer splits specials out
+                for e in self.hf.encode_batch(list(docs), add_special_tokens=False)]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt as the model expects it: BOS first where its config says so."""
+        ids = self.encode(text)
+        if self.config.add_bos_token and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]],
+                    add_generation_prompt: bool = True) -> str:
+        """The conversation as the model's chat template writes it (jinja2 in a
+        sandbox, with transformers' settings), ready to encode."""
+        if not self.config.chat_template:
+            raise ValueError("this tokenizer has no chat template")
+        return _chat_template(self.config.chat_template).render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt,
+            bos_token=self.config.bos_token or "", eos_token=self.config.eos_token or "")
 
     def encode_documents(self, docs: Sequence[str], chunk_chars: int = 1 << 20) -> np.ndarray:
         """One stream of ids with end-of-text after every document (an integer array).
@@ -119,10 +197,12 @@ class Tokenizer:
         chunks, encoded straight to numpy by tiktoken in parallel threads:
         tiktoken splits on the special token first, so the ids equal
         per-document encoding, at several times the speed on short documents.
+        Corpora are data, not prompts: special tokens written in a document
+        stay text (a literal ``<|endoftext|>`` is no document boundary).
         """
         if self.kind != "bpe" or any(EOT in d for d in docs):
             eot = np.array([self.eot_id], dtype=np.int64)
-            return np.concatenate([part for ids in self.encode_batch(docs) for part in (ids, eot)]
+            return np.concatenate([part for ids in self._ordinary(docs) for part in (ids, eot)]
                                   or [np.zeros(0, dtype=np.int64)])
         chunks, current, size = [], [], 0
         for doc in docs:
@@ -136,11 +216,12 @@ class Tokenizer:
         encoding = self._tiktoken
         with ThreadPoolExecutor(THREADS) as pool:  # tiktoken releases the GIL
             encoded = list(pool.map(
-                lambda chunk: encoding.encode_to_numpy(chunk, allowed_special={EOT}), chunks))
+                lambda chunk: encoding.encode_to_numpy(chunk, allowed_special={EOT},
+                                                 disallowed_special=()), chunks))
         return np.concatenate(encoded or [np.zeros(0, dtype=np.uint32)])
 
-    def decode(self, ids: Iterable[int]) -> str:
-        return str(self.hf.decode([int(i) for i in ids], skip_special_tokens=True))
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        return str(self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special))
 
     @cached_property
     def _char_table(self) -> np.ndarray:
@@ -168,8 +249,31 @@ class Tokenizer:
         ranks = {bytes(decode[c] for c in token): i
                  for token, i in self.hf.get_vocab(with_added_tokens=False).items()
                  if token not in specials}
+        added = {t.content: i for i, t in self.hf.get_added_tokens_decoder().items()}
         return tiktoken.Encoding("gptflow-bpe", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                                 special_tokens={EOT: self.eot_id})
+                                 special_tokens=added)
+
+
+def _chat_template(source: str) -> Any:
+    """A chat template compiled as transformers compiles it: a sandbox that cannot
+    touch Python objects, trimmed blocks, ``raise_exception`` and ``tojson``."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+               separators: Any = None, sort_keys: bool = False) -> str:
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
+                          separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source)
 
 
 def _kind(spec: dict[str, Any]) -> str:
