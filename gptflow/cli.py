@@ -81,9 +81,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="a run id (or a unique prefix) or 'latest'")
     p.add_argument("--json", action="store_true", help="print run.json")
     p = verb("generate", cmd_generate, "sample text from a model artifact (KV cache)")
-    p.add_argument("model", metavar="MODEL_DIR",
-                   help="a model or adapter artifact folder (gptflow path ...)")
-    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("model", metavar="MODEL",
+                   help="a model or adapter artifact folder (gptflow path ...), a Hugging "
+                        "Face folder or a GGUF file")
+    p.add_argument("--prompt", default="", help="text to continue (with --chat: the user's "
+                                                "message)")
+    p.add_argument("--chat", action="store_true",
+                   help="send --prompt as a user message through the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
@@ -253,24 +257,28 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     folder = Path(args.model)
-    if not any((folder / f).is_file() for f in ("config.json", "adapter_config.json")):
-        raise InputError(f"{folder}: not a model or adapter folder (no config.json)")
+    if not folder.is_file() and not any((folder / f).is_file()
+                                        for f in ("config.json", "adapter_config.json")):
+        raise InputError(f"{folder}: not a model or adapter folder (no config.json) "
+                         "nor a GGUF file")
     if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1) \
             or (args.top_k is not None and args.top_k < 1) or args.max_new_tokens < 1:
         raise InputError("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 1, "
                          "--max-new-tokens >= 1")
-    from gptflow.ml.checkpoint import ModelLoadError, load_any
+    from gptflow.ml.checkpoint import load_any
     from gptflow.ml.generate import generate
 
     try:
         model, tokenizer, _ = load_any(folder)
-    except ModelLoadError as e:
-        raise InputError(str(e)) from None
+        prompt = (tokenizer.render_chat([{"role": "user", "content": args.prompt}])
+                  if args.chat else args.prompt)
+    except ValueError as e:  # ModelLoadError, HFError, GGUFError, no chat template
+        raise InputError(f"{folder}: {e}") from None
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
-        ids = generate(model, tokenizer.encode(args.prompt), args.max_new_tokens,
+        ids = generate(model, tokenizer.encode_prompt(prompt), args.max_new_tokens,
                        args.temperature, args.top_k, args.top_p, seed, tokenizer.eot_id)
-        print(args.prompt + tokenizer.decode(ids))
+        print(("" if args.chat else args.prompt) + tokenizer.decode(ids))
         if i + 1 < args.num_samples:
             print("---")
     return EXIT_OK

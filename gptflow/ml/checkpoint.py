@@ -112,11 +112,15 @@ class Loaded:
 
 def load_any(folder: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, Loaded]:
     """A model artifact, an adapter artifact applied to its base (which must be
-    the very artifact it was trained on), or a Hugging Face folder. Returns the
-    model, its tokenizer and the artifact's config."""
+    the very artifact it was trained on), a Hugging Face folder or a GGUF file.
+    Returns the model, its tokenizer and the artifact's config."""
+    from gptflow.ml.gguf_io import is_gguf, load_gguf
     from gptflow.ml.hf import is_hf_folder, load_hf
 
     folder = Path(folder)
+    if is_gguf(folder):
+        model, tokenizer = load_gguf(folder)
+        return model.to(device), tokenizer, Loaded({})
     if is_hf_folder(folder):
         model, tokenizer = load_hf(folder)
         return model.to(device), tokenizer, Loaded({})

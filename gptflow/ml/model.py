@@ -195,6 +195,23 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
+    @classmethod
+    def from_state_dict(cls, config: GPTConfig, state: dict[str, Tensor]) -> GPT:
+        """A model that takes ``state``'s tensors as they are (their dtype and device):
+        built on the meta device, so no weights are initialised only to be
+        overwritten, and no second copy of them is made."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state, strict=not config.tie_embeddings, assign=True)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.embed.weight
+        if config.position == "rope":
+            device = state["embed.weight"].device
+            cos, sin = rope_cache(config, config.context, device)
+            model.register_buffer("rope_cos", cos, persistent=False)
+            model.register_buffer("rope_sin", sin, persistent=False)
+        return model
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

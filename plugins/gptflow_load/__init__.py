@@ -4,8 +4,11 @@ YAML keys (``params``):
 
 * ``path``: a local Hugging Face folder (``config.json`` with a ``model_type``,
   safetensors or ``pytorch_model.bin``, ``tokenizer.json`` or ``vocab.json`` +
-  ``merges.txt``) of the GPT-2 or Llama family, or a gptflow model folder. Its
-  files' content is part of the fingerprint: editing them re-runs the node.
+  ``merges.txt``) of the GPT-2 or Llama family, a GGUF file (llama.cpp / ollama;
+  Llama architecture, any quantization the ``gguf`` package de-quantizes: the
+  ``gguf`` extra), or a gptflow model folder. Its files' content is part of the
+  fingerprint: editing them re-runs the node. The tokenizer keeps its special
+  tokens, BOS/EOS and chat template.
 
 The weights keep their stored dtype on disk (bf16 stays bf16); nodes compute in
 float32. No inputs. Output: ``model``.
@@ -20,7 +23,8 @@ from gptflow import Context, NodeError, NodeType, Params, PathRef, hookimpl
 
 class LoadParams(Params):
     path: Annotated[str, PathRef()]
-    """A Hugging Face model folder (GPT-2 or Llama family) or a gptflow model folder."""
+    """A Hugging Face model folder (GPT-2 or Llama family), a GGUF file, or a gptflow
+    model folder."""
 
 
 def run(context: Context, inputs: dict[str, Any], p: LoadParams) -> dict[str, Any]:
@@ -28,11 +32,15 @@ def run(context: Context, inputs: dict[str, Any], p: LoadParams) -> dict[str, An
 
     from gptflow.ml.checkpoint import load_model, save_model
     from gptflow.ml.families import family_of
+    from gptflow.ml.gguf_io import is_gguf, load_gguf
     from gptflow.ml.hf import is_hf_folder, load_hf
 
     source = Path(p.path)
     try:
-        if is_hf_folder(source):
+        if is_gguf(source):
+            model, tokenizer = load_gguf(source)
+            family = "gguf"
+        elif is_hf_folder(source):
             model, tokenizer = load_hf(source)
             family = family_of(model.config).name
         else:
@@ -50,4 +58,5 @@ def register_node_types(register: Any) -> None:
         name="load-model", run=run, params=LoadParams, version="1",
         outputs={"model": "model"},
         headline=("family", "params", "bytes_on_disk"),
-        description="Bring a Hugging Face (GPT-2/Llama) or gptflow model folder into the store."))
+        description="Bring a Hugging Face (GPT-2/Llama) folder, a GGUF file or a gptflow model "
+                    "into the store."))
