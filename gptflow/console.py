@@ -62,8 +62,8 @@ def fmt_metric(value: Any) -> str:
     """Short and unbreakable: 4 significant digits, k/M/G for large counts."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return str(value).replace(" ", "\u00a0")
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e4, "k")):
-        if abs(value) >= scale:
+    for threshold, scale, suffix in ((1e9, 1e9, "G"), (1e6, 1e6, "M"), (1e4, 1e3, "k")):
+        if abs(value) >= threshold:
             return f"{value / scale:.3g}{suffix}"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -120,10 +120,10 @@ def summary_table(record: RunRecord, headlines: Mapping[str, tuple[str, ...]]) -
     table = Table(title=f"run {record.run_id} · {record.pipeline.name} · "
                         f"{styled(record.status)}", title_justify="left",
                   box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("node", overflow="ellipsis", max_width=24)
-    table.add_column("status", no_wrap=True)
-    table.add_column("time", no_wrap=True, justify="right")
-    table.add_column("metrics", overflow="fold", ratio=1)
+    table.add_column("node", overflow="ellipsis", no_wrap=True, max_width=16)
+    table.add_column("status", no_wrap=True, max_width=11)
+    table.add_column("time", no_wrap=True, justify="right", max_width=10)
+    table.add_column("metrics", overflow="fold", min_width=24)
     for name, node in record.nodes.items():
         metrics = node.metrics
         keys = [k for k in headlines.get(node.plugin) or HEADLINE if k in metrics][:SHOWN]

