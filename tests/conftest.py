@@ -37,3 +37,12 @@ def review_corpus(tmp_path: Path) -> Path:
     path.write_text("".join(json.dumps({"text": i.input}) + "\n"
                             for i in sentiment4(n=200, test=40).instances))
     return path
+
+
+# SmolLM2-135M-Instruct's chat template, as its GGUF file holds it
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}")
