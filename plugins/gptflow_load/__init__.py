@@ -39,17 +39,19 @@ def run(context: Context, inputs: dict[str, Any], p: LoadParams) -> dict[str, An
     try:
         if is_gguf(source):
             model, tokenizer = load_gguf(source)
-            family = "gguf"
+            family, source_format = family_of(model.config).name, "gguf"
         elif is_hf_folder(source):
             model, tokenizer = load_hf(source)
-            family = family_of(model.config).name
+            family, source_format = family_of(model.config).name, "hf"
         else:
             model, tokenizer = load_model(source)
-            family = "gptflow"
-    except (ValueError, OSError) as e:  # HFError, ModelLoadError, unreadable files
+            family = source_format = "gptflow"
+    except (ValueError, OSError) as e:  # HFError, GGUFError, ModelLoadError, unreadable files
         raise NodeError(f"params.path: {e}") from None
-    size = save_model(context.output_dir("model"), model, tokenizer, source_format=family)
-    return {"family": family, "params": model.num_params(), "bytes_on_disk": size}
+    size = save_model(context.output_dir("model"), model, tokenizer, source_format=source_format,
+                      family=family)
+    return {"family": family, "source_format": source_format, "params": model.num_params(),
+            "bytes_on_disk": size}
 
 
 @hookimpl
