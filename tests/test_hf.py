@@ -180,12 +180,13 @@ def hf_model(transformers, family: str, vocab: int, tied: bool, kv_heads: int = 
                                          n_head=4, tie_word_embeddings=tied)
         model = transformers.GPT2LMHeadModel(config)
     else:
-        config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
-                                          num_hidden_layers=2, num_attention_heads=4,
-                                          num_key_value_heads=kv_heads,
-                                          max_position_embeddings=64, rope_theta=5000.0,
-                                          tie_word_embeddings=tied)
-        model = transformers.LlamaForCausalLM(config)
+        kind = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[family]
+        extra = {"qwen3": dict(head_dim=16), "mistral": dict(sliding_window=None)}.get(family, {})
+        config = getattr(transformers, f"{kind}Config")(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
+            rope_theta=5000.0, tie_word_embeddings=tied, **extra)
+        model = getattr(transformers, f"{kind}ForCausalLM")(config)
     with torch.no_grad():  # random norms and biases too
         for name, p in model.named_parameters():
             if "norm" in name or "ln_" in name or name.endswith("bias"):
@@ -194,12 +195,15 @@ def hf_model(transformers, family: str, vocab: int, tied: bool, kv_heads: int = 
 
 
 HF_CASES = [("gpt2", True, 4), ("gpt2", False, 4), ("llama", True, 2), ("llama", False, 1),
-            ("llama", False, 4)]
+            ("llama", False, 4), ("qwen2", True, 2), ("qwen2", False, 4), ("qwen3", True, 2),
+            ("qwen3", False, 1), ("mistral", False, 2)]
 
 
 @pytest.mark.parametrize(("family", "tied", "kv_heads"), HF_CASES)
 def test_transformers_model_imports_with_equal_logits(transformers, tmp_path, tokenizer, family,
                                                       tied, kv_heads):
+    """Each family's tiny random model, imported, then exported back: equal logits
+    (1e-4) both ways, the same greedy tokens."""
     theirs = hf_model(transformers, family, tokenizer.vocab_size, tied, kv_heads)
     theirs.save_pretrained(tmp_path / "hf")
     tokenizer.save(tmp_path / "hf" / "tokenizer.json")
@@ -212,6 +216,19 @@ def test_transformers_model_imports_with_equal_logits(transformers, tmp_path, to
     expected = theirs.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
                                pad_token_id=0)[0, 5:].tolist()
     assert generate(ours, prompt, 8, temperature=0.0) == expected
+    assert export_hf(ours, tokenizer, tmp_path / "back") == ("llama" if family == "mistral"
+                                                             else family)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert torch.allclose(logits(back, ids), logits(theirs, ids), atol=1e-4)
+
+
+def test_mistral_sliding_window_narrower_than_the_context_is_refused():
+    config = {"model_type": "mistral", "vocab_size": 10, "hidden_size": 8,
+              "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "max_position_embeddings": 4096, "sliding_window": 1024}
+    with pytest.raises(HFError, match="sliding_window: 1024 is narrower than the context"):
+        read_family(config, "x/config.json")
+    assert read_family({**config, "sliding_window": None}, "x")[1].name == "mistral"
 
 
 @pytest.mark.parametrize(("family", "overrides"), CASES)

@@ -37,13 +37,16 @@ class GPTConfig:
     rope_scaling: dict[str, Any] | None = None
     norm_eps: float = 1e-5
     bias: bool = False  # biases in linear layers and LayerNorm (GPT-2 has them)
+    qkv_bias: bool = False  # biases on the q, k and v projections only (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
+    head_size: int | None = None  # per-head width; None = d_model / n_head (Qwen3 sets it)
     dropout: float = 0.0
     tie_embeddings: bool = True  # output head reuses the token embedding: softmax(W^T h)
     init_std: float = 0.02  # residual projections get init_std / sqrt(2 * n_layer)
 
     def __post_init__(self) -> None:
         kv = self.kv_heads
-        if self.d_model % self.n_head:
+        if self.head_size is None and self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by "
                              f"n_head ({self.n_head})")
         if self.n_head % kv:
@@ -61,7 +64,7 @@ class GPTConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_head
+        return self.head_size or self.d_model // self.n_head
 
     @property
     def ff_dim(self) -> int:

@@ -69,9 +69,13 @@ GPT2_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # the tanh approxima
 GPT2_DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
 
 
+def _plain_attention(c: GPTConfig) -> bool:
+    return not (c.qkv_bias or c.qk_norm) and c.head_dim * c.n_head == c.d_model
+
+
 def _gpt2_computes(c: GPTConfig) -> bool:
     return (c.position, c.norm, c.mlp) == ("learned", "layernorm", "gelu") \
-        and c.kv_heads == c.n_head
+        and c.kv_heads == c.n_head and _plain_attention(c)
 
 
 def _gpt2_read(f: Fields) -> dict[str, Any]:
@@ -120,23 +124,16 @@ GPT2 = Family("gpt2", "GPT2LMHeadModel", _gpt2_computes, _gpt2_read, _gpt2_write
               peft_exact=False, checkpoint_prefix="transformer.")
 
 
-# -- Llama ---------------------------------------------------------------------------
-def _llama_computes(c: GPTConfig) -> bool:
+# -- the Llama lineage: Llama, Mistral, Qwen2, Qwen3 -------------------------------
+def _modern(c: GPTConfig) -> bool:
     return (c.position, c.norm, c.mlp) == ("rope", "rmsnorm", "swiglu")
 
 
-def _llama_read(f: Fields) -> dict[str, Any]:
+def _rope_fields(f: Fields) -> dict[str, Any]:
+    """What every family of the Llama lineage spells alike in config.json."""
     act = f.get("hidden_act", "silu")
     if act != "silu":
         raise f.refuse("hidden_act", f"{act!r} is not supported (silu)")
-    d, heads = f.need("hidden_size"), f.need("num_attention_heads")
-    if f.get("head_dim") not in (None, d // heads):
-        raise f.refuse("head_dim", f"{f.get('head_dim')} differs from hidden_size / "
-                       f"num_attention_heads = {d // heads}")
-    bias = bool(f.get("attention_bias", False))
-    if bool(f.get("mlp_bias", False)) != bias:
-        raise f.refuse("mlp_bias", "must equal attention_bias (one bias switch for all "
-                       "linear layers)")
     rope = dict(f.get("rope_parameters") or {})  # transformers 5 keeps theta here
     theta = rope.pop("rope_theta", f.get("rope_theta", 10000.0))
     scaling = f.get("rope_scaling") or rope
@@ -145,44 +142,122 @@ def _llama_read(f: Fields) -> dict[str, Any]:
     scaling = ({"rope_type": rope_type, **{k: v for k, v in scaling.items()
                                            if k not in ("rope_type", "type")}}
                if rope_type != "default" else None)
+    heads = f.need("num_attention_heads")
     return dict(vocab_size=f.need("vocab_size"), context=f.get("max_position_embeddings", 2048),
                 n_layer=f.need("num_hidden_layers"), n_head=heads,
-                n_kv_head=f.get("num_key_value_heads") or heads, d_model=d,
+                n_kv_head=f.get("num_key_value_heads") or heads, d_model=f.need("hidden_size"),
                 d_ff=f.need("intermediate_size"), position="rope", norm="rmsnorm", mlp="swiglu",
-                bias=bias, rope_theta=float(theta), rope_scaling=scaling,
+                rope_theta=float(theta), rope_scaling=scaling,
                 norm_eps=f.get("rms_norm_eps", 1e-6),
                 tie_embeddings=f.get("tie_word_embeddings", False))
 
 
-def _llama_write(c: GPTConfig) -> dict[str, Any]:
+def _rope_write(c: GPTConfig) -> dict[str, Any]:
     return {"hidden_size": c.d_model, "intermediate_size": c.ff_dim,
             "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
             "num_key_value_heads": c.kv_heads, "head_dim": c.head_dim,
             "max_position_embeddings": c.context, "rms_norm_eps": c.norm_eps,
-            "rope_theta": c.rope_theta, "rope_scaling": c.rope_scaling,
-            "attention_bias": c.bias, "mlp_bias": c.bias, "hidden_act": "silu",
+            "rope_theta": c.rope_theta, "rope_scaling": c.rope_scaling, "hidden_act": "silu",
             "attention_dropout": 0.0}
 
 
-def _llama_rows(c: GPTConfig) -> list[Row]:
+def _plain_head_dim(f: Fields, fields: dict[str, Any]) -> None:
+    d, heads = fields["d_model"], fields["n_head"]
+    if f.get("head_dim") not in (None, d // heads):
+        raise f.refuse("head_dim", f"{f.get('head_dim')} differs from hidden_size / "
+                       f"num_attention_heads = {d // heads}")
+
+
+def _no_sliding_window(f: Fields, context: int) -> None:
+    """A window narrower than the context changes what attention sees: refused
+    until gptflow computes it."""
+    window = f.get("sliding_window")
+    enabled = f.get("use_sliding_window", window is not None)
+    if enabled and window is not None and window < context:
+        raise f.refuse("sliding_window", f"{window} is narrower than the context "
+                       f"({context}); sliding-window attention is not supported yet")
+
+
+def _rope_rows(c: GPTConfig) -> list[Row]:
     rows = [Row(("embed.weight",), "model.embed_tokens.weight")]
     suffixes = ("weight", "bias") if c.bias else ("weight",)
+    qkv = ("weight", "bias") if c.bias or c.qkv_bias else ("weight",)
     for i in range(c.n_layer):
         b, h = f"blocks.{i}.", f"model.layers.{i}."
         rows += [Row((f"{b}attn_norm.weight",), f"{h}input_layernorm.weight"),
                  Row((f"{b}mlp_norm.weight",), f"{h}post_attention_layernorm.weight")]
         rows += [Row((f"{b}attn.{x}_proj.{s}",), f"{h}self_attn.{x}_proj.{s}")
-                 for x in "qkvo" for s in suffixes]
+                 for x in "qkv" for s in qkv]
+        rows += [Row((f"{b}attn.o_proj.{s}",), f"{h}self_attn.o_proj.{s}") for s in suffixes]
+        if c.qk_norm:
+            rows += [Row((f"{b}attn.{x}_norm.weight",), f"{h}self_attn.{x}_norm.weight")
+                     for x in "qk"]
         rows += [Row((f"{b}mlp.{x}_proj.{s}",), f"{h}mlp.{x}_proj.{s}")
                  for x in ("gate", "up", "down") for s in suffixes]
     rows.append(Row(("norm.weight",), "model.norm.weight"))
     return rows
 
 
-LLAMA = Family("llama", "LlamaForCausalLM", _llama_computes, _llama_read, _llama_write,
-               _llama_rows, peft_exact=True)
+def _llama_read(f: Fields) -> dict[str, Any]:
+    fields = _rope_fields(f)
+    _plain_head_dim(f, fields)
+    bias = bool(f.get("attention_bias", False))
+    if bool(f.get("mlp_bias", False)) != bias:
+        raise f.refuse("mlp_bias", "must equal attention_bias (one bias switch for all "
+                       "linear layers)")
+    return {**fields, "bias": bias}
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA)}
+
+def _llama_write(c: GPTConfig) -> dict[str, Any]:
+    return {**_rope_write(c), "attention_bias": c.bias, "mlp_bias": c.bias}
+
+
+def _mistral_read(f: Fields) -> dict[str, Any]:
+    fields = _rope_fields(f)
+    _plain_head_dim(f, fields)
+    _no_sliding_window(f, fields["context"])
+    return fields
+
+
+def _qwen2_read(f: Fields) -> dict[str, Any]:
+    fields = _rope_fields(f)
+    _plain_head_dim(f, fields)
+    _no_sliding_window(f, fields["context"])
+    return {**fields, "qkv_bias": True}
+
+
+def _qwen2_write(c: GPTConfig) -> dict[str, Any]:
+    return {**_rope_write(c), "use_sliding_window": False}
+
+
+def _qwen3_read(f: Fields) -> dict[str, Any]:
+    fields = _rope_fields(f)
+    _no_sliding_window(f, fields["context"])
+    if f.get("attention_bias", False):
+        raise f.refuse("attention_bias", "true is not supported for qwen3")
+    head_dim = f.get("head_dim")
+    plain = head_dim in (None, fields["d_model"] // fields["n_head"])
+    return {**fields, "qk_norm": True, "head_size": None if plain else int(head_dim)}
+
+
+def _qwen3_write(c: GPTConfig) -> dict[str, Any]:
+    return {**_rope_write(c), "use_sliding_window": False, "attention_bias": False}
+
+
+LLAMA = Family("llama", "LlamaForCausalLM",
+               lambda c: _modern(c) and _plain_attention(c), _llama_read, _llama_write,
+               _rope_rows, peft_exact=True)
+QWEN2 = Family("qwen2", "Qwen2ForCausalLM",
+               lambda c: _modern(c) and c.qkv_bias and not (c.bias or c.qk_norm)
+               and c.head_dim * c.n_head == c.d_model, _qwen2_read, _qwen2_write, _rope_rows,
+               peft_exact=True)
+QWEN3 = Family("qwen3", "Qwen3ForCausalLM",
+               lambda c: _modern(c) and c.qk_norm and not (c.bias or c.qkv_bias),
+               _qwen3_read, _qwen3_write, _rope_rows, peft_exact=True)
+MISTRAL = Family("mistral", "MistralForCausalLM",  # exports go to llama, which computes alike
+                 lambda c: False, _mistral_read, _rope_write, _rope_rows, peft_exact=True)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL)}
 
 
 def family_of(config: GPTConfig) -> Family:
@@ -193,7 +268,8 @@ def family_of(config: GPTConfig) -> Family:
     raise HFError(f"no Hugging Face architecture computes position={config.position}, "
                   f"norm={config.norm}, mlp={config.mlp}"
                   + (f", n_kv_head={config.n_kv_head}" if config.position == "learned" else "")
-                  + ": GPT-2 is learned+layernorm+gelu, Llama rope+rmsnorm+swiglu")
+                  + ": GPT-2 is learned+layernorm+gelu, Llama rope+rmsnorm+swiglu (Qwen2 with "
+                    "qkv_bias, Qwen3 with qk_norm)")
 
 
 def read_family(data: Mapping[str, Any], where: str) -> tuple[GPTConfig, Family]:

@@ -91,19 +91,24 @@ class Attention(nn.Module):
         super().__init__()
         self.config, self.layer = config, layer
         hs, nh, nkv = config.head_dim, config.n_head, config.kv_heads
-        self.q_proj = nn.Linear(config.d_model, nh * hs, bias=config.bias)
-        self.k_proj = nn.Linear(config.d_model, nkv * hs, bias=config.bias)
-        self.v_proj = nn.Linear(config.d_model, nkv * hs, bias=config.bias)
+        qkv_bias = config.bias or config.qkv_bias
+        self.q_proj = nn.Linear(config.d_model, nh * hs, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.d_model, nkv * hs, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.d_model, nkv * hs, bias=qkv_bias)
         self.o_proj = nn.Linear(nh * hs, config.d_model, bias=config.bias)
         self.o_proj.residual = True  # type: ignore[assignment]  # scaled init
+        if config.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(hs, config.norm_eps), RMSNorm(hs, config.norm_eps)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None,
                 start: int) -> Tensor:
-        B, T, C = x.shape
+        B, T, _ = x.shape
         cfg = self.config
         q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
+        if cfg.qk_norm:  # per head, over hs
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -118,7 +123,7 @@ class Attention(nn.Module):
                                                enable_gqa=cfg.kv_heads != cfg.n_head)
         else:
             y = naive_attention(q, k, v, mask, dropout)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))  # (B, T, C)
 
 
 def naive_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float

@@ -43,6 +43,12 @@ class ModelParams(Params):
     original_max_position_embeddings}."""
     norm_eps: float | None = None
     bias: bool | None = None
+    qkv_bias: bool | None = None
+    """Biases on the q, k and v projections only (Qwen2)."""
+    qk_norm: bool | None = None
+    """RMSNorm over each head of q and k before RoPE (Qwen3)."""
+    head_size: int | None = Field(None, ge=2)
+    """Per-head width; default d_model / n_head."""
     dropout: float | None = Field(None, ge=0, lt=1)
     tie_embeddings: bool | None = None
     """Reuse the token embedding as the output head: softmax(W^T h)."""
