@@ -15,7 +15,7 @@ from typing import Any, Literal
 from gptflow.dag import Node, Pipeline
 from gptflow.errors import InputError, Problem, did_you_mean
 from gptflow.nodes import path_refs, split_observed
-from gptflow.sources import expand_path
+from gptflow.sources import expand_path, hub_commit, is_hub
 from gptflow.store import Store, canonical_json
 
 FINGERPRINT_CHARS = 32
@@ -34,7 +34,8 @@ def manifest(node: Node, upstream: dict[str, str], store: Store) -> dict[str, An
     """Everything a node's fingerprint is made of, kept so `plan` can say what changed."""
     files: dict[str, dict[str, str]] = {}
     for _, value, _ in path_refs(node.params):
-        files[value] = {p.as_posix(): store.hash_path(p) for p in expand_path(value)}
+        files[value] = ({"commit": hub_commit(value)} if is_hub(value) else
+                        {p.as_posix(): store.hash_path(p) for p in expand_path(value)})
     params, observed = split_observed(node.params)
     return {
         "plugin": node.plugin,

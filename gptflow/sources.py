@@ -1,5 +1,6 @@
-"""What a params value may name: local files, folders and globs, or a
-``builtin:`` source from the one registry below.
+"""What a params value may name: local files, folders and globs, a Hugging Face
+Hub model (``hf:org/name@revision``), or a ``builtin:`` source from the one
+registry below.
 
 Validation consults this module (so a misspelled ``builtin:revews`` is an error
 before anything runs), the planner hashes what :func:`expand_path` finds, and
@@ -8,10 +9,15 @@ the recipes layer turns each name into data. Pure Python: no torch.
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 PREFIX = "builtin:"
+HUB = "hf:"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 @dataclass(frozen=True)
@@ -60,11 +66,12 @@ def check_builtin(value: str, kinds: tuple[str, ...]) -> str | None:
 
 
 def expand_path(value: str) -> list[Path]:
-    """The files or folders a path, folder or glob names; ``builtin:`` names none.
+    """The files or folders a path, folder or glob names; ``builtin:`` and ``hf:``
+    values name none.
 
     Raises FileNotFoundError when nothing matches.
     """
-    if is_builtin(value):
+    if is_builtin(value) or is_hub(value):  # fingerprinted by version / commit instead
         return []
     if any(c in value for c in "*?["):
         matches = sorted(Path().glob(value)) if not Path(value).is_absolute() else sorted(
@@ -78,10 +85,64 @@ def expand_path(value: str) -> list[Path]:
     return [path]
 
 
+def is_hub(value: str) -> bool:
+    return value.startswith(HUB)
+
+
+def hub_ref(value: str) -> tuple[str, str]:
+    """``hf:org/name@revision`` -> (org/name, revision); the revision defaults to main."""
+    repo, _, revision = value.removeprefix(HUB).partition("@")
+    return repo, revision or "main"
+
+
+def hub_options() -> dict[str, Any]:
+    """huggingface_hub's cache folder and offline switch, read when used (not when
+    huggingface_hub was first imported)."""
+    return {"cache_dir": os.environ.get("HF_HUB_CACHE"),
+            "local_files_only": os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")}
+
+
+def hub_commit(value: str) -> str:
+    """The commit a Hub id resolves to: its fingerprint. Offline, from the local cache.
+
+    Raises LookupError saying why it cannot be resolved.
+    """
+    repo, revision = hub_ref(value)
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise LookupError(f"{value}: hf: sources need huggingface_hub "
+                          "(pip install 'gptflow[hub]')") from None
+    options = hub_options()
+    if options["local_files_only"]:
+        cached = huggingface_hub.try_to_load_from_cache(repo, "config.json",
+                                                        options["cache_dir"], revision)
+        if not isinstance(cached, str):
+            raise LookupError(f"{value}: not in the local Hugging Face cache "
+                              "(HF_HUB_OFFLINE is set)")
+        return Path(cached).parent.name
+    try:
+        return str(huggingface_hub.HfApi().model_info(repo, revision=revision).sha)
+    except Exception as e:  # network, authentication, unknown repo or revision
+        raise LookupError(f"{value}: {type(e).__name__}: {e}".splitlines()[0]) from None
+
+
 def check_source(value: str, builtins: tuple[str, ...]) -> str | None:
     """Why ``value`` names nothing a field taking ``builtins`` sources accepts, or None."""
     if is_builtin(value):
         return check_builtin(value, builtins)
+    if is_hub(value):
+        if "hub" not in builtins:
+            return f"{value!r}: this param takes paths, not Hugging Face Hub ids"
+        if not HUB_ID.fullmatch(hub_ref(value)[0]):
+            return f"{value!r}: a Hub id is hf:ORG/NAME or hf:ORG/NAME@REVISION"
+        try:
+            hub_commit(value)
+        except LookupError as e:
+            return str(e)
+        return None
     try:
         expand_path(value)
     except FileNotFoundError as e:

@@ -269,3 +269,50 @@ def test_lora_adapter_exports_to_peft_where_exact(transformers, tmp_path, tokeni
     theirs = peft.PeftModel.from_pretrained(base, tmp_path / "out").eval()
     ids = torch.randint(0, tokenizer.vocab_size, (2, 16))
     assert torch.allclose(logits(theirs, ids), logits(model.eval(), ids), atol=1e-4)
+
+
+def hub_cache(root: Path, repo: str, folder: Path, commit: str, ref: str = "main") -> None:
+    """A model folder placed in a cache laid out as huggingface_hub lays it out."""
+    base = root / f"models--{repo.replace('/', '--')}"
+    snapshot = base / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in folder.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (base / "refs").mkdir(exist_ok=True)
+    (base / "refs" / ref).write_text(commit)
+
+
+def test_hub_source_offline_from_the_cache(run_pipeline, tmp_path, tokenizer, monkeypatch):
+    """hf:ORG/NAME@REVISION, with HF_HUB_OFFLINE=1: served from a cache in
+    huggingface_hub's layout, fingerprinted by the commit the revision names."""
+    pytest.importorskip("huggingface_hub", reason="huggingface_hub (the hub extra)")
+    first, second = "a" * 40, "b" * 40
+    for commit, seed in ((first, 0), (second, 1)):
+        torch.manual_seed(seed)
+        export_hf(gptflow_model("llama", tokenizer), tokenizer, tmp_path / commit)
+    cache = tmp_path / "hub"
+    hub_cache(cache, "tiny-org/tiny-llama", tmp_path / first, first)
+    hub_cache(cache, "tiny-org/tiny-llama", tmp_path / second, second, ref="v2")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipeline = ("name: hub\nnodes:\n  m: {plugin: load-model, "
+                "params: {path: 'hf:tiny-org/tiny-llama'}}\n")
+    result = run_pipeline(pipeline)
+    assert result.code == 0, result.out + result.err
+    assert result.record["nodes"]["m"]["metrics"]["family"] == "llama"
+    assert run_pipeline(pipeline).record["nodes"]["m"]["status"] == "cached"
+    (cache / "models--tiny-org--tiny-llama" / "refs" / "main").write_text(second)
+    from gptflow.session import Session
+
+    (step,) = Session.load(result.pipeline, store=result.store).plan()
+    assert step.reason == "data changed: hf:tiny-org/tiny-llama"
+    moved = run_pipeline(pipeline)
+    assert moved.record["nodes"]["m"]["status"] == "ran"  # main names another commit now
+    v2 = run_pipeline(pipeline.replace("tiny-llama'", f"tiny-llama@{second}'"))
+    pinned = json.loads((v2.output("m") / "config.json").read_text())
+    assert pinned["family"] == "llama" and v2.code == 0
+    missing = run_pipeline(pipeline.replace("tiny-llama", "no-such-model"), verb="validate")
+    assert missing.code == 2 and "not in the local Hugging Face cache" in missing.err
+    bad = run_pipeline(pipeline.replace("hf:tiny-org/tiny-llama", "hf:nonsense"),
+                       verb="validate")
+    assert bad.code == 2 and "a Hub id is hf:ORG/NAME" in bad.err

@@ -4,12 +4,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from urllib.parse import parse_qsl
 
 from gptflow.ml import corpora
 from gptflow.ml.data import file_documents
 from gptflow.ml.tasks import Task, load_task_files, sentiment4
-from gptflow.sources import builtin_name, check_builtin, expand_path, is_builtin
+from gptflow.sources import (
+    builtin_name,
+    check_builtin,
+    expand_path,
+    hub_options,
+    hub_ref,
+    is_builtin,
+    is_hub,
+)
 
 # implementations of the registry's corpus and tasks entries (a test keeps them in step)
 CORPORA: dict[str, Callable[[], Iterator[str]]] = {
@@ -34,6 +43,15 @@ def tasks(source: str, fields: tuple[str, str, str] = ("instruction", "input", "
         name, query = builtin_name(source)
         return [TASKS[name](**dict(parse_qsl(query)))]
     return load_task_files(expand_path(source), fields)
+
+
+def model_path(value: str) -> Path:
+    """A local path, or the cached snapshot of a ``hf:org/name@revision`` model."""
+    if is_hub(value):
+        from gptflow.ml.hub import snapshot
+
+        return snapshot(*hub_ref(value), **hub_options())
+    return Path(value)
 
 
 def _check(source: str, kind: str) -> None:

@@ -2,7 +2,10 @@
 
 YAML keys (``params``):
 
-* ``path``: a local Hugging Face folder (``config.json`` with a ``model_type``,
+* ``path``: a Hugging Face Hub id, ``hf:ORG/NAME@REVISION`` (only the files a
+  model needs, into huggingface_hub's cache; fingerprinted by the commit the
+  revision resolves to; offline from the cache with ``HF_HUB_OFFLINE=1``), a local
+  Hugging Face folder (``config.json`` with a ``model_type``,
   safetensors or ``pytorch_model.bin``, ``tokenizer.json`` or ``vocab.json`` +
   ``merges.txt``) of the GPT-2 or Llama family, a GGUF file (llama.cpp / ollama;
   Llama architecture, any quantization the ``gguf`` package de-quantizes: the
@@ -22,21 +25,21 @@ from gptflow import Context, NodeError, NodeType, Params, PathRef, hookimpl
 
 
 class LoadParams(Params):
-    path: Annotated[str, PathRef()]
-    """A Hugging Face model folder (GPT-2 or Llama family), a GGUF file, or a gptflow
-    model folder."""
+    path: Annotated[str, PathRef("hub")]
+    """A Hugging Face model folder, a Hub id (hf:ORG/NAME@REVISION; fingerprinted by
+    the commit it resolves to, offline from the cache with HF_HUB_OFFLINE=1), a GGUF
+    file, or a gptflow model folder."""
 
 
 def run(context: Context, inputs: dict[str, Any], p: LoadParams) -> dict[str, Any]:
-    from pathlib import Path
-
     from gptflow.ml.checkpoint import load_model, save_model
     from gptflow.ml.families import family_of
     from gptflow.ml.gguf_io import is_gguf, load_gguf
     from gptflow.ml.hf import is_hf_folder, load_hf
+    from gptflow.recipes.sources import model_path
 
-    source = Path(p.path)
     try:
+        source = model_path(p.path)
         if is_gguf(source):
             model, tokenizer = load_gguf(source)
             family, source_format = family_of(model.config).name, "gguf"
