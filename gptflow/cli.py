@@ -93,13 +93,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-samples", type=int, default=1)
-    p = verb("export", cmd_export, "write a model or adapter as a Hugging Face folder")
+    p = verb("export", cmd_export,
+             "write a model or adapter as a Hugging Face folder or a GGUF file")
     p.add_argument("model", metavar="MODEL",
                    help="a model or adapter artifact folder, or RUN:NODE[.OUTPUT] "
                         "(e.g. latest:sft)")
-    p.add_argument("--to", required=True, metavar="DIR", help="a new (or empty) folder")
-    p.add_argument("--format", choices=("hf",), default="hf",
-                   help="hf: GPT-2 (classic switches) or Llama (modern switches) layout")
+    p.add_argument("--to", required=True, metavar="PATH",
+                   help="a new (or empty) folder; with --format gguf, a new file")
+    p.add_argument("--format", choices=("hf", "gguf"), default="hf",
+                   help="hf: a Hugging Face folder in the family's layout (a PEFT adapter "
+                        "where exact); gguf: one GGUF file (--to FILE.gguf) for llama.cpp, "
+                        "ollama and transformers")
+    p.add_argument("--gguf-type", default=None, metavar="TYPE",
+                   help="GGUF weight type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 "
+                        "(default: f16; q8_0 for int8 models, q4_0 for int4 and NF4)")
     p = verb("path", cmd_path, "print the folder of an output artifact")
     p.add_argument("run", metavar="RUN", help="a run id or 'latest'")
     p.add_argument("target", metavar="NODE[.OUTPUT]")

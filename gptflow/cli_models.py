@@ -58,15 +58,17 @@ def cmd_export(args: argparse.Namespace) -> int:
         source = Path(output_folder(args.store, run, node))
     if not any((source / f).is_file() for f in ("config.json", "adapter_config.json")):
         raise InputError(f"{source}: not a model or adapter folder (no config.json)")
-    if target.exists() and any(target.iterdir()):
+    if args.format == "gguf" and target.exists():
+        raise InputError(f"{target}: exists; a GGUF export writes a new file")
+    if target.is_file() or (target.is_dir() and any(target.iterdir())):
         raise InputError(f"{target}: exists and is not empty; export needs a new folder")
     from gptflow.ml.checkpoint import ModelLoadError
     from gptflow.ml.export import export
     from gptflow.ml.families import HFError
 
     try:
-        what = export(source, target)
-    except (ModelLoadError, HFError) as e:
+        what = export(source, target, args.format, args.gguf_type)
+    except (ModelLoadError, HFError) as e:  # GGUFError is an HFError
         raise InputError(f"{source}: {e}") from None
     print(f"{target}: {what}")
     return EXIT_OK

@@ -269,3 +269,55 @@ def test_from_hf_pipeline_runs_from_the_smollm2_gguf(run_pipeline, tmp_path):
                  "--store", str(result.store.root)]) == 0
     assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
     assert "chat_template" in (tmp_path / "peft" / "base" / "tokenizer_config.json").read_text()
+
+
+@pytest.mark.parametrize(("kind", "atol"), [("f16", 1e-3), ("bf16", 2e-2), ("q8_0", 0.3),
+                                            ("q4_0", 1.0)])
+def test_gguf_export_loads_in_transformers_with_equal_logits(tmp_path, tokenizer, kind, atol):
+    """gptflow's GGUF export, read by transformers' GGUF loader and by gptflow: the
+    same logits as the gptflow model (F16 to 1e-3), the chat template kept."""
+    transformers = pytest.importorskip("transformers", reason="transformers (the hf extra)")
+    from gptflow.ml.checkpoint import save_model
+    from gptflow.ml.export import export
+    from gptflow.ml.gguf_io import load_gguf
+    from gptflow.ml.tokenizer import TokenizerConfig
+
+    tok = Tokenizer(tokenizer.hf, TokenizerConfig(bos_token="<|im_start|>",
+                                                  eos_token="<|im_end|>",
+                                                  chat_template=SMOLLM2_TEMPLATE))
+    model = tiny_llama(tok.vocab_size)
+    save_model(tmp_path / "model", model, tok)
+    what = export(tmp_path / "model", tmp_path / "out" / "model.gguf", "gguf", kind)
+    assert what == f"a GGUF file, {kind.upper()}"
+    path = tmp_path / "out" / "model.gguf"
+    ids = torch.randint(0, tok.vocab_size, (1, 20))
+    with torch.no_grad():
+        expected = model(ids)
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name).eval()(ids).logits
+        ours, read_back = load_gguf(path)
+    assert torch.allclose(theirs, expected, atol=atol), (theirs - expected).abs().max()
+    assert torch.allclose(ours(ids), theirs, atol=1e-4)
+    assert read_back.config.chat_template == SMOLLM2_TEMPLATE
+    assert read_back.eot_id == tok.eot_id and read_back.bos_id == tok.bos_id
+
+
+def test_gguf_export_of_a_quantized_model_takes_the_nearest_type(tmp_path, tokenizer,
+                                                                 run_pipeline):
+    from gptflow.cli import main
+    from gptflow.ml.checkpoint import save_model
+    from gptflow.ml.quant import quantize_model
+
+    model = tiny_llama(tokenizer.vocab_size)
+    quantize_model(model, "int8")
+    save_model(tmp_path / "int8", model, tokenizer,
+               quantization={"method": "int8", "group_size": 64, "embeddings": False})
+    assert main(["export", str(tmp_path / "int8"), "--to", str(tmp_path / "m.gguf"),
+                 "--format", "gguf"]) == 0
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    assert {t.tensor_type.name for t in reader.tensors} == {"Q8_0", "F32"}
+    assert main(["export", str(tmp_path / "int8"), "--to", str(tmp_path / "m.gguf"),
+                 "--format", "gguf"]) == 2  # never over an existing file
+    assert main(["export", str(tmp_path / "int8"), "--to", str(tmp_path / "x.gguf"),
+                 "--format", "gguf", "--gguf-type", "q9"]) == 2
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / ".x.gguf.partial").exists()
