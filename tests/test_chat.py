@@ -84,3 +84,55 @@ def test_a_template_can_refuse_a_conversation():
         tok.render_chat([{"role": "assistant", "content": "x"}])
     with pytest.raises(ValueError, match="no chat template"):
         Tokenizer.train_char(["ab"]).render_chat([])
+
+
+def test_chat_format_tunes_and_evaluates_through_the_template(run_pipeline, tmp_path):
+    """format: chat: NI prompts go through the model's chat template as a user turn,
+    the answer is the assistant's, and evaluate prompts the tuned model the same way."""
+    from tokenizers import AddedToken
+
+    from gptflow.ml.checkpoint import save_model
+    from gptflow.ml.config import preset_config
+    from gptflow.ml.instruct import encode_examples
+    from gptflow.ml.model import GPT
+    from gptflow.ml.prompts import PromptFormat
+    from gptflow.ml.tasks import sentiment4
+
+    base = Tokenizer.train_bpe([i.input for i in sentiment4(n=100, test=10).instances],
+                               vocab_size=400, min_frequency=1)
+    base.hf.add_special_tokens([AddedToken(t, special=True)
+                                for t in ("<|im_start|>", "<|im_end|>")])
+    tok = Tokenizer(base.hf, TokenizerConfig(eos_token="<|im_end|>",
+                                             chat_template=SMOLLM2_TEMPLATE))
+    task = sentiment4(n=20, test=4)
+    (example, *_) = encode_examples([task], tok, "train", 512, PromptFormat(chat=True))
+    prompt = tok.decode(example.prompt, skip_special=False)
+    assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("assistant\n")
+    assert tok.decode(example.target, skip_special=False).endswith("<|im_end|>")
+    assert not tok.decode(example.target).startswith(" ")  # no space after the header
+
+    save_model(tmp_path / "m", GPT(preset_config("tiny", vocab_size=tok.vocab_size,
+                                                 context=256)), tok)
+    tasks = '["builtin:sentiment4?n=40&test=8"]'
+    text = f"""\
+name: chat
+nodes:
+  base: {{plugin: load-model, params: {{path: '{tmp_path / "m"}'}}}}
+  sft:
+    plugin: instruction-finetune
+    inputs: {{model: base}}
+    params: {{tasks: {tasks}, format: chat, trainer: {{max_steps: 2}}, batch_size: 4}}
+  eval:
+    plugin: evaluate
+    inputs: {{models: [sft]}}
+    params: {{tasks: {tasks}, max_instances: 4}}
+"""
+    result = run_pipeline(text)
+    assert result.code == 0, result.out + result.err
+    config = (result.output("sft") / "config.json").read_text()
+    assert '"chat": true' in config
+    save_model(tmp_path / "plain", GPT(preset_config("tiny", vocab_size=base.vocab_size,
+                                                     context=256)), Tokenizer(base.hf))
+    plain = run_pipeline(text.replace(str(tmp_path / "m"), str(tmp_path / "plain")))
+    assert plain.code == 1
+    assert "params.format: chat needs a model with a chat template" in plain.out

@@ -26,11 +26,12 @@ from gptflow.ml.tokenizer import Tokenizer
 
 @torch.inference_mode()
 def label_log_likelihoods(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str],
-                          labels: Sequence[str], batch_size: int = 32) -> np.ndarray:
-    """(N prompts, K labels): log p(" " + label | prompt), summed over label tokens."""
+                          labels: Sequence[str], batch_size: int = 32, prefix: str = " "
+                          ) -> np.ndarray:
+    """(N prompts, K labels): log p(prefix + label | prompt), summed over label tokens."""
     context = model.config.context
     prompt_ids = tokenizer.encode_batch(list(prompts))
-    label_ids = tokenizer.encode_batch([" " + label for label in labels])
+    label_ids = tokenizer.encode_batch([prefix + label for label in labels])
     pairs = [(n, k) for n in range(len(prompts)) for k in range(len(labels))]
     scores = np.zeros((len(prompts), len(labels)))
     for start in range(0, len(pairs), batch_size):
@@ -54,17 +55,18 @@ def label_log_likelihoods(model: GPT, tokenizer: Tokenizer, prompts: Sequence[st
     return scores
 
 
-def prompts_for(task: Task, texts: Sequence[str], prompt: PromptFormat,
+def prompts_for(task: Task, texts: Sequence[str], prompt: PromptFormat, tokenizer: Tokenizer,
                 k_examples: int | None = None) -> list[str]:
-    """Prompts for ``texts`` as the model was tuned; ``k_examples`` overrides its
-    number of demonstrations."""
-    return [prompt.render(task, text, k_examples) for text in texts]
+    """Prompts for ``texts`` as the model was tuned (through its chat template when it
+    was tuned so); ``k_examples`` overrides its number of demonstrations."""
+    return [prompt.render(task, text, k_examples, tokenizer) for text in texts]
 
 
-def classify(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str], labels: Sequence[str]
-             ) -> list[str]:
+def classify(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str], labels: Sequence[str],
+             prompt: PromptFormat | None = None) -> list[str]:
     """Each prompt's label: the allowed one with the highest log-likelihood."""
-    scores = label_log_likelihoods(model, tokenizer, prompts, labels)
+    prefix = prompt.answer_prefix if prompt is not None else " "
+    scores = label_log_likelihoods(model, tokenizer, prompts, labels, prefix=prefix)
     return [labels[j] for j in scores.argmax(axis=1)]
 
 

@@ -41,8 +41,10 @@ def encode_examples(tasks: Sequence[Task], tokenizer: Tokenizer, split: str, max
         instances = task.split(split)
         if max_per_task is not None and len(instances) > max_per_task:
             instances = random.Random(f"{seed}/{task.name}").sample(instances, max_per_task)
-        prompts = tokenizer.encode_batch([prompt.render(task, i.input) for i in instances])
-        targets = tokenizer.encode_batch([" " + i.outputs[0] for i in instances])
+        prompts = tokenizer.encode_batch([prompt.render(task, i.input, tokenizer=tokenizer)
+                                          for i in instances])
+        targets = tokenizer.encode_batch([prompt.answer_prefix + i.outputs[0]
+                                          for i in instances])
         for ids, target in zip(prompts, targets, strict=True):
             target = np.append(target, tokenizer.eot_id)[: max_len // 2]
             examples.append(Example(ids[-(max_len - len(target)):], target))

@@ -111,7 +111,7 @@ def synthesize(task: Task, generator: GPT, tokenizer: Tokenizer, need: Mapping[s
     kept: list[Instance] = []
     total, seed = sum(need.values()), sampling.seed
     for label, count in need.items():
-        ids = tokenizer.encode(prompts_for(backwards, [label], prompt)[0])
+        ids = tokenizer.encode_prompt(prompts_for(backwards, [label], prompt, tokenizer)[0])
         budget = int(count * sampling.max_attempts)
         accepted = 0
         while accepted < count and budget > 0:

@@ -184,6 +184,9 @@ class InstructionParams(Params):
     """Positive examples (demonstrations) shown in each prompt."""
     template: str = DEFAULT_TEMPLATE
     """Prompt template with {definition}, {examples} and {input}."""
+    format: Literal["ni", "chat"] = "ni"
+    """ni: the prompt as plain text; chat: sent as a user message through the model's
+    chat template (instruct models), the answer as the assistant's turn."""
     max_per_task: int | None = Field(None, ge=1)
     """Cap on training instances per task, so that big tasks do not drown small ones."""
     max_len: int | None = Field(None, ge=8)
@@ -194,7 +197,7 @@ class InstructionParams(Params):
 
     def prompt(self) -> PromptFormat:
         """How the tuned model is prompted: stored with it for evaluate and synth."""
-        return PromptFormat(self.template, self.k_examples, self.reverse)
+        return PromptFormat(self.template, self.k_examples, self.reverse, self.format == "chat")
     trainer: TrainerParams = Field(default_factory=lambda: TrainerParams(max_steps=300))
     optim: OptimParams = Field(default_factory=lambda: OptimParams(lr=5e-4, min_lr=5e-5,
                                                                    warmup_steps=20))

@@ -32,6 +32,9 @@ def tune(context: Context, model: GPT, tokenizer: Tokenizer, p: InstructionParam
     tasks += [t for artifact in data for t in load_dataset_tasks(artifact.path)]
     if not tasks:
         raise NodeError("no tasks: give params.tasks or a data input")
+    if p.format == "chat" and not tokenizer.config.chat_template:
+        raise NodeError("params.format: chat needs a model with a chat template (an instruct "
+                        "model: its tokenizer_config.json or GGUF metadata holds it)")
     if p.reverse:
         tasks = [reversed_task(t) for t in tasks]
     max_len = min(p.max_len or model.config.context, model.config.context)

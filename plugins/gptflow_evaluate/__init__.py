@@ -93,12 +93,12 @@ def run(context: Context, inputs: dict[str, Any], p: EvaluateParams) -> dict[str
             instances = task.split(p.split)[: p.max_instances]
             if not instances:
                 continue
-            prompts = prompts_for(task, [i.input for i in instances], loaded.prompt,
+            prompts = prompts_for(task, [i.input for i in instances], loaded.prompt, tokenizer,
                                   p.k_examples)
             labels = task.labels
             if labels is not None:
                 if p.classify_by == "likelihood":
-                    preds = classify(model, tokenizer, prompts, labels)
+                    preds = classify(model, tokenizer, prompts, labels, loaded.prompt)
                 else:
                     preds = generate_answers(model, tokenizer, prompts, 8)
                 metrics, confusion = classification_metrics(

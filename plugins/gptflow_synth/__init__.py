@@ -87,8 +87,8 @@ def run(context: Context, inputs: dict[str, Any], p: SynthParams) -> dict[str, A
         clf, clf_tokenizer, clf_loaded = load_any(inputs["classifier"].path)
 
         def checker(task: Task, texts: Any) -> list[str]:
-            prompts = prompts_for(task, texts, clf_loaded.prompt)
-            return classify(clf, clf_tokenizer, prompts, task.labels or [])
+            prompts = prompts_for(task, texts, clf_loaded.prompt, clf_tokenizer)
+            return classify(clf, clf_tokenizer, prompts, task.labels or [], clf_loaded.prompt)
 
     out = context.output_dir("dataset")
     report: dict[str, Any] = {}
