@@ -4,6 +4,8 @@ templates, kept here as strings."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import SMOLLM2_TEMPLATE
 
@@ -114,6 +116,10 @@ def test_chat_format_tunes_and_evaluates_through_the_template(run_pipeline, tmp_
     save_model(tmp_path / "m", GPT(preset_config("tiny", vocab_size=tok.vocab_size,
                                                  context=256)), tok)
     tasks = '["builtin:sentiment4?n=40&test=8"]'
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Rate review {k}."},
+        {"role": "assistant", "content": "Positive"}]}) + "\n" for k in range(20)))
     text = f"""\
 name: chat
 nodes:
@@ -121,7 +127,8 @@ nodes:
   sft:
     plugin: instruction-finetune
     inputs: {{model: base}}
-    params: {{tasks: {tasks}, format: chat, trainer: {{max_steps: 2}}, batch_size: 4}}
+    params: {{tasks: {tasks}, chats: ['{chats}'], format: chat, trainer: {{max_steps: 2}},
+             batch_size: 4}}
   eval:
     plugin: evaluate
     inputs: {{models: [sft]}}
@@ -129,10 +136,48 @@ nodes:
 """
     result = run_pipeline(text)
     assert result.code == 0, result.out + result.err
+    assert result.record["nodes"]["sft"]["metrics"]["train_examples"] > 32  # tasks + chats
     config = (result.output("sft") / "config.json").read_text()
     assert '"chat": true' in config
     save_model(tmp_path / "plain", GPT(preset_config("tiny", vocab_size=base.vocab_size,
                                                      context=256)), Tokenizer(base.hf))
     plain = run_pipeline(text.replace(str(tmp_path / "m"), str(tmp_path / "plain")))
     assert plain.code == 1
-    assert "params.format: chat needs a model with a chat template" in plain.out
+    assert "chat data needs a model with a chat template" in plain.out
+
+
+def test_chat_data_puts_the_loss_on_assistant_turns(tmp_path):
+    """messages JSONL: one example per assistant turn, its history (through the
+    template, with the assistant header) as the prompt, the reply + EOS as the target."""
+    from tokenizers import AddedToken
+
+    from gptflow.ml.instruct import collate, encode_conversations
+    from gptflow.ml.tasks import load_conversations
+
+    base = Tokenizer.train_bpe(["hello there, how are you? fine thanks"] * 10, vocab_size=300,
+                               min_frequency=1)
+    base.hf.add_special_tokens([AddedToken(t, special=True)
+                                for t in ("<|im_start|>", "<|im_end|>")])
+    tok = Tokenizer(base.hf, TokenizerConfig(eos_token="<|im_end|>",
+                                             chat_template=SMOLLM2_TEMPLATE))
+    chat = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"},
+            {"role": "user", "content": "how are you?"},
+            {"role": "assistant", "content": "fine, thanks"}]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join(__import__("json").dumps(r) for r in [
+        {"messages": chat, "split": "train"}, {"messages": chat[:2], "split": "val"}]))
+    train = load_conversations(path, "train")
+    assert train == [chat] and load_conversations(path, "val") == [chat[:2]]
+    examples = encode_conversations(train, tok, 512)
+    assert len(examples) == 2  # both assistant turns
+    for example, reply, history in zip(examples, ("hi there", "fine, thanks"), (1, 3),
+                                       strict=True):
+        assert tok.decode(example.target, skip_special=False) == reply + "<|im_end|>"
+        assert tok.decode(example.prompt, skip_special=False) == tok.render_chat(chat[:history])
+    _, y = collate(examples, tok.pad_id)
+    supervised = [tok.decode([int(t) for t in row if t != -100], skip_special=False)
+                  for row in y]
+    assert supervised == ["hi there<|im_end|>", "fine, thanks<|im_end|>"]
+    path.write_text('{"messages": [{"role": "user"}]}\n')
+    with pytest.raises(ValueError, match=r"chats.jsonl:1: messages must be a list"):
+        load_conversations(path, "train")

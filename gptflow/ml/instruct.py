@@ -1,15 +1,17 @@
 """Instruction data as token batches: the prompt is masked out of the loss.
 
-An example is (prompt ids, target ids): the target is " " + the first
-acceptable output + end-of-text. Batches are padded to their longest example,
-and drawn from length-sorted pools so that little compute goes to padding.
+An example is (prompt ids, target ids): the target is the first acceptable
+output (after the prompt format's separator) + end-of-text; for a chat
+conversation, one example per assistant turn, its history as the prompt.
+Batches are padded to their longest example, and drawn from length-sorted pools
+so that little compute goes to padding.
 """
 
 from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +50,24 @@ def encode_examples(tasks: Sequence[Task], tokenizer: Tokenizer, split: str, max
         for ids, target in zip(prompts, targets, strict=True):
             target = np.append(target, tokenizer.eot_id)[: max_len // 2]
             examples.append(Example(ids[-(max_len - len(target)):], target))
+    return examples
+
+
+def encode_conversations(conversations: Sequence[Sequence[Mapping[str, str]]],
+                         tokenizer: Tokenizer, max_len: int) -> list[Example]:
+    """Chat data, loss on the assistant's turns only: every assistant message is
+    one example whose prompt is the conversation before it, rendered by the
+    model's chat template with the assistant header, and whose target is the
+    message and the model's end-of-turn token."""
+    examples = []
+    for messages in conversations:
+        for n, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = tokenizer.encode(tokenizer.render_chat(messages[:n]))
+            target = np.append(tokenizer.encode_batch([message["content"]])[0],
+                               tokenizer.eot_id)[: max_len // 2]
+            examples.append(Example(np.asarray(prompt[-(max_len - len(target)):]), target))
     return examples
 
 

@@ -131,6 +131,30 @@ def load_jsonl(path: Path, fields: tuple[str, str, str]) -> Task:
     return Task(path.stem, definitions.most_common(1)[0][0] if definitions else "", instances)
 
 
+Message = dict[str, str]
+
+
+def load_conversations(path: Path, split: str) -> list[list[Message]]:
+    """Chat data: JSONL records with ``messages: [{role, content}, ...]`` (the layout of
+    OpenAI, ShareGPT-converted and Hugging Face chat datasets), the conversations of
+    ``split`` (a record's own ``split``, else a hash of its first message)."""
+    chats = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            messages = record.get("messages")
+            if not isinstance(messages, list) or not messages or not all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str)
+                    and isinstance(m.get("content"), str) for m in messages):
+                raise ValueError(f"{path}:{n}: messages must be a list of {{role, content}}")
+            own = record.get("split")
+            if (own or _bucket(messages[0]["content"], 0.1, 0.2)) == split:
+                chats.append([{"role": m["role"], "content": m["content"]} for m in messages])
+    return chats
+
+
 def load_dataset_tasks(folder: Path) -> list[Task]:
     """The tasks of a ``dataset`` artifact: one ``<task>.jsonl`` per task, records
     with definition, input, outputs and (optionally) split."""

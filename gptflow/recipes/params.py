@@ -178,6 +178,9 @@ class InstructionParams(Params):
 
     tasks: list[Annotated[str, PathRef("tasks")]] = Field(default_factory=list)
     """Task sources: NI task .json files, folders, globs, .jsonl, builtin:sentiment4."""
+    chats: list[Annotated[str, PathRef()]] = Field(default_factory=list)
+    """Chat data: .jsonl files with messages: [{role, content}, ...] per line; the
+    loss is on the assistant's turns only, the prompt is the model's chat template."""
     fields: tuple[str, str, str] = ("instruction", "input", "output")
     """Field names of instruction, input and output in .jsonl sources."""
     k_examples: int = Field(0, ge=0)

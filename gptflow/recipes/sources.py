@@ -9,7 +9,7 @@ from urllib.parse import parse_qsl
 
 from gptflow.ml import corpora
 from gptflow.ml.data import file_documents
-from gptflow.ml.tasks import Task, load_task_files, sentiment4
+from gptflow.ml.tasks import Task, load_conversations, load_task_files, sentiment4
 from gptflow.sources import (
     builtin_name,
     check_builtin,
@@ -43,6 +43,13 @@ def tasks(source: str, fields: tuple[str, str, str] = ("instruction", "input", "
         name, query = builtin_name(source)
         return [TASKS[name](**dict(parse_qsl(query)))]
     return load_task_files(expand_path(source), fields)
+
+
+def conversations(source: str, split: str) -> list[list[dict[str, str]]]:
+    """The chat conversations of ``split`` in .jsonl files (or folders of them)."""
+    files = [f for path in expand_path(source)
+             for f in (sorted(path.rglob("*.jsonl")) if path.is_dir() else [path])]
+    return [c for f in files for c in load_conversations(f, split)]
 
 
 def model_path(value: str) -> Path:

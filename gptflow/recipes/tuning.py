@@ -9,7 +9,12 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from gptflow.errors import NodeError
-from gptflow.ml.instruct import Batches, InstructionBatches, encode_examples
+from gptflow.ml.instruct import (
+    Batches,
+    InstructionBatches,
+    encode_conversations,
+    encode_examples,
+)
 from gptflow.ml.lm import CausalLM
 from gptflow.ml.model import GPT
 from gptflow.ml.optim import Optim
@@ -30,21 +35,25 @@ def tune(context: Context, model: GPT, tokenizer: Tokenizer, p: InstructionParam
     seed(p.seed)
     tasks = [t for source in p.tasks for t in sources.tasks(source, p.fields)]
     tasks += [t for artifact in data for t in load_dataset_tasks(artifact.path)]
-    if not tasks:
-        raise NodeError("no tasks: give params.tasks or a data input")
-    if p.format == "chat" and not tokenizer.config.chat_template:
-        raise NodeError("params.format: chat needs a model with a chat template (an instruct "
-                        "model: its tokenizer_config.json or GGUF metadata holds it)")
+    if not tasks and not p.chats:
+        raise NodeError("no tasks: give params.tasks, params.chats or a data input")
+    if (p.format == "chat" or p.chats) and not tokenizer.config.chat_template:
+        raise NodeError(f"params.{'chats' if p.chats else 'format'}: chat data needs a model "
+                        "with a chat template (an instruct model: its tokenizer_config.json "
+                        "or GGUF metadata holds it)")
     if p.reverse:
         tasks = [reversed_task(t) for t in tasks]
     max_len = min(p.max_len or model.config.context, model.config.context)
     train, val = (encode_examples(tasks, tokenizer, split, max_len, p.prompt(),
                                   p.max_per_task if split == "train" else None, p.seed)
+                  + encode_conversations(
+                      [c for source in p.chats for c in sources.conversations(source, split)],
+                      tokenizer, max_len)
                   for split in ("train", "val"))
     if not val:
         raise NodeError("the tasks have no validation instances")
-    context.log.info("%d training and %d validation examples from %d tasks", len(train),
-                     len(val), len(tasks))
+    context.log.info("%d training and %d validation examples from %d tasks and %d chat "
+                     "sources", len(train), len(val), len(tasks), len(p.chats))
     module = make_module(model, p.optim.config(), p.trainer.max_steps)
     batches = InstructionBatches(train, p.batch_size, tokenizer.pad_id, p.seed)
     val_loader = DataLoader(Batches(val, p.batch_size, tokenizer.pad_id), batch_size=None)
