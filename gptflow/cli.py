@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     p = verb("generate", cmd_generate, "sample text from a model artifact (KV cache)")
     p.add_argument("model", metavar="MODEL",
                    help="a model or adapter artifact folder (gptflow path ...), a Hugging "
-                        "Face folder or a GGUF file")
+                        "Face folder, a Hub id (hf:ORG/NAME@REVISION) or a GGUF file")
     p.add_argument("--prompt", default="", help="text to continue (with --chat: the user's "
                                                 "message)")
     p.add_argument("--chat", action="store_true",

@@ -23,20 +23,26 @@ def run_record(store_root: str | None, run: str) -> Any:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from gptflow.sources import check_source, is_hub
+
+    problem = check_source(args.model, ("hub",)) if is_hub(args.model) else None
+    if problem:
+        raise InputError(problem)
     folder = Path(args.model)
-    if not folder.is_file() and not any((folder / f).is_file()
-                                        for f in ("config.json", "adapter_config.json")):
-        raise InputError(f"{folder}: not a model or adapter folder (no config.json) "
-                         "nor a GGUF file")
+    if not is_hub(args.model) and not folder.is_file() and not any(
+            (folder / f).is_file() for f in ("config.json", "adapter_config.json")):
+        raise InputError(f"{folder}: not a model or adapter folder (no config.json), "
+                         "a GGUF file, nor a Hub id (hf:ORG/NAME)")
     if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1) \
             or (args.top_k is not None and args.top_k < 1) or args.max_new_tokens < 1:
         raise InputError("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 1, "
                          "--max-new-tokens >= 1")
     from gptflow.ml.checkpoint import load_any
     from gptflow.ml.generate import generate
+    from gptflow.recipes.sources import model_path
 
     try:
-        model, tokenizer, _ = load_any(folder)
+        model, tokenizer, _ = load_any(model_path(args.model))
         prompt = (tokenizer.render_chat([{"role": "user", "content": args.prompt}])
                   if args.chat else args.prompt)
     except ValueError as e:  # ModelLoadError, HFError, GGUFError, no chat template

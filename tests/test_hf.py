@@ -316,3 +316,18 @@ def test_hub_source_offline_from_the_cache(run_pipeline, tmp_path, tokenizer, mo
     bad = run_pipeline(pipeline.replace("hf:tiny-org/tiny-llama", "hf:nonsense"),
                        verb="validate")
     assert bad.code == 2 and "a Hub id is hf:ORG/NAME" in bad.err
+
+
+def test_generate_takes_a_hub_id(tmp_path, tokenizer, monkeypatch, capfd):
+    pytest.importorskip("huggingface_hub", reason="huggingface_hub (the hub extra)")
+    from gptflow.cli import main
+
+    export_hf(gptflow_model("llama", tokenizer), tokenizer, tmp_path / "m")
+    hub_cache(tmp_path / "hub", "tiny-org/tiny", tmp_path / "m", "c" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["generate", "hf:tiny-org/tiny", "--prompt", "hello", "--max-new-tokens",
+                 "3", "--temperature", "0"]) == 0
+    assert capfd.readouterr().out.startswith("hello")
+    assert main(["generate", "hf:tiny-org/absent", "--prompt", "x"]) == 2
+    assert "not in the local Hugging Face cache" in capfd.readouterr().err
