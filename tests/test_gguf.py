@@ -321,3 +321,46 @@ def test_gguf_export_of_a_quantized_model_takes_the_nearest_type(tmp_path, token
     assert main(["export", str(tmp_path / "int8"), "--to", str(tmp_path / "x.gguf"),
                  "--format", "gguf", "--gguf-type", "q9"]) == 2
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / ".x.gguf.partial").exists()
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2"])
+def test_qwen2_and_llama3_style_ggufs_round_trip_through_transformers(tmp_path, pre):
+    """A Qwen2-switch model (q/k/v biases, no q/k interleaving in llama.cpp) and the
+    Llama 3 / Qwen2 pre-tokenizer splits: exported, read by transformers' GGUF
+    loader and by gptflow with equal logits and equal token ids."""
+    transformers = pytest.importorskip("transformers", reason="transformers (the hf extra)")
+    from tokenizers import AddedToken, Regex, pre_tokenizers
+
+    from gptflow.ml.gguf_io import SPLITS, load_gguf, write_gguf
+
+    texts = ["In 2024, 12345 cats sat on 6 mats.", "What is the capital of France?"] * 20
+    base = Tokenizer.train_bpe(texts, vocab_size=300, min_frequency=1)
+    base.hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLITS[pre]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    base.hf.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS[1:]])
+    tok = Tokenizer(base.hf)
+    assert tok.kind == "hf"
+    torch.manual_seed(0)
+    qwen = pre == "qwen2"
+    model = GPT(preset_config("tiny", vocab_size=tok.vocab_size, d_model=256, n_head=4,
+                              n_kv_head=2, n_layer=2, d_ff=512, context=64,
+                              qkv_bias=qwen)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    path = tmp_path / "m.gguf"
+    write_gguf(model, tok, path, "f32")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path),
+                                                               gguf_file="m.gguf").eval()
+    ours, read_back = load_gguf(path)
+    ids = torch.randint(0, tok.vocab_size, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(theirs(ids).logits, model(ids), atol=1e-4)
+        assert torch.allclose(ours(ids), model(ids), atol=1e-5)
+    their_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    for text in texts[:2]:
+        expected = tok.encode(text)
+        assert read_back.encode(text) == expected
+        assert their_tok.encode(text, add_special_tokens=False) == expected

@@ -36,7 +36,15 @@ from gptflow.ml.model import GPT
 from gptflow.ml.tokenizer import Tokenizer, TokenizerConfig
 
 MAGIC = b"GGUF"
-ARCHITECTURES = ("llama",)  # llama.cpp's general.architecture names we map
+# llama.cpp's general.architecture names we map -> whether its converter interleaved q/k
+ARCHITECTURES = {"llama": True, "qwen2": False}
+# tokenizer.ggml.pre -> the split that runs before byte-level BPE (None: GPT-2's)
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # digits one by one
+SPLITS: dict[str, str | None] = {"default": None, "gpt2": None, "smollm": None,
+                                 "llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT,
+                                 "qwen2": QWEN2_SPLIT}
 TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
 
 # llama.cpp tensor names -> gptflow's, per block
@@ -156,7 +164,8 @@ def load_gguf(path: Path) -> tuple[GPT, Tokenizer]:
     data = np.memmap(path, dtype=np.uint8, mode="r")
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # numpy releases the GIL
         state = dict(zip(names.values(), pool.map(
-            lambda t: _weight(data, t, names[t.name], config), tensors), strict=True))
+            lambda t: _weight(data, t, names[t.name], config, ARCHITECTURES[meta.arch]),
+            tensors), strict=True))
     return GPT.from_state_dict(config, state).eval(), tokenizer_from_gguf(meta)
 
 
@@ -194,7 +203,8 @@ def config_from_gguf(meta: _Metadata) -> GPTConfig:
         n_layer=int(meta.arch_key("block_count")), n_head=heads,
         n_kv_head=int(meta.arch_key("attention.head_count_kv", heads)), d_model=d,
         d_ff=int(meta.arch_key("feed_forward_length")), position="rope", norm="rmsnorm",
-        mlp="swiglu", bias=False, rope_theta=float(meta.arch_key("rope.freq_base", 10000.0)),
+        mlp="swiglu", bias=False, qkv_bias=meta.arch == "qwen2",
+        rope_theta=float(meta.arch_key("rope.freq_base", 10000.0)),
         norm_eps=float(meta.arch_key("attention.layer_norm_rms_epsilon")),
         tie_embeddings="output.weight" not in meta.tensor_names)
 
@@ -210,7 +220,8 @@ def gptflow_name(name: str, meta: _Metadata) -> str:
     raise GGUFError(f"{meta.path}: tensor {name} has no gptflow counterpart")
 
 
-def _weight(data: np.ndarray, tensor: TensorInfo, name: str, config: GPTConfig) -> Tensor:
+def _weight(data: np.ndarray, tensor: TensorInfo, name: str, config: GPTConfig,
+            interleaved: bool) -> Tensor:
     """One tensor de-quantized to float32, in Hugging Face's row order."""
     from gguf import GGMLQuantizationType, quants
 
@@ -221,9 +232,9 @@ def _weight(data: np.ndarray, tensor: TensorInfo, name: str, config: GPTConfig) 
     if not array.flags.writeable:  # an F32 tensor is a view of the (read-only) file
         array = array.copy()
     weight = torch.from_numpy(array.reshape(tensor.shape))
-    if name.endswith("attn.q_proj.weight"):
+    if interleaved and name.endswith("attn.q_proj.weight"):
         weight = unpermute(weight, config.n_head)
-    elif name.endswith("attn.k_proj.weight"):
+    elif interleaved and name.endswith("attn.k_proj.weight"):
         weight = unpermute(weight, config.kv_heads)
     return weight.contiguous()
 
@@ -242,20 +253,24 @@ def _merge(text: str) -> tuple[str, str]:
 
 def tokenizer_from_gguf(meta: _Metadata) -> Tokenizer:
     """The BPE tokenizer a GGUF file describes (``tokenizer.ggml.model: gpt2``)."""
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
     kind = meta.get("tokenizer.ggml.model")
     pre = meta.get("tokenizer.ggml.pre", "default")
-    if kind != "gpt2" or pre not in ("default", "gpt2", "smollm"):
+    if kind != "gpt2" or pre not in SPLITS:
         raise GGUFError(f"{meta.path}: tokenizer.ggml.model {kind!r} with tokenizer.ggml.pre "
-                        f"{pre!r} is not supported (byte-level BPE with GPT-2's split: gpt2, "
-                        "smollm)")
+                        f"{pre!r} is not supported (byte-level BPE, pre: "
+                        f"{', '.join(SPLITS)})")
     tokens = [str(t) for t in meta.get("tokenizer.ggml.tokens")]
     types = list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
     merges = [_merge(str(m)) for m in meta.get("tokenizer.ggml.merges")]
     hf = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    split = SPLITS[pre]
+    hf.pre_tokenizer = (pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+                        if split is None else pre_tokenizers.Sequence([
+                            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))
     hf.decoder = decoders.ByteLevel()
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
                            for t, kind_ in zip(tokens, types, strict=True)
@@ -285,22 +300,23 @@ def permute(weight: Tensor, heads: int) -> Tensor:
 
 
 def write_gguf(model: GPT, tokenizer: Tokenizer, path: Path, kind: str = "f16") -> None:
-    """A plain Llama-family model as a GGUF file that llama.cpp, ollama and
-    transformers' GGUF loader read: 2-D weights in ``kind`` (norms stay F32), the
-    byte-level BPE tokenizer with its special tokens, BOS/EOS and chat template."""
+    """A plain Llama or Qwen2 model as a GGUF file that llama.cpp, ollama and
+    transformers' GGUF loader read: 2-D weights in ``kind`` (norms and biases stay
+    F32), the byte-level BPE tokenizer with its split, special tokens, BOS/EOS and
+    chat template."""
     import gguf
 
     from gptflow.ml.families import family_of
 
     c = model.config
-    if family_of(c).name != "llama":
-        raise GGUFError(f"GGUF export covers the Llama architecture, not {family_of(c).name}")
-    if tokenizer.kind != "bpe":
-        raise GGUFError("GGUF export needs a byte-level BPE tokenizer with GPT-2's split")
+    arch = family_of(c).name
+    if arch not in ARCHITECTURES:
+        raise GGUFError(f"GGUF export covers {', '.join(ARCHITECTURES)}, not {arch}")
     if kind not in GGUF_TYPES:
         raise GGUFError(f"GGUF type {kind!r} is not one gptflow writes ({', '.join(GGUF_TYPES)})")
+    pre = pre_tokenizer_name(tokenizer)
     qtype = gguf.GGMLQuantizationType[kind.upper()]
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(path.stem)
     writer.add_block_count(c.n_layer)
     writer.add_context_length(c.context)
@@ -312,15 +328,15 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, path: Path, kind: str = "f16") 
     writer.add_layer_norm_rms_eps(c.norm_eps)
     writer.add_rope_dimension_count(c.head_dim)
     writer.add_vocab_size(c.vocab_size)
-    _write_tokenizer(writer, tokenizer)
+    _write_tokenizer(writer, tokenizer, pre)
     names = {v: k for k, v in BLOCK.items()}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and c.tie_embeddings:
             continue
         w = tensor.detach().float().cpu()
-        if name.endswith("attn.q_proj.weight"):
+        if ARCHITECTURES[arch] and name.endswith("attn.q_proj.weight"):
             w = permute(w, c.n_head)
-        elif name.endswith("attn.k_proj.weight"):
+        elif ARCHITECTURES[arch] and name.endswith("attn.k_proj.weight"):
             w = permute(w, c.kv_heads)
         data = w.numpy()
         if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
@@ -342,14 +358,33 @@ def _gguf_name(name: str, block: dict[str, str]) -> str:
     return f"{ {v: k for k, v in TOP.items()}[stem]}.{kind}"
 
 
-def _write_tokenizer(writer: Any, tokenizer: Tokenizer) -> None:
+def pre_tokenizer_name(tokenizer: Tokenizer) -> str:
+    """The ``tokenizer.ggml.pre`` that names this tokenizer's split, if GGUF has one."""
+    import json
+
+    spec = json.loads(tokenizer.hf.to_str())
+    pre = spec.get("pre_tokenizer") or {}
+    if tokenizer.kind == "bpe":
+        return "default"
+    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+    if (spec.get("model", {}).get("type") == "BPE" and len(parts) == 2
+            and parts[0].get("type") == "Split" and parts[1].get("type") == "ByteLevel"):
+        pattern = parts[0].get("pattern", {}).get("Regex")
+        names = {split: name for name, split in reversed(SPLITS.items()) if split}
+        if pattern in names:
+            return names[pattern]
+    raise GGUFError("GGUF export needs a byte-level BPE tokenizer whose split GGUF names "
+                    f"({', '.join(SPLITS)})")
+
+
+def _write_tokenizer(writer: Any, tokenizer: Tokenizer, pre: str) -> None:
     import json
 
     vocab = tokenizer.hf.get_vocab()
     tokens = sorted(vocab, key=vocab.__getitem__)
     added = {t.content: t.special for t in tokenizer.hf.get_added_tokens_decoder().values()}
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types([TOKEN_CONTROL if added.get(t) else
                             TOKEN_USER_DEFINED if t in added else 1 for t in tokens])
