@@ -15,7 +15,7 @@ from conftest import SMOLLM2_TEMPLATE
 
 from gptflow.ml.config import preset_config
 from gptflow.ml.model import GPT
-from gptflow.ml.tokenizer import Tokenizer
+from gptflow.ml.tokenizer import Tokenizer, TokenizerConfig
 
 gguf = pytest.importorskip("gguf", reason="gguf is not installed (the gguf extra)")
 
@@ -47,81 +47,41 @@ def tiny_llama(vocab: int) -> GPT:
     return model
 
 
-def permute(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """What llama.cpp's converter does to q and k (the inverse of gptflow's unpermute)."""
-    out, inp = w.shape
-    return w.reshape(heads, 2, out // heads // 2, inp).transpose(1, 2).reshape(out, inp)
-
-
 def write_gguf(path: Path, model: GPT, tokenizer: Tokenizer, qtype: str = "F32",
                raw_ktype: str | None = None) -> None:
-    """The model as llama.cpp would write it: 2-D weights in ``qtype`` (or random
-    blocks of the K-quant ``raw_ktype``, which the package cannot quantize), norms F32."""
-    c = model.config
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(c.n_layer)
-    writer.add_context_length(c.context)
-    writer.add_embedding_length(c.d_model)
-    writer.add_feed_forward_length(c.ff_dim)
-    writer.add_head_count(c.n_head)
-    writer.add_head_count_kv(c.kv_heads)
-    writer.add_rope_freq_base(c.rope_theta)
-    writer.add_layer_norm_rms_eps(c.norm_eps)
-    writer.add_rope_dimension_count(c.head_dim)
-    vocab = tokenizer.hf.get_vocab()
-    tokens = sorted(vocab, key=vocab.get)
-    specials = {t.content for t in tokenizer.hf.get_added_tokens_decoder().values()}
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if t in specials else 1 for t in tokens])
-    spec = __import__("json").loads(tokenizer.hf.to_str())
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m)
-                             for m in spec["model"]["merges"]])
-    writer.add_bos_token_id(vocab["<|im_start|>"])
-    writer.add_eos_token_id(vocab["<|im_end|>"])
-    writer.add_chat_template(SMOLLM2_TEMPLATE)
+    """The model as a GGUF file: 2-D weights in ``qtype``, quantized by the gguf package
+    (gptflow's exporter), or random blocks of the K-quant ``raw_ktype``, which the
+    package cannot quantize; norms F32."""
+    from gptflow.ml.gguf_io import gguf_name, gguf_writer
+    from gptflow.ml.gguf_io import write_gguf as export
+
+    tokenizer = Tokenizer(tokenizer.hf, TokenizerConfig(
+        bos_token="<|im_start|>", eos_token="<|im_end|>", chat_template=SMOLLM2_TEMPLATE))
+    if raw_ktype is None:
+        export(model, tokenizer, path, qtype.lower())
+        return
+    kind = gguf.GGMLQuantizationType[raw_ktype]
+    writer = gguf_writer(model.config, tokenizer, path)
     rng = np.random.default_rng(0)
     for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and c.tie_embeddings:
+        if name == "lm_head.weight" and model.config.tie_embeddings:
             continue
-        w = tensor.float()
-        if name.endswith("attn.q_proj.weight"):
-            w = permute(w, c.n_head)
-        elif name.endswith("attn.k_proj.weight"):
-            w = permute(w, c.kv_heads)
-        theirs = gguf_name(name)
-        data = w.numpy()
-        if data.ndim == 1 or (qtype == "F32" and raw_ktype is None):
-            writer.add_tensor(theirs, data)
-        elif raw_ktype is not None:
-            kind = gguf.GGMLQuantizationType[raw_ktype]
+        data = tensor.float().numpy()
+        if data.ndim == 1:
+            writer.add_tensor(gguf_name(name), data)
+        else:  # bytes below 0x7C: every fp16 scale a block holds is finite
             shape = gguf.quant_shape_to_byte_shape(data.shape, kind)
-            # bytes below 0x7C: every fp16 scale a block holds is finite
-            blocks = rng.integers(0, 0x7C, size=shape, dtype=np.uint8)
-            writer.add_tensor(theirs, blocks, raw_dtype=kind)
-        else:
-            kind = gguf.GGMLQuantizationType[qtype]
-            writer.add_tensor(theirs, gguf.quants.quantize(data, kind), raw_dtype=kind)
+            writer.add_tensor(gguf_name(name), rng.integers(0, 0x7C, size=shape, dtype=np.uint8),
+                              raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
 
 
-def gguf_name(name: str) -> str:
-    if name.startswith("blocks."):
-        _, i, rest = name.split(".", 2)
-        part, kind = rest.rsplit(".", 1)
-        ours = {v: k for k, v in LAYERS.items()}[part]
-        return f"blk.{i}.{ours}.{kind}"
-    return {"embed.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-            "lm_head.weight": "output.weight"}[name]
-
-
 def package_reference(path: Path, config) -> dict[str, torch.Tensor]:
     """Every tensor as the gguf package's own reader and de-quantizer give it."""
-    from gptflow.ml.gguf_io import unpermute
+    from gptflow.ml.gguf_io import gguf_name, unpermute
 
     reader = gguf.GGUFReader(str(path))
     ours = {}
@@ -280,7 +240,6 @@ def test_gguf_export_loads_in_transformers_with_equal_logits(tmp_path, tokenizer
     from gptflow.ml.checkpoint import save_model
     from gptflow.ml.export import export
     from gptflow.ml.gguf_io import load_gguf
-    from gptflow.ml.tokenizer import TokenizerConfig
 
     tok = Tokenizer(tokenizer.hf, TokenizerConfig(bos_token="<|im_start|>",
                                                   eos_token="<|im_end|>",

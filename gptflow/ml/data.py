@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
-from gptflow.ml.tasks import load_natural_instructions
+from gptflow.ml.tasks import jsonl_records, load_natural_instructions
 from gptflow.ml.tokenizer import Tokenizer
 
 GOLDEN = (math.sqrt(5) - 1) / 2
@@ -37,13 +37,10 @@ def file_documents(paths: Iterable[Path], text_field: str = "text") -> Iterator[
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for file in files:
             if file.suffix == ".jsonl":
-                with open(file, encoding="utf-8") as f:
-                    for n, line in enumerate(f, 1):
-                        if line.strip():
-                            record = json.loads(line)
-                            if text_field not in record:
-                                raise ValueError(f"{file}:{n}: no field {text_field!r}")
-                            yield str(record[text_field])
+                for n, record in jsonl_records(file):
+                    if text_field not in record:
+                        raise ValueError(f"{file}:{n}: no field {text_field!r}")
+                    yield str(record[text_field])
             elif file.suffix == ".json":
                 task = load_natural_instructions(file)
                 yield task.definition

@@ -314,8 +314,36 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, path: Path, kind: str = "f16") 
         raise GGUFError(f"GGUF export covers {', '.join(ARCHITECTURES)}, not {arch}")
     if kind not in GGUF_TYPES:
         raise GGUFError(f"GGUF type {kind!r} is not one gptflow writes ({', '.join(GGUF_TYPES)})")
-    pre = pre_tokenizer_name(tokenizer)
     qtype = gguf.GGMLQuantizationType[kind.upper()]
+    writer = gguf_writer(c, tokenizer, path)
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and c.tie_embeddings:
+            continue
+        w = tensor.detach().float().cpu()
+        if ARCHITECTURES[arch] and name.endswith("attn.q_proj.weight"):
+            w = permute(w, c.n_head)
+        elif ARCHITECTURES[arch] and name.endswith("attn.k_proj.weight"):
+            w = permute(w, c.kv_heads)
+        data = w.numpy()
+        if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(gguf_name(name), data)
+        else:
+            writer.add_tensor(gguf_name(name), gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def gguf_writer(c: GPTConfig, tokenizer: Tokenizer, path: Path) -> Any:
+    """A ``gguf.GGUFWriter`` with the model's hyper-parameters and tokenizer written:
+    add the tensors, then write it out."""
+    import gguf
+
+    from gptflow.ml.families import family_of
+
+    arch = family_of(c).name
+    pre = pre_tokenizer_name(tokenizer)
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(path.stem)
     writer.add_block_count(c.n_layer)
@@ -329,32 +357,15 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, path: Path, kind: str = "f16") 
     writer.add_rope_dimension_count(c.head_dim)
     writer.add_vocab_size(c.vocab_size)
     _write_tokenizer(writer, tokenizer, pre)
-    names = {v: k for k, v in BLOCK.items()}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and c.tie_embeddings:
-            continue
-        w = tensor.detach().float().cpu()
-        if ARCHITECTURES[arch] and name.endswith("attn.q_proj.weight"):
-            w = permute(w, c.n_head)
-        elif ARCHITECTURES[arch] and name.endswith("attn.k_proj.weight"):
-            w = permute(w, c.kv_heads)
-        data = w.numpy()
-        if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(_gguf_name(name, names), data)
-        else:
-            writer.add_tensor(_gguf_name(name, names), gguf.quants.quantize(data, qtype),
-                              raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    return writer
 
 
-def _gguf_name(name: str, block: dict[str, str]) -> str:
+def gguf_name(name: str) -> str:
+    """llama.cpp's name of a gptflow tensor (the inverse of :func:`gptflow_name`)."""
     stem, _, kind = name.rpartition(".")
     if stem.startswith("blocks."):
         _, index, part = stem.split(".", 2)
-        return f"blk.{index}.{block[part]}.{kind}"
+        return f"blk.{index}.{ {v: k for k, v in BLOCK.items()}[part]}.{kind}"
     return f"{ {v: k for k, v in TOP.items()}[stem]}.{kind}"
 
 

@@ -13,9 +13,10 @@ import hashlib
 import json
 import random
 from collections import Counter
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gptflow.ml import corpora
 
@@ -106,28 +107,39 @@ def load_natural_instructions(path: Path) -> Task:
         categories=list(data.get("Categories", [])))
 
 
+def jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) of every non-blank line of a JSONL file; a line that is
+    not a JSON object is an error naming the file and line."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{n}: a record is a JSON object")
+            yield n, record
+
+
 def load_jsonl(path: Path, fields: tuple[str, str, str]) -> Task:
     """JSONL instruction data: one record per line with instruction, input, output
     fields (names configurable); records sharing an instruction form one task."""
     instruction, input_, output = fields
     definitions: Counter[str] = Counter()
     instances = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            for key in (input_, output):
-                if key not in record:
-                    raise ValueError(f"{path}:{n}: no field {key!r}")
-            definitions[str(record.get(instruction, ""))] += 1
-            out = record[output]
-            split = record.get("split")
-            if split is not None and split not in SPLITS:
-                raise ValueError(f"{path}:{n}: split {split!r} is not one of {SPLITS}")
-            instances.append(Instance(str(record.get("id", n)), str(record[input_]),
-                                      tuple(out) if isinstance(out, list) else (str(out),),
-                                      split))
+    for n, record in jsonl_records(path):
+        for key in (input_, output):
+            if key not in record:
+                raise ValueError(f"{path}:{n}: no field {key!r}")
+        definitions[str(record.get(instruction, ""))] += 1
+        out = record[output]
+        split = record.get("split")
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"{path}:{n}: split {split!r} is not one of {SPLITS}")
+        instances.append(Instance(str(record.get("id", n)), str(record[input_]),
+                                  tuple(out) if isinstance(out, list) else (str(out),), split))
     return Task(path.stem, definitions.most_common(1)[0][0] if definitions else "", instances)
 
 
@@ -139,19 +151,15 @@ def load_conversations(path: Path, split: str) -> list[list[Message]]:
     OpenAI, ShareGPT-converted and Hugging Face chat datasets), the conversations of
     ``split`` (a record's own ``split``, else a hash of its first message)."""
     chats = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            messages = record.get("messages")
-            if not isinstance(messages, list) or not messages or not all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str)
-                    and isinstance(m.get("content"), str) for m in messages):
-                raise ValueError(f"{path}:{n}: messages must be a list of {{role, content}}")
-            own = record.get("split")
-            if (own or _bucket(messages[0]["content"], 0.1, 0.2)) == split:
-                chats.append([{"role": m["role"], "content": m["content"]} for m in messages])
+    for n, record in jsonl_records(path):
+        messages = record.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str) for m in messages):
+            raise ValueError(f"{path}:{n}: messages must be a list of {{role, content}}")
+        own = record.get("split")
+        if (own or _bucket(messages[0]["content"], 0.1, 0.2)) == split:
+            chats.append([{"role": m["role"], "content": m["content"]} for m in messages])
     return chats
 
 
