@@ -81,14 +81,15 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
         raise ModelLoadError(f"{folder}/model.safetensors does not match config.json: "
                              + "; ".join(problems[:5])
                              + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
-    model = GPT(config)
-    if quant:
+    if quant:  # quantized layers are built from a full-precision model first
+        model = GPT(config)
         quantize_model(model, quant["method"], quant["group_size"],
                        quant.get("embeddings", False))
-    model = model.to(device)
-    model.load_state_dict(state, strict=not config.tie_embeddings)
-    model.eval()
-    return model, Tokenizer.load(folder / "tokenizer.json")
+        model = model.to(device)
+        model.load_state_dict(state, strict=not config.tie_embeddings)
+    else:  # no initialisation, no second copy: the model takes the tensors read
+        model = GPT.from_state_dict(config, state)
+    return model.eval(), Tokenizer.load(folder / "tokenizer.json")
 
 
 def save_adapter(folder: Path, model: GPT, config: LoraConfig) -> int:

@@ -196,9 +196,7 @@ def export_peft(model: GPT, tokenizer: Tokenizer, adapter: LoraConfig, folder: P
 def load_hf(source: Path) -> tuple[GPT, Tokenizer]:
     """A Hugging Face folder as a gptflow GPT in its stored dtype, in eval mode."""
     config, state, tokenizer, _ = import_hf(source)
-    model = GPT(config).to(state["embed.weight"].dtype)
-    model.load_state_dict(state, strict=not config.tie_embeddings)
-    return model.eval(), tokenizer
+    return GPT.from_state_dict(config, state).eval(), tokenizer
 
 
 def export_hf(model: GPT, tokenizer: Tokenizer, folder: Path) -> str:

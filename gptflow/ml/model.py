@@ -210,11 +210,11 @@ class GPT(nn.Module):
         model.load_state_dict(state, strict=not config.tie_embeddings, assign=True)
         if config.tie_embeddings:
             model.lm_head.weight = model.embed.weight
-        if config.position == "rope":
-            device = state["embed.weight"].device
-            cos, sin = rope_cache(config, config.context, device)
-            model.register_buffer("rope_cos", cos, persistent=False)
-            model.register_buffer("rope_sin", sin, persistent=False)
+        if config.position == "rope":  # in the weights' dtype, as .to(dtype) would leave it
+            embed = state["embed.weight"]
+            cos, sin = rope_cache(config, config.context, embed.device)
+            model.register_buffer("rope_cos", cos.to(embed.dtype), persistent=False)
+            model.register_buffer("rope_sin", sin.to(embed.dtype), persistent=False)
         return model
 
     def num_params(self) -> int:
