@@ -170,6 +170,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         follow(steps, session.plugins, session.store, rank)
         return EXIT_OK
     record = session.run(steps, args.jobs, argv=["gptflow", *sys.argv[1:]])
+    if record.status == RunStatus.OK and record.warnings:  # an observer failed: say so
+        return EXIT_FAILED
     return {RunStatus.OK: EXIT_OK, RunStatus.INTERRUPTED: EXIT_INTERRUPTED}.get(
         record.status, EXIT_FAILED)
 

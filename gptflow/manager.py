@@ -70,6 +70,7 @@ class Plugins:
         self.extra_modules = extra_modules  # rebuilt by name in worker processes
         self.node_types: dict[str, Registered] = {}
         self.trackers: dict[str, Tracker] = {}
+        self.hook_errors: list[str] = []  # observers that raised, plugin and hook named
         self._registration("register_node_types", self._register)
         self._registration("register_trackers", self._register_tracker)
 
@@ -123,23 +124,37 @@ class Plugins:
 
     def before_pipeline_run(self, run_id: str, pipeline: str, nodes: list[str], path: str,
                             tracking: Mapping[str, Any]) -> None:
-        self.pm.hook.before_pipeline_run(run_id=run_id, pipeline=pipeline, nodes=nodes,
-                                         path=path, tracking=tracking)
+        self._observe("before_pipeline_run", run_id=run_id, pipeline=pipeline, nodes=nodes,
+                      path=path, tracking=tracking)
 
     def before_node_run(self, run_id: str, node: str, plugin: str, fingerprint: str) -> None:
-        self.pm.hook.before_node_run(run_id=run_id, node=node, plugin=plugin,
-                                     fingerprint=fingerprint)
+        self._observe("before_node_run", run_id=run_id, node=node, plugin=plugin,
+                      fingerprint=fingerprint)
 
     def after_node_run(self, run_id: str, node: str, status: str, metrics: Mapping[str, Any],
                        outputs: Mapping[str, str], record: Mapping[str, Any]) -> None:
-        self.pm.hook.after_node_run(run_id=run_id, node=node, status=status, metrics=metrics,
-                                    outputs=outputs, record=record)
+        self._observe("after_node_run", run_id=run_id, node=node, status=status,
+                      metrics=metrics, outputs=outputs, record=record)
 
     def on_node_error(self, run_id: str, node: str, error: str, log_path: str) -> None:
-        self.pm.hook.on_node_error(run_id=run_id, node=node, error=error, log_path=log_path)
+        self._observe("on_node_error", run_id=run_id, node=node, error=error, log_path=log_path)
 
     def after_pipeline_run(self, run_id: str, status: str, record: Mapping[str, Any]) -> None:
-        self.pm.hook.after_pipeline_run(run_id=run_id, status=status, record=record)
+        self._observe("after_pipeline_run", run_id=run_id, status=status, record=record)
+
+    def _observe(self, hook: str, **kwargs: Any) -> None:
+        """Call a lifecycle hook on every plugin, one at a time: an observer that raises
+        (a tracker whose server is down) is reported with its plugin and hook, and the
+        other observers and the pipeline go on."""
+        impls = getattr(self.pm.hook, hook).get_hookimpls()
+        for impl in impls:
+            only = self.pm.subset_hook_caller(hook, [i.plugin for i in impls if i is not impl])
+            try:
+                only(**kwargs)
+            except Exception as e:
+                message = (str(e).strip().splitlines() or [""])[0]
+                self.hook_errors.append(f"plugin {impl.plugin_name}: hook {hook} raised "
+                                        f"{type(e).__name__}: {message}")
 
 
 def _module_provider(plugin: object) -> str:

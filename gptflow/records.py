@@ -87,6 +87,7 @@ class RunRecord(Record):
     ended: str | None = None
     pipeline: PipelineInfo
     nodes: dict[str, NodeEntry]
+    warnings: list[str] = Field(default_factory=list)  # observer hooks that raised
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 

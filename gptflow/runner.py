@@ -61,6 +61,7 @@ class Runner:
                    for s in steps})
         store.save_run(record)
         store.clean_tmp()
+        self.plugins.hook_errors.clear()
         self.plugins.before_pipeline_run(run_id, self.pipeline.name, list(record.nodes),
                                          str(self.pipeline.path), self.pipeline.tracking)
         status = RunStatus.OK
@@ -77,7 +78,12 @@ class Runner:
             record.status, record.ended = status, now()
             store.save_run(record)
             self.plugins.after_pipeline_run(run_id, status.value, record.to_json())
+            if self.plugins.hook_errors:
+                record.warnings = list(self.plugins.hook_errors)
+                store.save_run(record)
         self.display.summary(record, self.plugins.headlines())
+        for warning in record.warnings:
+            self.display.line(f"[yellow]warning: {warning}[/]")
         return record
 
     # -- scheduling ----------------------------------------------------------------

@@ -166,3 +166,31 @@ def test_show_path_runs(run_pipeline, capfd):
     assert record["nodes"]["a"]["metrics"]["chars"] == 5
     assert main(["show", "nope", *store]) == 2
     assert main(["runs", *store]) == 0
+
+
+def test_an_observer_that_raises_is_named_and_the_pipeline_goes_on(tmp_path):
+    """A notifier whose server is down breaks neither the other observers nor the
+    pipeline: every node runs, run.json names plugin and hook, the exit is non-zero."""
+    from rich.console import Console
+
+    from gptflow.console import Display
+    from gptflow.session import run_pipeline
+
+    class Down:
+        @hookimpl
+        def after_node_run(self, node):
+            raise RuntimeError(f"my notifier is down ({node})")
+
+    recorder = Recorder()
+    plugins = load_plugins(extra=[Down(), recorder])
+    path = tmp_path / "p.yaml"
+    path.write_text("name: h\nnodes:\n  a: {plugin: text}\n"
+                    "  b: {plugin: text, params: {text: bye}}\n")
+    with open(tmp_path / "out.txt", "w") as out, Display(Console(file=out)) as display:
+        record = run_pipeline(path, store=tmp_path / "store", plugins=plugins, display=display)
+    assert {n.status for n in record.nodes.values()} == {"ran"}
+    assert ("after_node_run", "b", "ran") in recorder.calls  # the other observer still ran
+    assert record.warnings[0].endswith(
+        "hook after_node_run raised RuntimeError: my notifier is down (a)")
+    assert record.warnings[0].startswith("plugin ")
+    assert "warning: plugin" in (tmp_path / "out.txt").read_text()
