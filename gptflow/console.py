@@ -18,11 +18,9 @@ from rich.table import Table
 
 from gptflow.records import NodeStatus, RunRecord, RunStatus
 
-STYLE = {NodeStatus.RAN: "green", RunStatus.OK: "green", NodeStatus.CACHED: "cyan",
-         NodeStatus.FAILED: "bold red", RunStatus.FAILED: "bold red",
-         NodeStatus.SKIPPED: "yellow", NodeStatus.INTERRUPTED: "bold red",
-         RunStatus.INTERRUPTED: "bold red", NodeStatus.RUNNING: "magenta",
-         RunStatus.RUNNING: "magenta", RunStatus.KILLED: "bold red", NodeStatus.PENDING: "dim"}
+STYLE = {"ran": "green", "ok": "green", "cached": "cyan", "failed": "bold red",
+         "skipped": "yellow", "interrupted": "bold red", "running": "magenta",
+         "killed": "bold red", "pending": "dim"}  # by status value, node's or run's
 MARK = {NodeStatus.RAN: "✓", NodeStatus.CACHED: "○", NodeStatus.SKIPPED: "-"}
 
 
@@ -32,7 +30,7 @@ SHOWN = 4  # headline metrics per node: three lines at most in 80 columns
 
 
 def styled(status: NodeStatus | RunStatus) -> str:
-    return f"[{STYLE.get(status, 'default')}]{status.value}[/]"
+    return f"[{STYLE.get(status.value, 'default')}]{status.value}[/]"
 
 
 @contextlib.contextmanager
@@ -105,7 +103,8 @@ class Display:
     def finished(self, node: str, status: NodeStatus, detail: str) -> None:
         if node in self.tasks:
             self.progress.remove_task(self.tasks.pop(node))
-        self.line(f"[{STYLE.get(status, 'default')}]{MARK.get(status, '✗')} {node}[/] {detail}")
+        style = STYLE.get(status.value, "default")
+        self.line(f"[{style}]{MARK.get(status, '✗')} {node}[/] {detail}")
 
     def summary(self, record: RunRecord, headlines: Mapping[str, tuple[str, ...]]) -> None:
         self.console.print(summary_table(record, headlines))

@@ -35,6 +35,14 @@ class NodeError(Exception):
     """Raised by a node's run() for a failure worth one clear line (no traceback)."""
 
 
+def one_line(e: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message (a
+    NodeError's message alone: it was written for the user)."""
+    text = str(e).strip().splitlines()
+    message = text[0] if text else ""
+    return message if isinstance(e, NodeError) else f"{type(e).__name__}: {message}"
+
+
 def did_you_mean(word: object, choices: Iterable[str]) -> str:
     """``"; did you mean 'x'?"`` for the closest of ``choices``, or ``""``."""
     close = difflib.get_close_matches(str(word), list(choices), n=1)

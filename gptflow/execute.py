@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gptflow.errors import NodeError
+from gptflow.errors import NodeError, one_line
 from gptflow.manager import Plugins
 from gptflow.memory import PeakMemory
 from gptflow.nodes import Artifact
@@ -138,7 +138,7 @@ def execute(job: Job, plugins: Plugins, report: Report) -> None:
             shutil.rmtree(staging, ignore_errors=True)
             log.error("%s", traceback.format_exc())
             if isinstance(e, Exception):
-                report(Failed(_one_line(e)))
+                report(Failed(one_line(e)))
                 return
             raise
         finally:
@@ -158,12 +158,6 @@ def run_node(job: Job, plugins: Plugins, store: Store, staging: Path, report: Re
         context = NodeContext(job, staging, store, plugins, report, log)
         metrics = dict(node_type.run(context, job.inputs, params) or {})
     return metrics, context, peak.bytes
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    message = text[0] if text else ""
-    return message if isinstance(e, NodeError) else f"{type(e).__name__}: {message}"
 
 
 def node_logger(job: Job) -> logging.Logger:

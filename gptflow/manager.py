@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ import pluggy
 from pydantic import BaseModel
 
 from gptflow import hookspecs
+from gptflow.errors import one_line
 from gptflow.nodes import NodeType
 
 BUILTIN_PLUGINS = (
@@ -77,19 +78,24 @@ class Plugins:
     def _registration(self, hook: str, register: Callable[..., None]) -> None:
         """Call a registration hook one plugin at a time, through pluggy (so tracing
         sees it), to know which distribution registered what."""
-        pm = self.pm
-        providers = {id(plugin): dist.project_name for plugin, dist in pm.list_plugin_distinfo()}
-        impls = getattr(pm.hook, hook).get_hookimpls()
-        for impl in impls:
+        providers = {id(plugin): dist.project_name
+                     for plugin, dist in self.pm.list_plugin_distinfo()}
+        for impl, only in self._per_plugin(hook):
             provider = providers.get(id(impl.plugin), _module_provider(impl.plugin))
-            only = pm.subset_hook_caller(hook, [i.plugin for i in impls if i is not impl])
             try:
                 only(register=lambda *a, p=provider: register(*a, provider=p))
             except PluginError:
                 raise
             except Exception as e:
                 raise PluginError(f"plugin {impl.plugin_name} ({provider}): hook "
-                                  f"{hook} raised {type(e).__name__}: {e}") from e
+                                  f"{hook} raised {one_line(e)}") from e
+
+    def _per_plugin(self, hook: str) -> Iterator[tuple[Any, Callable[..., Any]]]:
+        """(hook implementation, a caller of that plugin's implementation alone)."""
+        impls = getattr(self.pm.hook, hook).get_hookimpls()
+        for impl in impls:
+            yield impl, self.pm.subset_hook_caller(hook, [i.plugin for i in impls
+                                                          if i is not impl])
 
     def _register(self, node_type: NodeType, provider: str) -> None:
         if not isinstance(node_type, NodeType):
@@ -146,15 +152,12 @@ class Plugins:
         """Call a lifecycle hook on every plugin, one at a time: an observer that raises
         (a tracker whose server is down) is reported with its plugin and hook, and the
         other observers and the pipeline go on."""
-        impls = getattr(self.pm.hook, hook).get_hookimpls()
-        for impl in impls:
-            only = self.pm.subset_hook_caller(hook, [i.plugin for i in impls if i is not impl])
+        for impl, only in self._per_plugin(hook):
             try:
                 only(**kwargs)
             except Exception as e:
-                message = (str(e).strip().splitlines() or [""])[0]
                 self.hook_errors.append(f"plugin {impl.plugin_name}: hook {hook} raised "
-                                        f"{type(e).__name__}: {message}")
+                                        f"{one_line(e)}")
 
 
 def _module_provider(plugin: object) -> str:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gptflow.errors import did_you_mean
+
 PREFIX = "builtin:"
 HUB = "hf:"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -51,8 +53,6 @@ def builtin_name(value: str) -> tuple[str, str]:
 
 def check_builtin(value: str, kinds: tuple[str, ...]) -> str | None:
     """Why ``value`` is not a built-in source that a field of ``kinds`` takes, or None."""
-    from gptflow.errors import did_you_mean
-
     name, query = builtin_name(value)
     known = [n for n, b in BUILTINS.items() if b.kind in kinds]
     if not known:

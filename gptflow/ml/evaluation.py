@@ -65,7 +65,7 @@ def prompts_for(task: Task, texts: Sequence[str], prompt: PromptFormat, tokenize
 def classify(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str], labels: Sequence[str],
              prompt: PromptFormat | None = None) -> list[str]:
     """Each prompt's label: the allowed one with the highest log-likelihood."""
-    prefix = prompt.answer_prefix if prompt is not None else " "
+    prefix = (prompt or PromptFormat()).answer_prefix
     scores = label_log_likelihoods(model, tokenizer, prompts, labels, prefix=prefix)
     return [labels[j] for j in scores.argmax(axis=1)]
 

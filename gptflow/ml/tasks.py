@@ -68,7 +68,12 @@ class Task:
 
 def default_split(instance: Instance) -> str:
     """The split an instance is in under the default fractions."""
-    return instance.split or _bucket(instance.input, 0.1, 0.2)
+    return split_of(instance.input, instance.split)
+
+
+def split_of(text: str, fixed: str | None = None) -> str:
+    """``fixed`` when the data says so, else the default fractions' bucket of ``text``."""
+    return fixed or _bucket(text, 0.1, 0.2)
 
 
 def _bucket(text: str, val_fraction: float, test_fraction: float) -> str:
@@ -158,7 +163,7 @@ def load_conversations(path: Path, split: str) -> list[list[Message]]:
                 and isinstance(m.get("content"), str) for m in messages):
             raise ValueError(f"{path}:{n}: messages must be a list of {{role, content}}")
         own = record.get("split")
-        if (own or _bucket(messages[0]["content"], 0.1, 0.2)) == split:
+        if split_of(messages[0]["content"], own) == split:
             chats.append([{"role": m["role"], "content": m["content"]} for m in messages])
     return chats
 

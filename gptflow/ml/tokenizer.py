@@ -154,24 +154,21 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Token ids of each text, int64; added and special tokens written in the
         text (``<|im_start|>``) are their ids, as transformers encodes them."""
+        return self._encode(texts, specials=True)
+
+    def _encode(self, texts: Sequence[str], specials: bool) -> list[np.ndarray]:
+        """Token ids of each text; with ``specials`` false the fast path keeps special
+        tokens as plain text (the Rust tokenizer splits them out either way)."""
         if self.kind == "char":
             return [self._char_ids(t) for t in texts]
         if self.kind == "bpe":
-            batches = self._tiktoken.encode_batch(list(texts), num_threads=THREADS,
-                                                  allowed_special="all")
+            batches = (self._tiktoken.encode_batch(list(texts), num_threads=THREADS,
+                                                   allowed_special="all") if specials
+                       else self._tiktoken.encode_ordinary_batch(list(texts),
+                                                                 num_threads=THREADS))
             return [np.asarray(ids, dtype=np.int64) for ids in batches]
         return [np.asarray(e.ids, dtype=np.int64)
                 for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
-
-    def _ordinary(self, docs: Sequence[str]) -> list[np.ndarray]:
-        """Token ids of each document with special tokens as plain text."""
-        if self.kind == "bpe":
-            batches = self._tiktoken.encode_ordinary_batch(list(docs), num_threads=THREADS)
-            return [np.asarray(ids, dtype=np.int64) for ids in batches]
-        if self.kind == "char":
-            return [self._char_ids(t) for t in docs]
-        return [np.asarray(e.ids, dtype=np.int64)  # the Rust tokenizer splits specials out
-                for e in self.hf.encode_batch(list(docs), add_special_tokens=False)]
 
     def encode_prompt(self, text: str) -> list[int]:
         """A prompt as the model expects it: BOS first where its config says so."""
@@ -202,7 +199,8 @@ class Tokenizer:
         """
         if self.kind != "bpe" or any(EOT in d for d in docs):
             eot = np.array([self.eot_id], dtype=np.int64)
-            return np.concatenate([part for ids in self._ordinary(docs) for part in (ids, eot)]
+            return np.concatenate([part for ids in self._encode(docs, specials=False)
+                                   for part in (ids, eot)]
                                   or [np.zeros(0, dtype=np.int64)])
         chunks, current, size = [], [], 0
         for doc in docs:

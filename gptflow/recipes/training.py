@@ -64,7 +64,7 @@ class Throughput(Callback):
     def __init__(self, context: Context, max_steps: int) -> None:
         self.context, self.max_steps = context, max_steps
         self.train_time, self.tokens, self._start, self._batch_tokens = 0.0, 0, 0.0, 0
-        self.timed_batches, self.seen, self.batches = 0, 0, 0
+        self.timed_batches, self.seen = 0, 0
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any,
                              *args: Any) -> None:
@@ -74,7 +74,6 @@ class Throughput(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any,
                            *args: Any) -> None:
         self.seen += self._batch_tokens
-        self.batches += 1
         if trainer.global_step > 2 or self.max_steps <= 10:  # skip warm-up steps
             self.train_time += time.perf_counter() - self._start
             self.tokens += self._batch_tokens
@@ -87,6 +86,10 @@ class Throughput(Callback):
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.train_time if self.train_time else 0.0
+
+    @property
+    def seconds_per_batch(self) -> float:
+        return self.train_time / self.timed_batches if self.timed_batches else 0.0
 
 
 def make_trainer(context: Context, tp: TrainerParams, max_steps: int,
@@ -160,10 +163,9 @@ def _fit(context: Context, module: L.LightningModule, train: IterableDataset[Any
     (final,) = trainer.validate(module, dataloaders=val_loader, verbose=False)
     steps_run = trainer.global_step - resume.start_step
     per_step = throughput.seen / steps_run if steps_run else 0.0
-    step_s = (throughput.train_time / throughput.timed_batches * tp.accumulate_grad_batches
-              if throughput.timed_batches else 0.0)
     report = training_report(model, trainer.global_step, round(per_step * trainer.global_step),
-                             throughput.tokens_per_s, step_s,
+                             throughput.tokens_per_s,
+                             throughput.seconds_per_batch * tp.accumulate_grad_batches,
                              peak_flops(tp.accelerator, tp.peak_tflops), resume.start_step,
                              memory)
     return Fitted(trainer, {**metrics, **{k: float(v) for k, v in final.items()}, **report})
