@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from gptflow.ml.adapter import LoraConfig
 from gptflow.ml.config import GPTConfig
 from gptflow.ml.lora import adapter_state_dict, load_adapter, merge_lora, prepare
-from gptflow.ml.model import GPT
+from gptflow.ml.model import GPT, shape_problems
 from gptflow.ml.prompts import PromptFormat
 from gptflow.ml.quant import quantize_model
 from gptflow.ml.tokenizer import Tokenizer
@@ -73,14 +73,11 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     with safe_open(str(folder / "model.safetensors"), framework="pt", device=str(device)) as f:
         for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
             state[key] = f.get_tensor(key)
-    problems = [f"missing tensor {k}" for k in expected if k not in state]
-    problems += [f"unexpected tensor {k}" for k in state if k not in expected]
-    problems += [f"{k} has shape {tuple(state[k].shape)}, config.json implies {shape}"
-                 for k, shape in expected.items() if k in state and tuple(state[k].shape) != shape]
-    if problems:
+    problem = shape_problems(expected, {k: tuple(v.shape) for k, v in state.items()},
+                             "config.json")
+    if problem:
         raise ModelLoadError(f"{folder}/model.safetensors does not match config.json: "
-                             + "; ".join(problems[:5])
-                             + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+                             f"{problem}")
     if quant:  # quantized layers are built from a full-precision model first
         model = GPT(config)
         quantize_model(model, quant["method"], quant["group_size"],

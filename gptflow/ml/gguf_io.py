@@ -32,7 +32,7 @@ from torch import Tensor
 
 from gptflow.ml.config import GPTConfig
 from gptflow.ml.families import HFError
-from gptflow.ml.model import GPT
+from gptflow.ml.model import GPT, shape_problems, state_shapes
 from gptflow.ml.tokenizer import Tokenizer, TokenizerConfig
 
 MAGIC = b"GGUF"
@@ -149,18 +149,11 @@ def load_gguf(path: Path) -> tuple[GPT, Tokenizer]:
     metadata, tensors = read_header(path)
     meta = _Metadata(metadata, {t.name for t in tensors}, path)
     config = config_from_gguf(meta)
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
-    if config.tie_embeddings:
-        shapes.pop("lm_head.weight", None)
     names = {t.name: gptflow_name(t.name, meta) for t in tensors}
-    missing = sorted(set(shapes) - set(names.values()))
-    extra = sorted(set(names.values()) - set(shapes))
-    wrong = [t.name for t in tensors if names[t.name] in shapes
-             and t.shape != shapes[names[t.name]]]
-    if missing or extra or wrong:
-        raise GGUFError(f"{path}: tensors do not match the metadata: missing {missing[:3]}, "
-                        f"unexpected {extra[:3]}, wrong shape {wrong[:3]}")
+    problem = shape_problems(state_shapes(config), {names[t.name]: t.shape for t in tensors},
+                             "the metadata")
+    if problem:
+        raise GGUFError(f"{path}: tensors do not match the metadata: {problem}")
     data = np.memmap(path, dtype=np.uint8, mode="r")
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # numpy releases the GIL
         state = dict(zip(names.values(), pool.map(

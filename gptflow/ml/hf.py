@@ -21,7 +21,7 @@ from torch import Tensor
 from gptflow.ml.adapter import LoraConfig
 from gptflow.ml.config import GPTConfig
 from gptflow.ml.families import Family, HFError, family_of, read_family
-from gptflow.ml.model import GPT
+from gptflow.ml.model import GPT, state_shapes
 from gptflow.ml.tokenizer import EOT, PAD, Tokenizer
 
 
@@ -70,8 +70,7 @@ def from_hf(theirs: dict[str, Tensor], config: GPTConfig, family: Family, where:
     theirs = {k: v for k, v in theirs.items() if not k.endswith(IGNORED)}
     if config.tie_embeddings:
         theirs.pop("lm_head.weight", None)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in GPT(config).state_dict().items()}
+    shapes = state_shapes(config)
     rows = family.weight_map(config)
     missing = [r.theirs for r in rows if r.theirs not in theirs]
     extra = sorted(set(theirs) - {r.theirs for r in rows})
@@ -89,7 +88,7 @@ def from_hf(theirs: dict[str, Tensor], config: GPTConfig, family: Family, where:
                           f"config.json implies {sum(sizes)} rows")
         ours.update({k: t.contiguous() for k, t in zip(row.ours, torch.split(tensor, sizes),
                                                        strict=True)})
-    bad = [k for k, t in ours.items() if t.shape != shapes[k]]
+    bad = [k for k, t in ours.items() if tuple(t.shape) != shapes[k]]
     if bad:
         raise HFError(f"{where}: {bad[0]} has shape {tuple(ours[bad[0]].shape)}, config.json "
                       f"implies {tuple(shapes[bad[0]])}")

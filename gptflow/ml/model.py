@@ -9,6 +9,7 @@ nkv key/value heads, hs head size, V vocabulary.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -247,3 +248,25 @@ class GPT(nn.Module):
         cfg = self.config
         n = self.num_params() - (self.pos_embed.weight.numel() if self.pos_embed is not None else 0)
         return 6 * n + 12 * cfg.n_layer * cfg.d_model * (seq_len or cfg.context)
+
+
+def state_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors a config's state dict holds, by name and shape (a tied head is the
+    embedding, so it is not one of them); computed on the meta device."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()
+                if not (config.tie_embeddings and k == "lm_head.weight")}
+
+
+def shape_problems(expected: Mapping[str, tuple[int, ...]],
+                   found: Mapping[str, tuple[int, ...]], source: str) -> str | None:
+    """What a set of tensors lacks, has extra or has mis-shaped against ``expected``
+    (what ``source`` implies), as one line; None when they match."""
+    problems = [f"missing tensor {k}" for k in expected if k not in found]
+    problems += [f"unexpected tensor {k}" for k in found if k not in expected]
+    problems += [f"{k} has shape {found[k]}, {source} implies {shape}"
+                 for k, shape in expected.items() if k in found and found[k] != shape]
+    if not problems:
+        return None
+    more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+    return "; ".join(problems[:5]) + more
