@@ -64,6 +64,7 @@ def run(context: Context, inputs: dict[str, Any], p: DistillParams) -> dict[str,
         student, student_tok = load_model(inputs["student"].path)
         student.train()
     else:
+        seed(p.seed)  # the student's initial weights depend on the seed alone
         student, student_tok = GPT(p.model.config(vocab_size=tokenizer.vocab_size)), tokenizer
     vocab = tokenizer.hf.get_vocab()
     for who, tok in (("teacher", teacher_tok), ("student", student_tok)):
