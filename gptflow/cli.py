@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -14,6 +15,7 @@ from typing import Any
 
 from gptflow.cli_models import cmd_export, cmd_generate, output_folder, run_record
 from gptflow.errors import EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, InputError
+from gptflow.signals import Interrupted
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,6 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Interrupted as e:
+        print(f"interrupted ({e.name})", file=sys.stderr)
+        return e.exit_code
     except Exception as e:  # a bug or an environment problem: one line unless debugging
         if os.environ.get("GPTFLOW_DEBUG") == "1":
             traceback.print_exc()
@@ -172,8 +177,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     record = session.run(steps, args.jobs, argv=["gptflow", *sys.argv[1:]])
     if record.status == RunStatus.OK and record.warnings:  # an observer failed: say so
         return EXIT_FAILED
-    return {RunStatus.OK: EXIT_OK, RunStatus.INTERRUPTED: EXIT_INTERRUPTED}.get(
-        record.status, EXIT_FAILED)
+    if record.status == RunStatus.INTERRUPTED:  # 130 for SIGINT, 143 for SIGTERM
+        return 128 + signal.Signals[record.signal or "SIGINT"].value
+    return EXIT_OK if record.status == RunStatus.OK else EXIT_FAILED
 
 
 def cmd_graph(args: argparse.Namespace) -> int:

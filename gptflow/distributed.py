@@ -42,7 +42,7 @@ def follow(steps: list[Step], plugins: Plugins, store: Store, rank: int,
         if step.action == "cached":
             continue
         if is_distributed(step.node.params):
-            staging = store.stage(step.fingerprint)
+            staging = store.stage(step.fingerprint, f"rank{rank}")
             log = store.root / "tmp" / f"follower-{step.fingerprint}.rank{rank}.log"
             job = make_job(f"rank{rank}", step, resolve_inputs(step, store, fingerprints), store,
                            str(log), staging / "loggers", {})  # rank 0 alone tracks

@@ -24,7 +24,7 @@ from gptflow.memory import PeakMemory
 from gptflow.nodes import Artifact
 from gptflow.plan import Step
 from gptflow.records import NodeRecord, NodeStatus
-from gptflow.store import Store, now
+from gptflow.store import CorruptArtifact, Store, now
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class Done:
     metrics: dict[str, Any]
     duration_s: float | None = None
     peak_mem_bytes: int | None = None
+    warnings: tuple[str, ...] = ()  # what the node told the user (context.warn)
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class NodeContext:
         self.log = log
         self._job = job
         self.meta: dict[str, dict[str, Any]] = {name: {} for name in job.outputs}
+        self.warnings: list[str] = []
         self._staging, self._plugins, self._report = staging, plugins, report
 
     def output_dir(self, name: str) -> Path:
@@ -97,6 +99,10 @@ class NodeContext:
 
     def progress(self, completed: float, total: float | None = None, text: str = "") -> None:
         self._report(Progress(completed, total, text))
+
+    def warn(self, message: str) -> None:
+        self.log.warning("%s", message)
+        self.warnings.append(message)
 
     def set_meta(self, output: str, **meta: Any) -> None:
         self.meta[output].update(meta)
@@ -111,11 +117,14 @@ def execute(job: Job, plugins: Plugins, report: Report) -> None:
     store = Store(job.store_root)
     with store.lock(job.fingerprint, on_wait=lambda: report(Waiting())):
         if store.has(job.fingerprint) and not job.force:  # another run made it meanwhile
-            report(Done(NodeStatus.CACHED, store.node_record(job.fingerprint).metrics))
+            try:
+                report(Done(NodeStatus.CACHED, store.node_record(job.fingerprint).metrics))
+            except CorruptArtifact as e:
+                report(Failed(f"corrupt artifact: {e}; re-run with --force {job.node}"))
             return
         if job.force:  # recompute from scratch, not from an old checkpoint
             shutil.rmtree(store.work_dir(job.fingerprint), ignore_errors=True)
-        staging = store.stage(job.fingerprint)
+        staging = store.stage(job.fingerprint, job.run_id)
         for name in job.outputs:
             (staging / name).mkdir()
         log = node_logger(job)
@@ -145,7 +154,7 @@ def execute(job: Job, plugins: Plugins, report: Report) -> None:
             for handler in list(log.handlers):
                 handler.close()
                 log.removeHandler(handler)
-        report(Done(NodeStatus.RAN, metrics, duration, peak))
+        report(Done(NodeStatus.RAN, metrics, duration, peak, tuple(context.warnings)))
 
 
 def run_node(job: Job, plugins: Plugins, store: Store, staging: Path, report: Report,

@@ -71,6 +71,10 @@ class Context(Protocol):
     def set_meta(self, output: str, **meta: Any) -> None:
         """Attach JSON metadata to an output's artifact.json."""
 
+    def warn(self, message: str) -> None:
+        """Tell the user something that does not fail the node (shown after the
+        run's summary, kept in run.json and the node's log)."""
+
     def training_callbacks(self) -> list[Any]:
         """Lightning callbacks that plugins add to every training node."""
 

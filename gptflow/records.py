@@ -66,6 +66,7 @@ class NodeEntry(Record):
     duration_s: float | None = None
     peak_mem_bytes: int | None = None
     error: str | None = None  # one line, when it failed
+    warnings: list[str] = Field(default_factory=list)  # what it told the user (context.warn)
 
 
 class PipelineInfo(Record):
@@ -75,6 +76,16 @@ class PipelineInfo(Record):
     overrides: list[str] = Field(default_factory=list)
 
 
+class Owner(Record):
+    """The process that runs a run, as :mod:`gptflow.liveness` identifies it."""
+
+    host: str
+    boot_id: str
+    pid_ns: str  # the PID namespace (containers): a pid means nothing outside it
+    pid: int
+    start: int | None  # the process's start time, clock ticks after boot
+
+
 class RunRecord(Record):
     """``runs/<id>/run.json``."""
 
@@ -82,12 +93,14 @@ class RunRecord(Record):
     run_id: str
     status: RunStatus = RunStatus.RUNNING
     pid: int
+    owner: Owner | None = None  # None in records written before owners were kept
     command: list[str] = Field(default_factory=list)
     started: str
     ended: str | None = None
     pipeline: PipelineInfo
     nodes: dict[str, NodeEntry]
     warnings: list[str] = Field(default_factory=list)  # observer hooks that raised
+    signal: str | None = None  # what interrupted it: SIGINT, SIGTERM
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 

@@ -11,11 +11,15 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import signal
+import threading
 import time
 from typing import Any
 
+from gptflow import signals
 from gptflow.console import Display, fmt_duration
 from gptflow.dag import Pipeline
+from gptflow.errors import one_line
 from gptflow.execute import (
     Done,
     Event,
@@ -27,17 +31,33 @@ from gptflow.execute import (
     make_job,
     resolve_inputs,
 )
+from gptflow.liveness import Heartbeat, current_owner, seen_alive
 from gptflow.manager import Plugins, load_plugins
 from gptflow.plan import Step
-from gptflow.records import NodeEntry, NodeStatus, PipelineInfo, RunRecord, RunStatus
+from gptflow.records import NodeEntry, NodeStatus, Owner, PipelineInfo, RunRecord, RunStatus
+from gptflow.signals import Interrupted
 from gptflow.store import CorruptArtifact, Store, now
 
+WORKER_GRACE_S = 60.0  # how long an interrupted worker may take to finish its step
 
-def _worker(job: Job, extra_modules: tuple[str, ...], events: Any) -> None:
-    """Entry point of a parallel worker process."""
+
+def _worker(job: Job, extra_modules: tuple[str, ...], events: Any, runner: Owner) -> None:
+    """Entry point of a parallel worker process: it stops, as on SIGTERM, when
+    the runner that started it dies, so nothing is published after it."""
     os.environ["GPTFLOW_PLUGINS"] = ",".join(extra_modules)
-    plugins = load_plugins()
-    execute(job, plugins, lambda event: events.put((job.node, event)))
+
+    def watch() -> None:
+        while seen_alive(runner) is not False:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="gptflow-watch-runner", daemon=True).start()
+    with signals.handled():
+        plugins = load_plugins()
+        try:
+            execute(job, plugins, lambda event: events.put((job.node, event)))
+        except Interrupted as e:
+            events.put((job.node, Failed(f"interrupted ({e.name})")))
 
 
 class Runner:
@@ -52,39 +72,57 @@ class Runner:
         run_id = store.new_run_id()
         logs = store.run_dir(run_id) / "logs"
         self.record = record = RunRecord(
-            run_id=run_id, pid=os.getpid(), command=argv or [], started=now(),
+            run_id=run_id, pid=os.getpid(), owner=current_owner(), command=argv or [],
+            started=now(),
             pipeline=PipelineInfo(name=self.pipeline.name, file=str(self.pipeline.path),
                                   sha256=self.pipeline.sha256,
                                   overrides=list(self.pipeline.overrides)),
             nodes={s.node.name: NodeEntry(plugin=s.node.plugin, fingerprint=s.fingerprint,
                                           reason=s.reason, log=str(logs / f"{s.node.name}.log"))
                    for s in steps})
-        store.save_run(record)
-        store.clean_tmp()
-        self.plugins.hook_errors.clear()
-        self.plugins.before_pipeline_run(run_id, self.pipeline.name, list(record.nodes),
-                                         str(self.pipeline.path), self.pipeline.tracking)
-        status = RunStatus.OK
-        try:
-            self._schedule(steps)
-            if any(n.status.blocks for n in record.nodes.values()):
-                status = RunStatus.FAILED
-        except KeyboardInterrupt:
-            status = RunStatus.INTERRUPTED
-            for node in record.nodes.values():
-                if node.status in (NodeStatus.PENDING, NodeStatus.RUNNING):
-                    node.status = NodeStatus.INTERRUPTED
-        finally:
-            record.status, record.ended = status, now()
+        logs.mkdir(parents=True)
+        with Heartbeat(store.heartbeat(run_id)):  # the lease first: see gptflow.liveness
             store.save_run(record)
-            self.plugins.after_pipeline_run(run_id, status.value, record.to_json())
-            if self.plugins.hook_errors:
-                record.warnings = list(self.plugins.hook_errors)
-                store.save_run(record)
+            store.clean()
+            self._run(steps)
         self.display.summary(record, self.plugins.headlines())
+        for name, node in record.nodes.items():
+            for note in node.warnings:
+                self.display.line(f"[yellow]{name}: {note}[/]")
         for warning in record.warnings:
             self.display.line(f"[yellow]warning: {warning}[/]")
         return record
+
+    def _run(self, steps: list[Step]) -> None:
+        """Schedule the steps; the record says what happened, whatever escapes."""
+        record, run_id = self.record, self.record.run_id
+        self.plugins.hook_errors.clear()
+        self.plugins.before_pipeline_run(run_id, self.pipeline.name, list(record.nodes),
+                                         str(self.pipeline.path), self.pipeline.tracking)
+        status = RunStatus.FAILED  # unless the schedule gets to its end
+        try:
+            with signals.handled():
+                self._schedule(steps)
+            if not any(n.status.blocks for n in record.nodes.values()):
+                status = RunStatus.OK
+        except Interrupted as e:
+            status, record.signal = RunStatus.INTERRUPTED, e.name
+            self._mark(NodeStatus.INTERRUPTED, NodeStatus.PENDING, NodeStatus.RUNNING)
+        except BaseException as e:
+            self._mark(NodeStatus.FAILED, NodeStatus.RUNNING, error=one_line(e))
+            raise
+        finally:
+            record.status, record.ended = status, now()
+            self.store.save_run(record)
+            self.plugins.after_pipeline_run(run_id, status.value, record.to_json())
+            if self.plugins.hook_errors:
+                record.warnings = list(self.plugins.hook_errors)
+                self.store.save_run(record)
+
+    def _mark(self, status: NodeStatus, *was: NodeStatus, error: str | None = None) -> None:
+        for node in self.record.nodes.values():
+            if node.status in was:
+                node.status, node.error = status, error or node.error
 
     # -- scheduling ----------------------------------------------------------------
     def _schedule(self, steps: list[Step]) -> None:
@@ -93,26 +131,29 @@ class Runner:
         by_name = dict(todo)
         running: dict[str, Any] = {}
         events: Any = queue.SimpleQueue() if self.jobs == 1 else _context().Queue()
-        while todo or running:
-            for name, step in list(todo.items()):
-                ups = [nodes[u].status for u in step.node.upstream()]
-                if any(u.blocks for u in ups):
-                    del todo[name]
-                    nodes[name].status = NodeStatus.SKIPPED
-                    self.display.finished(name, NodeStatus.SKIPPED,
-                                         "[dim]skipped: an upstream node failed")
-                elif all(u.done for u in ups) and len(running) < self.jobs:
-                    del todo[name]
-                    running[name] = self._start(step, events)
-            if not running:
-                continue
-            node, event = events.get() if self.jobs == 1 else self._next(events, running)
-            if self._handle(node, event, by_name[node]):
-                proc = running.pop(node)
-                if proc is not None:
-                    proc.join()
-                if nodes[node].status != NodeStatus.CACHED:
+        try:
+            while todo or running:
+                for name, step in list(todo.items()):
+                    ups = [nodes[u].status for u in step.node.upstream()]
+                    if any(u.blocks for u in ups):
+                        del todo[name]
+                        nodes[name].status = NodeStatus.SKIPPED
+                        self.display.finished(name, NodeStatus.SKIPPED,
+                                             "[dim]skipped: an upstream node failed")
+                    elif all(u.done for u in ups) and len(running) < self.jobs:
+                        del todo[name]
+                        running[name] = self._start(step, events)
+                if not running:
+                    continue
+                node, event = events.get() if self.jobs == 1 else self._next(events, running)
+                if self._handle(node, event, by_name[node]):
+                    proc = running.pop(node)
+                    if proc is not None:
+                        proc.join()
                     self.store.save_run(self.record)
+        except Interrupted:
+            _stop_workers(running)
+            raise
 
     def _start(self, step: Step, events: Any) -> Any:
         entry = self.record.nodes[step.node.name]
@@ -129,6 +170,7 @@ class Runner:
             events.put((step.node.name, Done(NodeStatus.CACHED, metrics)))
             return None
         entry.status = NodeStatus.RUNNING
+        self.store.save_run(self.record)  # a kill from now on shows the node interrupted
         self.display.started(step.node.name, step.node.plugin, step.reason)
         self.plugins.before_node_run(self.record.run_id, step.node.name, step.node.plugin,
                                      step.fingerprint)
@@ -145,7 +187,8 @@ class Runner:
 
             execute(job, self.plugins, report)
             return None
-        proc = _context().Process(target=_worker, args=(job, self.plugins.extra_modules, events),
+        proc = _context().Process(target=_worker, args=(job, self.plugins.extra_modules, events,
+                                                        self.record.owner),
                                   name=f"gptflow-{job.node}")
         proc.start()
         return proc
@@ -179,6 +222,7 @@ class Runner:
             self.plugins.on_node_error(run_id, node, event.error, entry.log)
             return True
         entry.status, entry.metrics = event.status, event.metrics
+        entry.warnings = list(event.warnings)
         entry.duration_s, entry.peak_mem_bytes = event.duration_s, event.peak_mem_bytes
         entry.outputs = {name: str(self.store.artifact_dir(step.fingerprint) / name)
                          for name in step.node.node_type.outputs}
@@ -193,6 +237,20 @@ class Runner:
     def _inputs(self, step: Step) -> dict[str, Any]:
         fps = {s: self.record.nodes[s].fingerprint for s in step.node.upstream()}
         return resolve_inputs(step, self.store, fps)
+
+
+def _stop_workers(running: dict[str, Any]) -> None:
+    """Ask every worker to stop as on SIGTERM (a training node finishes its step
+    and saves a checkpoint), then make sure none is left."""
+    procs = [p for p in running.values() if p is not None and p.is_alive()]
+    for proc in procs:
+        proc.terminate()
+    deadline = time.monotonic() + WORKER_GRACE_S
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
 
 
 def _context() -> Any:

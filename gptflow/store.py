@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import errno
 import fcntl
 import hashlib
 import json
@@ -33,8 +32,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from gptflow.errors import one_line
+from gptflow.liveness import alive, pid_alive
 from gptflow.nodes import Artifact
-from gptflow.records import NodeRecord, RunRecord, RunStatus
+from gptflow.records import NodeRecord, NodeStatus, RunRecord, RunStatus
 
 FORMAT_VERSION = 1
 CHUNK = 1 << 20
@@ -62,25 +63,19 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError as e:
-        return e.errno == errno.EPERM
-    return True
-
-
 class CorruptArtifact(Exception):
     """A published artifact whose files do not match their checksums."""
 
 
 class CorruptRecord(ValueError):
-    """A run.json or node.json that does not match its schema."""
+    """A run.json or node.json that cannot be read or does not match its schema."""
 
 
 def _read_record(path: Path, kind: type[RunRecord] | type[NodeRecord]) -> Any:
     try:
         return kind.model_validate_json(path.read_bytes())
+    except OSError as e:
+        raise CorruptRecord(f"{path}: unreadable ({e.strerror})") from None
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
@@ -106,30 +101,34 @@ class Store:
         """Where a node's tracker files (TensorBoard, W&B offline) outlive it."""
         return self.run_dir(run_id) / "loggers" / node
 
-    # -- content hashes, remembered by (path, size, mtime, inode) ------------
+    # -- content hashes, remembered by (path, size, mtime, ctime, inode) -----
     def _hashes(self) -> sqlite3.Connection:
         if self._db is None:
             self.root.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.root / "hashes.sqlite", timeout=30,
-                                       isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")  # a cache: speed over durability
-            self._db.execute("CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, "
-                             "size INTEGER, mtime_ns INTEGER, ino INTEGER, sha256 TEXT)")
+            path = self.root / "hashes.sqlite"
+            try:
+                self._db = _open_hashes(path)
+            except sqlite3.DatabaseError:  # a cache: rebuilt, never a reason to fail
+                for stale in (path, path.with_name(path.name + "-wal"),
+                              path.with_name(path.name + "-shm")):
+                    stale.unlink(missing_ok=True)
+                self._db = _open_hashes(path)
         return self._db
 
-    def hash_file(self, path: Path) -> str:
-        """sha256 of a file; unchanged files (same size, mtime, inode) cost one stat."""
+    def hash_file(self, path: Path, full: bool = False) -> str:
+        """sha256 of a file. An unchanged file (same size, mtime, ctime, inode) costs
+        one stat unless ``full``; ctime catches a write whose mtime was restored."""
         key = str(path.resolve())
         st = path.stat()
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
         db = self._hashes()
-        row = db.execute("SELECT size, mtime_ns, ino, sha256 FROM hashes WHERE path=?",
+        row = db.execute("SELECT size, mtime_ns, ctime_ns, ino, sha256 FROM files WHERE path=?",
                          (key,)).fetchone()
-        if row and tuple(row[:3]) == (st.st_size, st.st_mtime_ns, st.st_ino):
-            return str(row[3])
+        if row and tuple(row[:4]) == stamp and not full:
+            return str(row[4])
         digest = sha256_file(path)
-        db.execute("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?, ?)",
-                   (key, st.st_size, st.st_mtime_ns, st.st_ino, digest))
+        db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)",
+                   (key, *stamp, digest))
         return digest
 
     def hash_path(self, path: Path) -> str:
@@ -146,39 +145,47 @@ class Store:
         return (self.artifact_dir(fingerprint) / "node.json").is_file()
 
     def node_record(self, fingerprint: str) -> NodeRecord:
-        record: NodeRecord = _read_record(self.artifact_dir(fingerprint) / "node.json",
-                                          NodeRecord)
+        try:
+            record: NodeRecord = _read_record(self.artifact_dir(fingerprint) / "node.json",
+                                              NodeRecord)
+        except CorruptRecord as e:
+            raise CorruptArtifact(str(e)) from None
         return record
 
-    def outputs(self, fingerprint: str, verify: bool = True) -> dict[str, Artifact]:
-        """The published outputs of a node, checked against their checksums."""
+    def outputs(self, fingerprint: str, verify: bool = True,
+                full: bool = False) -> dict[str, Artifact]:
+        """The published outputs of a node, checked against their checksums
+        (``full``: every byte re-hashed, whatever the stat cache says)."""
         record = self.node_record(fingerprint)
         found = {}
         for name in record.outputs:
             path = self.artifact_dir(fingerprint) / name
-            try:
-                info = json.loads((path / "artifact.json").read_text())
-            except (OSError, ValueError) as e:
-                raise CorruptArtifact(f"{path}: unreadable artifact.json ({e})") from None
-            if verify:
-                self._verify(path, info)
-            found[name] = Artifact(path=path, type=info["type"], fingerprint=info["fingerprint"],
-                                   producer=info["producer"]["node"], meta=info.get("meta", {}))
+            found[name] = self.artifact(path, verify, full)
         return found
 
-    def _verify(self, path: Path, info: Mapping[str, Any]) -> None:
-        for rel, expected in info["files"].items():
-            f = path / rel
-            if not f.is_file():
-                raise CorruptArtifact(f"{f}: missing")
-            if f.stat().st_size != expected["size"]:
-                raise CorruptArtifact(f"{f}: size {f.stat().st_size}, expected {expected['size']}")
-            if self.hash_file(f) != expected["sha256"]:
-                raise CorruptArtifact(f"{f}: sha256 mismatch")
+    def artifact(self, path: Path, verify: bool = True, full: bool = False) -> Artifact:
+        """The artifact in folder ``path``, checked against its artifact.json."""
+        try:
+            info = json.loads((path / "artifact.json").read_text())
+            found = Artifact(path=path, type=info["type"], fingerprint=info["fingerprint"],
+                             producer=info["producer"]["node"], meta=info.get("meta", {}))
+            files = {rel: (int(f["size"]), str(f["sha256"])) for rel, f in info["files"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CorruptArtifact(f"{path}/artifact.json: unreadable ({one_line(e)})") from None
+        if verify:
+            for rel, (size, sha256) in files.items():
+                f = path / rel
+                if not f.is_file():
+                    raise CorruptArtifact(f"{f}: missing")
+                if f.stat().st_size != size:
+                    raise CorruptArtifact(f"{f}: size {f.stat().st_size}, expected {size}")
+                if self.hash_file(f, full) != sha256:
+                    raise CorruptArtifact(f"{f}: sha256 mismatch")
+        return found
 
-    def stage(self, fingerprint: str) -> Path:
-        """A fresh private folder to build a node's outputs in."""
-        path = self.root / "tmp" / f"{fingerprint}.{os.getpid()}.{secrets.token_hex(4)}"
+    def stage(self, fingerprint: str, run_id: str) -> Path:
+        """A fresh private folder to build a node's outputs in, owned by a run."""
+        path = self.root / "tmp" / f"{fingerprint}.{run_id}.{secrets.token_hex(4)}"
         path.mkdir(parents=True)
         return path
 
@@ -213,27 +220,50 @@ class Store:
             os.rename(staging, target)
         _fsync_dir(target.parent)
 
-    def clean_tmp(self) -> None:
-        """Remove staging folders whose process is gone (a crash left them)."""
+    def clean(self) -> None:
+        """Remove what crashes leave behind, never what a live run may still use:
+        staging folders and half-written records of dead runs, and the work
+        folders (checkpoints) of nodes published since."""
         for path in (self.root / "tmp").glob("*"):
-            pid = path.name.split(".")[1] if path.name.count(".") >= 2 else ""
-            if path.name.startswith("trash.") or (pid.isdigit() and not pid_alive(int(pid))):
+            run_id = path.name.split(".", 1)[-1].rpartition(".")[0]
+            if path.name.startswith("trash.") or (run_id and self._dead(run_id)):
                 shutil.rmtree(path, ignore_errors=True)
+        for path in self.root.glob("runs/*/.*.tmp"):
+            if self._dead(path.parent.name):
+                path.unlink(missing_ok=True)
+        for path in self.root.glob("work/*"):
+            if self.has(path.name):
+                with self.lock(path.name, wait=False) as held:
+                    if held:  # else a --force run is training there
+                        shutil.rmtree(path, ignore_errors=True)
+
+    def _dead(self, run_id: str) -> bool:
+        if not (self.run_dir(run_id) / "run.json").exists():
+            return True  # a run's record is written before anything it stages
+        try:
+            return self.load_run(run_id).status != RunStatus.RUNNING
+        except CorruptRecord:
+            return False  # cannot tell: keep it
 
     @contextlib.contextmanager
-    def lock(self, fingerprint: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
-        """Hold the one-writer lock of a fingerprint (released if the process dies)."""
+    def lock(self, fingerprint: str, on_wait: Callable[[], None] | None = None,
+             wait: bool = True) -> Iterator[bool]:
+        """Hold the one-writer lock of a fingerprint (released if the process dies);
+        yields whether it is held (only ``wait=False`` gives up on a held lock)."""
         path = self.root / "locks" / f"{fingerprint}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                if not wait:
+                    yield False
+                    return
                 if on_wait:
                     on_wait()
                 fcntl.flock(f, fcntl.LOCK_EX)
             try:
-                yield
+                yield True
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -247,6 +277,17 @@ class Store:
         runs = self.root / "runs"
         return sorted(p.name for p in runs.iterdir() if (p / "run.json").is_file()) \
             if runs.is_dir() else []
+
+    def runs(self, ids: list[str] | None = None) -> tuple[list[RunRecord], list[str]]:
+        """The readable run records (of ``ids``, default all), and one line for each
+        that is not: a damaged record never stops the others being read."""
+        records, problems = [], []
+        for run_id in self.run_ids() if ids is None else ids:
+            try:
+                records.append(self.load_run(run_id))
+            except CorruptRecord as e:
+                problems.append(f"skipped {e}")
+        return records, problems
 
     def resolve_run(self, run: str) -> str:
         ids = self.run_ids()
@@ -262,9 +303,21 @@ class Store:
 
     def load_run(self, run_id: str) -> RunRecord:
         record: RunRecord = _read_record(self.run_dir(run_id) / "run.json", RunRecord)
-        if record.status == RunStatus.RUNNING and not pid_alive(record.pid):
+        if record.status == RunStatus.RUNNING and not self._alive(record):
             record.status = RunStatus.KILLED
+            for node in record.nodes.values():
+                if node.status == NodeStatus.RUNNING:
+                    node.status = NodeStatus.INTERRUPTED
         return record
+
+    def _alive(self, record: RunRecord) -> bool:
+        if record.owner is None:  # written before owners were recorded
+            return pid_alive(record.pid)
+        return alive(record.owner, self.heartbeat(record.run_id))
+
+    def heartbeat(self, run_id: str) -> Path:
+        """The lease a live run keeps fresh (see :mod:`gptflow.liveness`)."""
+        return self.run_dir(run_id) / "heartbeat"
 
     def save_run(self, record: RunRecord) -> None:
         path = self.run_dir(record.run_id)
@@ -280,6 +333,21 @@ def sha256_file(path: Path, sync: bool = False) -> str:
         if sync:
             os.fsync(f.fileno())
     return h.hexdigest()
+
+
+def _open_hashes(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=30, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # a cache: speed over durability
+        db.execute("DROP TABLE IF EXISTS hashes")  # before ctime was part of the key
+        db.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, "
+                   "mtime_ns INTEGER, ctime_ns INTEGER, ino INTEGER, sha256 TEXT)")
+        db.execute("SELECT count(*) FROM files").fetchone()
+    except sqlite3.DatabaseError:
+        db.close()
+        raise
+    return db
 
 
 def _fsync_dir(path: Path) -> None:

@@ -30,6 +30,18 @@ class ModelLoadError(ValueError):
     """A model folder that does not match its own config."""
 
 
+class NonFiniteWeights(ValueError):
+    """A model whose weights hold NaN or inf (training diverged): never saved."""
+
+
+def check_finite(state: dict[str, torch.Tensor]) -> None:
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise NonFiniteWeights(f"{len(bad)} of {len(state)} tensors hold NaN or inf "
+                               f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}): "
+                               "training diverged; nothing is saved")
+
+
 def save_model(folder: Path, model: GPT, tokenizer: Tokenizer, **info: Any) -> int:
     """Write a self-contained model artifact; returns its size in bytes."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -38,6 +50,7 @@ def save_model(folder: Path, model: GPT, tokenizer: Tokenizer, **info: Any) -> i
     state = {k: v.detach().to("cpu").contiguous()
              for k, v in model.state_dict().items()
              if not (model.config.tie_embeddings and k.startswith("lm_head."))}
+    check_finite(state)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save(folder / "tokenizer.json")
     return folder_bytes(folder)
@@ -94,8 +107,9 @@ def save_adapter(folder: Path, model: GPT, config: LoraConfig) -> int:
     rebuild them on their base, which it names by folder and fingerprint)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    save_file(adapter_state_dict(model), str(folder / "adapter.safetensors"),
-              metadata={"format": "pt"})
+    state = adapter_state_dict(model)
+    check_finite(state)
+    save_file(state, str(folder / "adapter.safetensors"), metadata={"format": "pt"})
     return folder_bytes(folder)
 
 

@@ -1,12 +1,23 @@
 """Driving a Lightning Trainer for a gptflow node: trainer params, resumable
 checkpoints keyed by fingerprint, progress, throughput, the training report,
-loss curves."""
+loss curves.
+
+What a crash, a signal or a divergence may do to a training node, and what
+holds instead: a resumed run continues the exact batch and random-number
+sequence of an uninterrupted one (batch k and step k's dropout are pure
+functions of the seed and k), so its model is bit-identical on CPU;
+checkpoints are written atomically beside themselves, the one before kept, and
+one that does not load is set aside with a warning; SIGINT and SIGTERM stop at
+the end of a step with a checkpoint; a loss that stops being finite fails the
+node at that step.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import csv
 import logging
+import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -16,10 +27,13 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 from torch.utils.data import DataLoader, IterableDataset
 
+from gptflow import signals
+from gptflow.errors import NodeError, one_line
 from gptflow.memory import PeakMemory
 from gptflow.ml.model import GPT
 from gptflow.nodes import Context
@@ -65,6 +79,23 @@ class Throughput(Callback):
         self.context, self.max_steps = context, max_steps
         self.train_time, self.tokens, self._start, self._batch_tokens = 0.0, 0, 0.0, 0
         self.timed_batches, self.seen = 0, 0
+        self.logged: dict[str, float] = {}  # what the module logged, as of the checkpoint
+        self._trainer: L.Trainer | None = None
+
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        """Kept in checkpoints, so a resumed run reports the whole run."""
+        logged = {k: float(v) for k, v in self._trainer.callback_metrics.items()} \
+            if self._trainer else {}
+        return {"train_time": self.train_time, "tokens": self.tokens, "seen": self.seen,
+                "timed_batches": self.timed_batches, "logged": logged}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.train_time, self.tokens = state["train_time"], state["tokens"]
+        self.seen, self.timed_batches = state["seen"], state["timed_batches"]
+        self.logged = dict(state["logged"])
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any,
                              *args: Any) -> None:
@@ -92,6 +123,105 @@ class Throughput(Callback):
         return self.train_time / self.timed_batches if self.timed_batches else 0.0
 
 
+class Finite(Callback):
+    """Fails the node at the step where the training loss stops being finite."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any,
+                           *args: Any) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss).all()):
+            raise NodeError(f"training diverged at step {trainer.global_step}: loss is "
+                            f"{loss.item()}; nothing is published (lower optim.lr, or set "
+                            "trainer.gradient_clip_val)")
+
+
+class ExactResume(Callback):
+    """What Lightning's checkpoint lacks for an exact resume: the batch stream is
+    positioned at the checkpoint's step before its iterator is built, and the
+    random numbers of batch k (dropout) are seeded from (seed, rank, k), so
+    neither a restart nor an intermediate validation shifts them."""
+
+    def __init__(self, dataset: Any, start_step: int) -> None:
+        self.dataset, self.start_step = dataset, start_step
+        self._batch = 0
+
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        self._batch = self.start_step * trainer.accumulate_grad_batches
+        self.dataset.start_batch, self.dataset.rank = self._batch, trainer.global_rank
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        torch.manual_seed(hash((self.dataset.seed, trainer.global_rank, self._batch)) % 2**63)
+        self._batch += 1
+
+
+class StopOnSignal(Callback):
+    """SIGINT or SIGTERM (see :mod:`gptflow.signals`): save a checkpoint at the
+    end of the step, where a resumed run continues exactly, and stop."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if signals.pending() is not None and trainer.world_size == 1:  # several: Lightning's
+            trainer.save_checkpoint(self.path)
+            signals.stop()
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written beside their target and renamed into place (a kill or
+    a full disk mid-write leaves the last one whole); the one before is kept as
+    ``previous.ckpt``, to fall back on."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
+                        storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if path.exists():
+            os.replace(path, path.with_name(PREVIOUS))
+        os.replace(tmp, path)
+
+
+PREVIOUS = "previous.ckpt"
+
+
+def resume_point(context: Context) -> tuple[Path | None, int]:
+    """The newest checkpoint of this fingerprint that loads, and its step. One
+    that does not (a full disk, a damaged file) is set aside, and the user told."""
+    folder = context.work_dir / "checkpoints"
+    for tmp in folder.glob(".*.tmp"):  # writes a kill interrupted
+        tmp.unlink(missing_ok=True)
+    unreadable = []
+    for path in (folder / "last.ckpt", folder / PREVIOUS):
+        if not path.exists():
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+            step = int(state["global_step"])
+        except Exception as e:  # whatever a damaged file raises
+            aside = path.with_name(path.name + ".unreadable")
+            os.replace(path, aside)
+            unreadable.append(f"{path} does not load ({one_line(e)}); set aside as {aside.name}")
+            continue
+        found: tuple[Path | None, int] = path, step
+        break
+    else:
+        found = None, 0
+    if unreadable:
+        outcome = f"resuming from {found[0].name} (step {found[1]})" if found[0] \
+            else "starting from scratch"
+        context.warn(f"checkpoint {'; '.join(unreadable)}: {outcome}")
+    return found
+
+
 def make_trainer(context: Context, tp: TrainerParams, max_steps: int,
                  callbacks: list[Callback]) -> L.Trainer:
     loggers: list[Logger] = [CSVLogger(str(context.work_dir), name="logs", version=0)]
@@ -117,7 +247,7 @@ def make_trainer(context: Context, tp: TrainerParams, max_steps: int,
         num_sanity_val_steps=0, logger=loggers, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=str(context.work_dir),
         callbacks=[checkpoints, *callbacks, *context.training_callbacks()],
-        use_distributed_sampler=False)
+        plugins=[AtomicCheckpointIO()], use_distributed_sampler=False)
 
 
 @dataclass
@@ -141,47 +271,37 @@ def _fit(context: Context, module: L.LightningModule, train: IterableDataset[Any
          val_loader: DataLoader[Any], tp: TrainerParams, max_steps: int) -> Fitted:
     model = module.model
     assert isinstance(model, GPT), "a training module keeps its GPT as .model"
+    checkpoint, start_step = resume_point(context)
+    if checkpoint:
+        context.log.info("resuming from %s (step %d)", checkpoint, start_step)
     throughput = Throughput(context, max_steps)
-    resume = ResumeData(train)
-    trainer = make_trainer(context, tp, max_steps, [throughput, resume])
-    last = context.work_dir / "checkpoints" / "last.ckpt"
-    if last.exists():
-        context.log.info("resuming from %s", last)
+    trainer = make_trainer(context, tp, max_steps, [
+        throughput, ExactResume(train, start_step), Finite(),
+        StopOnSignal(context.work_dir / "checkpoints" / "last.ckpt")])
     cuda = torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
-    with PeakMemory() as peak:
-        trainer.fit(module, train_dataloaders=DataLoader(train, batch_size=None),
-                    val_dataloaders=val_loader,
-                    ckpt_path=str(last) if last.exists() else None)
-    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    with PeakMemory() as peak, signals.deferred():
+        try:
+            trainer.fit(module, train_dataloaders=DataLoader(train, batch_size=None),
+                        val_dataloaders=val_loader,
+                        ckpt_path=str(checkpoint) if checkpoint else None)
+        except SystemExit:  # Lightning's own SIGTERM stop (several processes)
+            signals.stop()
+            raise
+    metrics: dict[str, Any] = {**throughput.logged,
+                               **{k: float(v) for k, v in trainer.callback_metrics.items()}}
     memory = {"train_peak_rss_bytes": peak.bytes}  # the process: libraries and data included
     if cuda:
         memory["train_peak_cuda_bytes"] = torch.cuda.max_memory_allocated(
             trainer.strategy.root_device)
     trainer.limit_val_batches = 1.0  # the final validation covers the whole split
     (final,) = trainer.validate(module, dataloaders=val_loader, verbose=False)
-    steps_run = trainer.global_step - resume.start_step
-    per_step = throughput.seen / steps_run if steps_run else 0.0
-    report = training_report(model, trainer.global_step, round(per_step * trainer.global_step),
+    report = training_report(model, trainer.global_step, throughput.seen,
                              throughput.tokens_per_s,
                              throughput.seconds_per_batch * tp.accumulate_grad_batches,
-                             peak_flops(tp.accelerator, tp.peak_tflops), resume.start_step,
-                             memory)
+                             peak_flops(tp.accelerator, tp.peak_tflops), start_step, memory)
     return Fitted(trainer, {**metrics, **{k: float(v) for k, v in final.items()}, **report})
-
-
-class ResumeData(Callback):
-    """Points the random-window stream at the batch after the restored step."""
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-        self.start_step = 0
-
-    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.start_step = trainer.global_step
-        self.dataset.start_batch = trainer.global_step * trainer.accumulate_grad_batches
-        self.dataset.rank = trainer.global_rank
 
 
 def loss_curve(context: Context, out: Path) -> None:
