@@ -112,6 +112,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf-type", default=None, metavar="TYPE",
                    help="GGUF weight type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 "
                         "(default: f16; q8_0 for int8 models, q4_0 for int4 and NF4)")
+    p = verb("verify", cmd_verify, "re-check stored artifacts against their checksums")
+    p.add_argument("run", nargs="?", default="latest", metavar="RUN",
+                   help="the artifacts of this run (default: latest)")
+    p.add_argument("--all", action="store_true", help="every artifact in the store")
+    p.add_argument("--full", action="store_true",
+                   help="re-hash every byte, whatever the stat cache says (bit rot)")
     p = verb("path", cmd_path, "print the folder of an output artifact")
     p.add_argument("run", metavar="RUN", help="a run id or 'latest'")
     p.add_argument("target", metavar="NODE[.OUTPUT]")
@@ -228,12 +234,14 @@ def cmd_runs(args: argparse.Namespace) -> int:
     table = Table(title=f"runs in {store.root}", title_justify="left")
     for col in ("run", "pipeline", "status", "started", "ran", "cached", "failed"):
         table.add_column(col)
-    for run_id in store.run_ids():
-        r = store.load_run(run_id)
+    records, problems = store.runs()
+    for r in records:
         counts = [r.count(s) for s in (NodeStatus.RAN, NodeStatus.CACHED, NodeStatus.FAILED)]
-        table.add_row(run_id, r.pipeline.name, styled(r.status),
+        table.add_row(r.run_id, r.pipeline.name, styled(r.status),
                       r.started[:19].replace("T", " "), *map(str, counts))
     _console().print(table)
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -256,6 +264,40 @@ def cmd_show(args: argparse.Namespace) -> int:
     if loggers.is_dir():
         console.print(f"\ntracker files (TensorBoard, W&B): {loggers}")
     return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from gptflow.store import CorruptArtifact
+
+    store = _store(args)
+    if args.all:
+        fingerprints = sorted(p.name for p in (store.root / "artifacts").glob("*")
+                              if p.is_dir())
+    else:
+        record = run_record(args.store, args.run)
+        fingerprints = [n.fingerprint for n in record.nodes.values() if store.has(n.fingerprint)]
+    corrupt = 0
+    for fp in fingerprints:
+        try:
+            store.outputs(fp, full=args.full)
+        except CorruptArtifact as e:
+            corrupt += 1
+            print(f"corrupt: {e}; {_repair(store, fp)}")
+    depth = "every byte re-hashed" if args.full else "unchanged files trusted by stat"
+    print(f"{len(fingerprints)} artifacts checked ({depth}): {corrupt} corrupt")
+    return EXIT_FAILED if corrupt else EXIT_OK
+
+
+def _repair(store: Any, fingerprint: str) -> str:
+    """How to rebuild one artifact: its node, re-run with --force."""
+    from gptflow.store import CorruptArtifact, CorruptRecord
+
+    try:
+        made = store.node_record(fingerprint)
+        pipeline = store.load_run(made.run_id).pipeline.file
+    except (CorruptArtifact, CorruptRecord):
+        return f"remove {store.artifact_dir(fingerprint)} and re-run the node that made it"
+    return f"repair: gptflow run {pipeline} --force {made.node}"
 
 
 def cmd_path(args: argparse.Namespace) -> int:

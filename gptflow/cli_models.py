@@ -5,6 +5,9 @@ ones that import the ML library, inside the verb), and the run-record lookups
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +36,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
             (folder / f).is_file() for f in ("config.json", "adapter_config.json")):
         raise InputError(f"{folder}: not a model or adapter folder (no config.json), "
                          "a GGUF file, nor a Hub id (hf:ORG/NAME)")
-    if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1) \
-            or (args.top_k is not None and args.top_k < 1) or args.max_new_tokens < 1:
-        raise InputError("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 1, "
-                         "--max-new-tokens >= 1")
+    if not 0 <= args.temperature < math.inf \
+            or (args.top_p is not None and not 0 < args.top_p <= 1) \
+            or (args.top_k is not None and args.top_k < 1) or args.max_new_tokens < 1 \
+            or args.num_samples < 1:
+        raise InputError("need a finite --temperature >= 0, 0 < --top-p <= 1, --top-k >= 1, "
+                         "--max-new-tokens >= 1, --num-samples >= 1")
+    verify_stored(folder)
     from gptflow.ml.checkpoint import load_any
     from gptflow.ml.generate import generate
     from gptflow.recipes.sources import model_path
@@ -64,6 +70,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         source = Path(output_folder(args.store, run, node))
     if not any((source / f).is_file() for f in ("config.json", "adapter_config.json")):
         raise InputError(f"{source}: not a model or adapter folder (no config.json)")
+    verify_stored(source)
     if args.format == "gguf" and target.exists():
         raise InputError(f"{target}: exists; a GGUF export writes a new file")
     if target.is_file() or (target.is_dir() and any(target.iterdir())):
@@ -78,6 +85,21 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise InputError(f"{source}: {e}") from None
     print(f"{target}: {what}")
     return EXIT_OK
+
+
+def verify_stored(folder: Path) -> None:
+    """Refuse a stored artifact — and an adapter's base — whose files do not match
+    their checksums, as ``gptflow run`` refuses it (folders outside a store: no check)."""
+    from gptflow.store import Store
+
+    todo = [folder]
+    adapter = folder / "adapter_config.json"
+    if adapter.is_file():
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # loading will say what
+            todo.append(Path(json.loads(adapter.read_text())["base_path"]))
+    for path in todo:
+        if (path / "artifact.json").is_file() and path.parent.parent.name == "artifacts":
+            Store(path.parents[2]).artifact(path)  # raises CorruptArtifact
 
 
 def output_folder(store: str | None, run: str, target: str) -> str:

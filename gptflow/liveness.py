@@ -41,11 +41,13 @@ def _pid_namespace() -> str:
 
 
 def start_ticks(pid: int) -> int | None:
-    """When ``pid`` started (clock ticks after boot), or None if unknown or gone."""
+    """When ``pid`` started (clock ticks after boot); None if unknown, gone or a
+    zombie (dead, only not yet reaped by its parent)."""
     stat = _read(f"/proc/{pid}/stat")
     if not stat:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name may hold spaces
+    fields = stat.rsplit(")", 1)[1].split()  # after the name, which may hold spaces
+    return None if fields[0] == "Z" else int(fields[19])  # fields 3 and 22 of proc(5)
 
 
 @cache
@@ -72,7 +74,9 @@ def seen_alive(owner: Owner) -> bool | None:
     boot or PID namespace)."""
     if (owner.host, owner.boot_id, owner.pid_ns) != _here() or not owner.boot_id:
         return None
-    return pid_alive(owner.pid) and (owner.start is None or owner.start == start_ticks(owner.pid))
+    if owner.start is None:  # no /proc where it ran
+        return pid_alive(owner.pid)
+    return owner.start == start_ticks(owner.pid)
 
 
 def alive(owner: Owner, heartbeat: Path) -> bool:

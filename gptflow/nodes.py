@@ -18,10 +18,12 @@ ARTIFACT_TYPES = ("tokenizer", "tokens", "model", "adapter", "dataset", "report"
 
 
 class Params(BaseModel):
-    """The base of a node's params model: unknown keys are errors, field docstrings
-    are the help of ``gptflow plugins NAME`` and the JSON Schema."""
+    """The base of a node's params model: unknown keys and non-finite numbers are
+    errors, field docstrings are the help of ``gptflow plugins NAME`` and the JSON
+    Schema."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True,
+                              allow_inf_nan=False)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ content of every file or folder its params point to.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from gptflow.dag import Node, Pipeline
 from gptflow.errors import InputError, Problem, did_you_mean
 from gptflow.nodes import path_refs, split_observed
 from gptflow.sources import expand_path, hub_commit, is_hub
-from gptflow.store import Store, canonical_json
+from gptflow.store import CorruptArtifact, Store, canonical_json
 
 FINGERPRINT_CHARS = 32
 
@@ -95,13 +96,14 @@ def make_plan(pipeline: Pipeline, store: Store, only: Collection[str] = (),
 def _previous_manifests(store: Store, pipeline: str, runs: int = 20) -> dict[str, dict[str, Any]]:
     """The manifests of each node's most recent artifact in this pipeline's past runs."""
     found: dict[str, dict[str, Any]] = {}
-    for run_id in reversed(store.run_ids()[-runs:]):
-        record = store.load_run(run_id)
+    records, _ = store.runs(store.run_ids()[-runs:])  # a damaged record only loses its "why"
+    for record in reversed(records):
         if record.pipeline.name != pipeline:
             continue
         for name, node in record.nodes.items():
             if name not in found and store.has(node.fingerprint):
-                found[name] = store.node_record(node.fingerprint).manifest
+                with contextlib.suppress(CorruptArtifact):
+                    found[name] = store.node_record(node.fingerprint).manifest
     return found
 
 
@@ -127,7 +129,10 @@ def _why(new: dict[str, Any], old: dict[str, Any] | None) -> str:
 
 
 def _why_cached(new: dict[str, Any], store: Store, fp: str) -> str:
-    old = store.node_record(fp).manifest.get("observed", {})
+    try:
+        old = store.node_record(fp).manifest.get("observed", {})
+    except CorruptArtifact as e:
+        return f"same fingerprint, but its record is damaged ({e})"
     changed = sorted(k for k in set(old) | set(new["observed"])
                      if old.get(k) != new["observed"].get(k))
     if changed:

@@ -22,14 +22,14 @@ class ModelParams(Params):
 
     preset: str | None = "nano"
     """Named size and recipe: tiny, nano, shakespeare-char, micro, gpt2-small, llama-160m."""
-    context: int | None = None
+    context: int | None = Field(None, ge=1)
     """Longest sequence the model attends over."""
-    n_layer: int | None = None
-    n_head: int | None = None
-    n_kv_head: int | None = None
+    n_layer: int | None = Field(None, ge=1)
+    n_head: int | None = Field(None, ge=1)
+    n_kv_head: int | None = Field(None, ge=1)
     """Key/value heads for grouped-query attention (divides n_head)."""
-    d_model: int | None = None
-    d_ff: int | None = None
+    d_model: int | None = Field(None, ge=1)
+    d_ff: int | None = Field(None, ge=1)
     position: Position | None = None
     """learned absolute positions (GPT-2) or rotary embeddings (RoPE)."""
     norm: Norm | None = None
@@ -79,6 +79,13 @@ class OptimParams(Params):
     beta2: float = 0.99
     weight_decay: float = Field(0.1, ge=0)
     """Applied to weight matrices and embeddings only, never to norms or biases."""
+
+    @model_validator(mode="after")
+    def _decays(self) -> OptimParams:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} is above lr {self.lr}: the schedule "
+                             "decays from lr to min_lr (set min_lr too)")
+        return self
 
     def config(self) -> Optim:
         return Optim(**self.model_dump())

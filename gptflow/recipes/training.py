@@ -30,6 +30,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, IterableDataset
 
 from gptflow import signals
@@ -165,6 +166,11 @@ class StopOnSignal(Callback):
         if signals.pending() is not None and trainer.world_size == 1:  # several: Lightning's
             trainer.save_checkpoint(self.path)
             signals.stop()
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule,
+                     exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):  # raised by Lightning at a step's end
+            trainer.save_checkpoint(self.path)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

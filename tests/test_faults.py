@@ -1,0 +1,349 @@
+"""Faults: no wrong model after a crash, a signal or a divergence, and no store
+one bad file can break. Training faults are injected at exact steps by
+``fault_plugin`` (a real SIGKILL, SIGTERM or SIGINT to the node's process)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TESTS
+
+from gptflow.ml.corpora import reviews
+
+TRAIN = """\
+name: train
+nodes:
+  tok: {{plugin: tokenize, params: {{corpus: ["{corpus}"], vocab_size: 320}}}}
+  base:
+    plugin: pretrain
+    inputs: {{tokens: tok.tokens}}
+    params:
+      model: {{preset: tiny, context: 32, dropout: 0.1}}
+      trainer: {{max_steps: 12, checkpoint_every: 3}}
+      optim: {{lr: {lr}}}
+      batch_size: 8
+  sft:
+    plugin: instruction-finetune
+    inputs: {{model: base}}
+    params: {{tasks: ["builtin:sentiment4?n=80&test=16"], batch_size: 4,
+             trainer: {{max_steps: 12, checkpoint_every: 3}}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def train_yaml(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("train")
+    corpus = folder / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in reviews(200)))
+    path = folder / "train.yaml"
+    path.write_text(TRAIN.format(corpus=corpus, lr="3.0e-3"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(train_yaml: Path) -> dict[str, str]:
+    """The digests of the models an uninterrupted run publishes."""
+    store = train_yaml.parent / "reference"
+    done = gptflow(store, "run", str(train_yaml))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return {node: model_digest(store, node) for node in ("base", "sft")}
+
+
+def gptflow(store: Path, *args: str, fault: str = "") -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "GPTFLOW_PLUGINS": "toy_nodes,fault_plugin", "GPTFLOW_FAULT": fault,
+           "PYTHONPATH": str(TESTS), "GPTFLOW_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    return subprocess.run([sys.executable, "-m", "gptflow.cli", *args, "--store", str(store)],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def latest(store: Path) -> dict:
+    return json.loads(sorted(store.glob("runs/*/run.json"))[-1].read_text())
+
+
+def model_digest(store: Path, node: str) -> str:
+    folder = Path(latest(store)["nodes"][node]["outputs"]["model"])
+    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+
+
+def checkpoints(store: Path) -> Path:
+    (folder,) = {p.parent for p in store.glob("work/*/checkpoints/*.ckpt")}
+    return folder
+
+
+def test_kills_at_any_step_then_resume_give_the_uninterrupted_model(tmp_path, train_yaml,
+                                                                    reference):
+    """kill -9 at three steps of pretrain and of instruction-finetune (and a
+    damaged last.ckpt on the way): the published models are byte-identical to
+    those of an uninterrupted run."""
+    store = tmp_path / "store"
+    for node in ("base", "sft"):
+        for step in (4, 8, 11):
+            killed = gptflow(store, "run", str(train_yaml), fault=f"{node}:batch:{step}:KILL")
+            assert killed.returncode == -signal.SIGKILL
+            assert latest(store)["nodes"][node]["status"] == "running"  # as it was killed
+            if node == "base" and step == 8:  # the checkpoint of step 6 lost half its bytes
+                last = checkpoints(store) / "last.ckpt"
+                last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    shown = gptflow(store, "show", "latest", "--json")
+    assert json.loads(shown.stdout)["nodes"]["sft"]["status"] == "interrupted"
+    assert json.loads(shown.stdout)["status"] == "killed"
+    final = gptflow(store, "run", str(train_yaml))
+    assert final.returncode == 0, final.stdout + final.stderr
+    for node in ("base", "sft"):
+        assert model_digest(store, node) == reference[node], node
+    assert latest(store)["nodes"]["sft"]["metrics"]["resumed_from_step"] == 9
+    assert not list(store.glob("work/*"))  # checkpoints go once the node is published
+
+
+def test_damaged_checkpoint_falls_back_and_says_so(tmp_path, train_yaml, reference):
+    store = tmp_path / "store"
+    gptflow(store, "run", str(train_yaml), fault="base:batch:8:KILL")  # checkpoints 3, 6
+    folder = checkpoints(store)
+    (folder / "last.ckpt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    rerun = gptflow(store, "run", str(train_yaml), "--only", "tok", "base")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "last.ckpt does not load" in rerun.stdout
+    assert "resuming from previous.ckpt (step 3)" in rerun.stdout
+    entry = latest(store)["nodes"]["base"]
+    assert entry["metrics"]["resumed_from_step"] == 3
+    assert any("set aside as last.ckpt.unreadable" in w for w in entry["warnings"])
+    assert model_digest(store, "base") == reference["base"]
+
+
+@pytest.mark.parametrize(("name", "code"), [("TERM", 143), ("INT", 130)])
+def test_signal_stops_at_a_step_with_a_checkpoint_and_the_rerun_resumes(tmp_path, train_yaml,
+                                                                        reference, name, code):
+    store = tmp_path / "store"
+    stopped = gptflow(store, "run", str(train_yaml), "--only", "tok", "base",
+                      fault=f"base:batch:5:{name}")
+    assert stopped.returncode == code, stopped.stdout + stopped.stderr
+    record = latest(store)
+    assert record["status"] == "interrupted" and record["signal"] == f"SIG{name}"
+    assert record["nodes"]["base"]["status"] == "interrupted"
+    assert not list(store.glob("artifacts/*/model"))  # nothing published
+    assert gptflow(store, "runs").stdout.count("interrupted") == 1
+    rerun = gptflow(store, "run", str(train_yaml), "--only", "tok", "base")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    # SIGTERM: Lightning stops at the end of step 5; SIGINT came after gptflow's check of
+    # step 5 (the fault plugin runs last), so the node finished step 6 and stopped there
+    resumed = latest(store)["nodes"]["base"]["metrics"]["resumed_from_step"]
+    assert resumed == {"TERM": 5, "INT": 6}[name]
+    assert model_digest(store, "base") == reference["base"]
+
+
+def test_resume_from_the_final_checkpoint_reports_the_whole_run(tmp_path, train_yaml):
+    store = tmp_path / "store"
+    gptflow(store, "run", str(train_yaml), "--only", "tok", "base",
+            fault="base:train_end:12:KILL")
+    rerun = gptflow(store, "run", str(train_yaml), "--only", "tok", "base")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    metrics = latest(store)["nodes"]["base"]["metrics"]
+    assert metrics["resumed_from_step"] == 12 and metrics["steps"] == 12
+    assert metrics["tokens"] == 12 * 8 * 32 and metrics["tokens_per_s"] > 0
+    assert metrics["train_loss"] > 0
+
+
+@pytest.mark.parametrize("lr", ["1.0e6", ".inf"])
+def test_a_diverged_model_fails_and_is_never_published(run_pipeline, tmp_path, lr):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in reviews(200)))
+    text = TRAIN.format(corpus=corpus, lr=lr)
+    result = run_pipeline(text, "--only", "tok", "base")
+    if lr == ".inf":  # known before anything runs
+        assert result.code == 2 and "optim.lr" in result.err, result.err
+        return
+    assert result.code == 1
+    error = result.record["nodes"]["base"]["error"]
+    assert "diverged" in error or "NaN or inf" in error, error
+    assert not list(result.store.root.glob("artifacts/*/model"))
+    again = run_pipeline(text, "--only", "tok", "base")  # not cached: it fails again
+    assert again.record["nodes"]["base"]["status"] == "failed"
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    import torch
+
+    from gptflow.ml.checkpoint import NonFiniteWeights, save_model
+    from gptflow.ml.config import GPTConfig
+    from gptflow.ml.model import GPT
+    from gptflow.ml.tokenizer import Tokenizer
+
+    model = GPT(GPTConfig(vocab_size=64, context=8, n_layer=1, n_head=2, d_model=16))
+    with torch.no_grad():
+        model.blocks[0].attn.q_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteWeights, match="NaN or inf"):
+        save_model(tmp_path / "m", model, Tokenizer.train_char(["a b c"]))
+    assert not (tmp_path / "m" / "model.safetensors").exists()
+
+
+# -- the store ---------------------------------------------------------------------------
+TOY = "name: toy\nnodes:\n  a: {plugin: text}\n  b: {plugin: concat, inputs: {parts: [a]}}\n"
+
+
+def test_one_bad_metadata_file_never_breaks_the_store(run_pipeline, capfd):
+    from gptflow.cli import main
+
+    first = run_pipeline(TOY)
+    assert first.code == 0
+    store = first.store.root
+    (store / "runs" / "00000000-000000.000-dead").mkdir(parents=True)
+    (store / "runs" / "00000000-000000.000-dead" / "run.json").write_bytes(b"")
+    for verb in ("plan", "run"):
+        assert run_pipeline(TOY, verb=verb).code == 0, verb
+    assert main(["runs", "--store", str(store)]) == 0
+    err = capfd.readouterr().err
+    assert "skipped" in err and "000-dead/run.json" in err
+
+    node_json = Path(first.record["nodes"]["a"]["outputs"]["data"]).parent / "node.json"
+    node_json.write_text("garbage")
+    broken = run_pipeline(TOY)
+    assert broken.code == 1 and "node.json" in broken.out and "--force a" in broken.out
+    fixed = run_pipeline(TOY, "--force", "a")
+    assert fixed.code == 0, fixed.out + fixed.err
+
+    (store / "hashes.sqlite").write_bytes(b"garbage " * 100)
+    for suffix in ("-wal", "-shm"):
+        (store / f"hashes.sqlite{suffix}").unlink(missing_ok=True)
+    again = run_pipeline(TOY)
+    assert again.code == 0, again.out + again.err
+    assert again.record["nodes"]["a"]["status"] == "cached"  # verified with a rebuilt cache
+
+
+def test_byte_flip_with_mtime_restored_is_found_and_refused(run_pipeline, tmp_path, capfd):
+    from conftest import TINY_BASE
+
+    from gptflow.cli import main
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in reviews(200)))
+    first = run_pipeline("name: m\nnodes:\n" + TINY_BASE.format(corpus=corpus))
+    assert first.code == 0, first.out
+    model = first.output("base")
+    weights = model / "model.safetensors"
+    st = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # size and mtime as before
+    store = str(first.store.root)
+    capfd.readouterr()
+    assert main(["generate", str(model), "--prompt", "x", "--max-new-tokens", "2"]) == 1
+    assert "sha256 mismatch" in capfd.readouterr().err
+    assert main(["verify", "--store", store]) == 1
+    out = capfd.readouterr().out
+    assert "corrupt:" in out and "--force base" in out
+    # bit rot beneath the file system: the stat cache cannot see it, --full can
+    data[-3] ^= 0x01
+    weights.write_bytes(bytes(data))
+    assert main(["verify", "--store", store]) == 0  # re-hashed once: the cache is fresh
+    db = sqlite3.connect(Path(store) / "hashes.sqlite")
+    with db:
+        db.execute("UPDATE files SET sha256 = ? WHERE path = ?",
+                   ("0" * 64, str(weights.resolve())))
+    db.close()
+    assert main(["verify", "--store", store]) == 1  # a cache that lies is caught ...
+    capfd.readouterr()
+    assert main(["verify", "--store", store, "--full"]) == 0  # ... and --full re-hashes it
+    assert "every byte re-hashed" in capfd.readouterr().out
+
+
+SLOW = "name: slow\nnodes:\n  s: {plugin: slow, params: {chunks: 40, seconds: 0.1}}\n"
+TWO_SLOW = ("name: two\nnodes:\n  s: {plugin: slow, params: {chunks: 60, seconds: 0.1}}\n"
+            "  t: {plugin: slow, params: {chunks: 61, seconds: 0.1}}\n")
+
+
+def spawn(tmp_path: Path, *args: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen[str]:
+    return subprocess.Popen([*prefix, sys.executable, "-m", "gptflow.cli", *args, "--store",
+                             str(tmp_path / ".gptflow")], cwd=tmp_path, text=True,
+                            env={**os.environ, "PYTHONPATH": str(TESTS)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for(predicate, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def test_killed_parent_leaves_no_worker_running_and_nothing_published(tmp_path):
+    (tmp_path / "p.yaml").write_text(TWO_SLOW)
+    proc = spawn(tmp_path, "run", "p.yaml", "--jobs", "2")
+    store = tmp_path / ".gptflow"
+    wait_for(lambda: len(list(store.glob("work/*/done"))) == 2)
+    workers = descendants(proc.pid)
+    assert workers
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    wait_for(lambda: not any(Path(f"/proc/{p}").exists() and "Z" not in
+                             Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1][:3]
+                             for p in workers), timeout=20)
+    assert not list(store.glob("artifacts/*"))
+
+
+def test_a_run_in_another_pid_namespace_leaves_a_live_run_alone(tmp_path):
+    unshare = ("unshare", "--pid", "--fork", "--mount-proc")
+    if subprocess.run([*unshare, "true"], capture_output=True).returncode != 0:
+        pytest.skip("this machine does not allow PID namespaces")
+    (tmp_path / "p.yaml").write_text(SLOW)
+    (tmp_path / "q.yaml").write_text(TOY)
+    store = tmp_path / ".gptflow"
+    live = spawn(tmp_path, "run", "p.yaml")
+    wait_for(lambda: bool(list(store.glob("tmp/*"))))
+    other = spawn(tmp_path, "run", "q.yaml", prefix=unshare)  # as PID 1 of its namespace
+    out, err = other.communicate(timeout=60)
+    assert other.returncode == 0, out + err
+    assert list(store.glob("tmp/*"))  # the live run's staging is still there
+    out, err = live.communicate(timeout=60)
+    assert live.returncode == 0, out + err
+
+    # a run killed inside a namespace: unknown from outside until its lease expires
+    victim = spawn(tmp_path, "run", "p.yaml", "--force", prefix=(*unshare, "--kill-child"))
+    wait_for(lambda: len(list(store.glob("runs/*/heartbeat"))) == 3
+             and latest(store)["nodes"]["s"]["status"] == "running")
+    victim.kill()  # unshare, and with it (--kill-child) gptflow, PID 1 of its namespace
+    victim.communicate()
+    run_id = latest(store)["run_id"]
+    assert "running" in spawn(tmp_path, "show", run_id).communicate()[0]
+    old = time.time() - 600
+    os.utime(store / "runs" / run_id / "heartbeat", (old, old))
+    assert "killed" in spawn(tmp_path, "show", run_id).communicate()[0]
+
+
+def test_leftovers_of_crashes_are_cleaned_by_the_next_run(run_pipeline):
+    first = run_pipeline(TOY)
+    store = first.store.root
+    fp = first.record["nodes"]["a"]["fingerprint"]
+    (store / "work" / fp).mkdir(parents=True)  # a kill between publish and cleanup
+    (store / "work" / fp / "last.ckpt").write_bytes(b"x")
+    run_dir = store / "runs" / first.record["run_id"]
+    (run_dir / ".run.json.123.tmp").write_text("{")  # a full disk mid-write
+    run_pipeline(TOY)
+    assert not (store / "work" / fp).exists()
+    assert not (run_dir / ".run.json.123.tmp").exists()
