@@ -14,6 +14,8 @@ from gptflow.errors import InputError, Problem
 
 Key = tuple[str | int, ...]
 Mark = tuple[str, int | None, int | None]
+MAX_DEPTH = 64  # far beyond any pipeline; a recursive alias is infinitely deep
+MAX_VALUES = 100_000  # far beyond any pipeline; nested aliases can expand to billions
 
 
 class MarkedYAML:
@@ -24,6 +26,8 @@ class MarkedYAML:
         self.marks: dict[Key, Mark] = {}  # of values
         self.key_marks: dict[Key, Mark] = {}  # of mapping keys
         self.problems: list[Problem] = []
+        self._values = 0
+        self._scalars = yaml.SafeLoader("")  # its constructor turns scalar nodes into values
 
     def error(self, key: Key, message: str, at_key: bool = False) -> None:
         """Report a problem at the value of ``key`` (or at the key itself)."""
@@ -46,12 +50,27 @@ class MarkedYAML:
             line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
             raise InputError([Problem(f"invalid YAML: {e.problem or e.context}",
                                       self.file, line, col)]) from None
+        except yaml.reader.ReaderError as e:  # a character YAML does not allow (NUL, ...)
+            before = text[: e.position]
+            raise InputError([Problem(
+                f"invalid YAML: character {e.character!r} is not allowed", self.file,
+                before.count("\n") + 1, len(before) - before.rfind("\n"))]) from None
+        except RecursionError:
+            raise InputError([Problem(f"invalid YAML: nested more than {MAX_DEPTH} levels "
+                                      "deep", self.file)]) from None
         if root is None:
             raise InputError([Problem("the pipeline file is empty", self.file, 1, 1)])
         return self._value(root, ())
 
     def _value(self, node: yaml.Node, key: Key) -> Any:
-        self.marks[key] = (self.file, node.start_mark.line + 1, node.start_mark.column + 1)
+        mark = (self.file, node.start_mark.line + 1, node.start_mark.column + 1)
+        self._values += 1
+        if len(key) > MAX_DEPTH or self._values > MAX_VALUES:
+            what = (f"nested more than {MAX_DEPTH} levels deep (a recursive alias?)"
+                    if len(key) > MAX_DEPTH else
+                    f"expands to more than {MAX_VALUES} values (nested aliases?)")
+            raise InputError([Problem(f"invalid YAML: {what}", *mark)])
+        self.marks[key] = mark
         if isinstance(node, yaml.MappingNode):
             out: dict[str, Any] = {}
             merged: list[Any] = []
@@ -60,7 +79,7 @@ class MarkedYAML:
                     merged += [self._value(m, key) for m in
                                (v.value if isinstance(v, yaml.SequenceNode) else [v])]
                     continue
-                name = str(yaml.safe_load(yaml.serialize(k)))
+                name = str(self._scalar(k))
                 self.key_marks[(*key, name)] = (self.file, k.start_mark.line + 1,
                                                 k.start_mark.column + 1)
                 if name in out:
@@ -75,4 +94,7 @@ class MarkedYAML:
             return out
         if isinstance(node, yaml.SequenceNode):
             return [self._value(v, (*key, i)) for i, v in enumerate(node.value)]
-        return yaml.safe_load(yaml.serialize(node))
+        return self._scalar(node)
+
+    def _scalar(self, node: yaml.Node) -> Any:
+        return self._scalars.construct_object(node, deep=True)

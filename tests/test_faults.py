@@ -358,3 +358,61 @@ def test_leftovers_of_crashes_are_cleaned_by_the_next_run(run_pipeline):
     run_pipeline(TOY)
     assert not (store / "work" / fp).exists()
     assert not (run_dir / ".run.json.123.tmp").exists()
+
+
+# -- bad data: one located line ----------------------------------------------------------
+@pytest.mark.parametrize(("content", "expected"), [
+    (b"\xff\xfe binary", "corpus.txt:1: not UTF-8 text (byte 0"),
+    (b'{"text": "fine"}\n{"text": null}\n', "corpus.jsonl:2: field 'text' is null, not a string"),
+    (b"", "holds no text"),
+    (b"one document, and the whole of it held out", "all 1 document(s) went to validation"),
+])
+def test_bad_corpora_fail_naming_the_file_and_line(run_pipeline, tmp_path, content, expected):
+    name = "corpus.jsonl" if content.startswith(b"{") else "corpus.txt"
+    (tmp_path / name).write_bytes(content)
+    result = run_pipeline("name: c\nnodes:\n  tok: {plugin: tokenize, params: "
+                          f"{{corpus: ['{tmp_path / name}'], vocab_size: 300, "
+                          "val_fraction: 0.5}}\n")
+    assert result.code == 1
+    assert expected in result.record["nodes"]["tok"]["error"]
+    assert not list(result.store.root.glob("artifacts/*"))
+
+
+NI_TASK = {"Definition": ["Say yes."], "Positive Examples": [{"input": "a", "output": "yes"}],
+           "Instances": [{"id": "t-1", "input": "b", "output": ["yes"]}]}
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"Instances": {"id": "t-1"}}, "Instances: Input should be a valid list"),
+    ({"Instances": [{"id": "t-1", "output": ["yes"]}]}, "Instances[0].input: Field required"),
+    ({"Instances": [{"input": "b", "output": [3]}]}, "Instances[0].output"),
+    ({"Definition": [" "]}, "Definition"),
+    ({"Instances": []}, "Instances: List should have at least 1 item"),
+])
+def test_malformed_natural_instructions_name_the_file_and_field(tmp_path, change, expected):
+    from gptflow.ml.tasks import load_natural_instructions
+
+    path = tmp_path / "task1_x.json"
+    path.write_text(json.dumps({**NI_TASK, **change}))
+    with pytest.raises(ValueError, match="not a Natural Instructions task") as e:
+        load_natural_instructions(path)
+    assert str(e.value).startswith(f"{path}: ") and expected in str(e.value), str(e.value)
+
+
+def test_a_shard_index_may_not_reach_outside_the_model_folder(tmp_path):
+    from gptflow.ml.families import HFError
+    from gptflow.ml.hf import read_tensors
+
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "../elsewhere.safetensors"}}))
+    with pytest.raises(HFError, match="outside the model folder"):
+        read_tensors(tmp_path)
+
+
+@pytest.mark.parametrize("flags", [["--temperature", "nan"], ["--num-samples", "0"]])
+def test_generate_refuses_meaningless_sampling(tmp_path, capfd, flags):
+    from gptflow.cli import main
+
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["generate", str(tmp_path), "--prompt", "x", *flags]) == 2
+    assert "--num-samples >= 1" in capfd.readouterr().err

@@ -114,6 +114,32 @@ nodes:
     plugin: slow
     inputs: {after: [a, a]}
 """, r":6:21: error: input 'after' takes one artifact, not a list"),
+    "recursive alias": ("name: t\nx: &a [*a]\nnodes: {a: {plugin: text}}\n",
+                        r":2:4: error: invalid YAML: nested more than 64 levels deep"),
+    "5000 levels deep": ("name: t\nx: " + "[" * 5000 + "]" * 5000 + "\nnodes: {}\n",
+                         r": error: invalid YAML: nested more than 64 levels deep"),
+    "NUL character": ("name: t\x00\nnodes: {a: {plugin: text}}\n",
+                      r":1:8: error: invalid YAML: character 0 is not allowed"),
+    "alias bomb": ("name: t\na: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]\n"
+        for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+        + "nodes: {a: {plugin: text}}\n",
+        r":\d+:\d+: error: invalid YAML: expands to more than 100000 values"),
+    "model shape": ("""\
+name: t
+nodes:
+  m: {plugin: pretrain, params: {model: {preset: tiny, n_head: 0}}}
+""", r":3:64: error: param 'model.n_head': Input should be greater than or equal to 1"),
+    "min_lr above lr": ("""\
+name: t
+nodes:
+  m: {plugin: pretrain, params: {optim: {lr: 1.0e-4, min_lr: 1.0e-3}}}
+""", r":3:\d+: error: param 'optim': .*min_lr 0.001 is above lr 0.0001"),
+    "non-finite number": ("""\
+name: t
+nodes:
+  m: {plugin: pretrain, params: {optim: {lr: .nan}}}
+""", r":3:\d+: error: param 'optim.lr': Input should be a finite number"),
 }
 
 
@@ -128,6 +154,19 @@ def test_bad_input_is_one_line_exit_2_nothing_written(run_pipeline, case, verb):
     assert re.search(re.escape(str(result.pipeline)) + expected, lines[0]), lines[0]
     assert "Traceback" not in result.err
     assert not result.store.root.exists()
+
+
+def test_not_utf8_pipeline_and_bombs_are_quick(run_pipeline, tmp_path):
+    import time
+
+    from gptflow.cli import main
+
+    path = tmp_path / "latin.yaml"
+    path.write_bytes("name: caf\xe9\nnodes: {a: {plugin: text}}\n".encode("latin-1"))
+    assert main(["validate", str(path)]) == 2
+    started = time.perf_counter()
+    assert run_pipeline(CASES["alias bomb"][0], verb="validate").code == 2
+    assert time.perf_counter() - started < 1.0
 
 
 def test_all_problems_reported_at_once(run_pipeline):

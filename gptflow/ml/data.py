@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
-from gptflow.ml.tasks import jsonl_records, load_natural_instructions
+from gptflow.ml.tasks import jsonl_records, load_natural_instructions, read_text
 from gptflow.ml.tokenizer import Tokenizer
 
 GOLDEN = (math.sqrt(5) - 1) / 2
@@ -38,15 +38,22 @@ def file_documents(paths: Iterable[Path], text_field: str = "text") -> Iterator[
         for file in files:
             if file.suffix == ".jsonl":
                 for n, record in jsonl_records(file):
-                    if text_field not in record:
-                        raise ValueError(f"{file}:{n}: no field {text_field!r}")
-                    yield str(record[text_field])
+                    if not isinstance(record.get(text_field), str):
+                        raise ValueError(f"{file}:{n}: field {text_field!r} is "
+                                         f"{_kind(record, text_field)}, not a string")
+                    yield record[text_field]
             elif file.suffix == ".json":
                 task = load_natural_instructions(file)
                 yield task.definition
                 yield from (i.input for i in task.instances)
             else:
-                yield file.read_text(encoding="utf-8")
+                yield read_text(file)
+
+
+def _kind(record: dict[str, Any], key: str) -> str:
+    if key not in record:
+        return "missing"
+    return "null" if record[key] is None else type(record[key]).__name__
 
 
 def is_val(index: int, fraction: float) -> bool:

@@ -42,6 +42,10 @@ def read_tensors(folder: Path) -> dict[str, Tensor]:
                   if (folder / n).is_file()), None)
     if index is not None:
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        outside = [f for f in files if Path(f).name != f]
+        if outside:  # the folder is what is fingerprinted and verified: nothing else is read
+            raise HFError(f"{index}: weight_map names files outside the model folder "
+                          f"({', '.join(outside[:3])})")
     else:
         files = [n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()]
     if not files:

@@ -16,7 +16,9 @@ from collections import Counter
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field, StringConstraints, ValidationError
 
 from gptflow.ml import corpora
 
@@ -95,28 +97,70 @@ def load_task_files(paths: Iterable[Path],
     return tasks
 
 
+Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+
+
+class _NIExample(BaseModel):
+    input: str
+    output: str
+
+
+class _NIInstance(BaseModel):
+    id: str | int | None = None
+    input: str
+    output: Annotated[list[str], Field(min_length=1)] | str
+
+
+class _NITask(BaseModel):
+    """The part of a Super-NaturalInstructions task file gptflow reads."""
+
+    Definition: Annotated[list[Text], Field(min_length=1)] | Text
+    Instances: Annotated[list[_NIInstance], Field(min_length=1)]
+    examples: list[_NIExample] = Field([], alias="Positive Examples")
+    Categories: list[str] = []
+
+
 def load_natural_instructions(path: Path) -> Task:
-    """A Super-NaturalInstructions task file (Definition, Positive Examples, Instances)."""
-    data = json.loads(path.read_text(encoding="utf-8"))
-    missing = [k for k in ("Definition", "Instances") if k not in data]
-    if missing:
-        raise ValueError(f"{path}: not a Natural Instructions task (no {', '.join(missing)})")
-    definition = data["Definition"]
+    """A Super-NaturalInstructions task file (Definition, Positive Examples, Instances);
+    one that does not match the format is an error naming the file and field."""
+    data = json.loads(read_text(path))
+    try:
+        ni = _NITask.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
+        raise ValueError(f"{path}: not a Natural Instructions task: {where.lstrip('.')}: "
+                         f"{first['msg']}") from None
     return Task(
         name=path.stem,
-        definition=definition[0] if isinstance(definition, list) else str(definition),
-        instances=[Instance(str(i.get("id", n)), i["input"],
-                            tuple(i["output"] if isinstance(i["output"], list) else [i["output"]]))
-                   for n, i in enumerate(data["Instances"])],
-        examples=[(e["input"], e["output"]) for e in data.get("Positive Examples", [])],
-        categories=list(data.get("Categories", [])))
+        definition=ni.Definition[0] if isinstance(ni.Definition, list) else ni.Definition,
+        instances=[Instance(str(n if i.id is None else i.id), i.input,
+                            tuple(i.output if isinstance(i.output, list) else [i.output]))
+                   for n, i in enumerate(ni.Instances)],
+        examples=[(e.input, e.output) for e in ni.examples],
+        categories=ni.Categories)
+
+
+def read_text(path: Path) -> str:
+    """A text file's contents; one that is not UTF-8 is an error naming it."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {e.start}: "
+                         f"{data[e.start:e.start + 1]!r})") from None
 
 
 def jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, record) of every non-blank line of a JSONL file; a line that is
     not a JSON object is an error naming the file and line."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not UTF-8 text ({e.reason})") from None
             if not line.strip():
                 continue
             try:

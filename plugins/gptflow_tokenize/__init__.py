@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
-from gptflow import Context, NodeType, Params, PathRef, hookimpl
+from gptflow import Context, NodeError, NodeType, Params, PathRef, hookimpl
 
 
 class TokenizeParams(Params):
@@ -78,12 +78,22 @@ def run(context: Context, inputs: dict[str, Any], p: TokenizeParams) -> dict[str
                             docs, None, f"{docs} documents, {chars / 1e6:.1f} M chars"))
     seconds = time.perf_counter() - started
     spool.unlink()
+    if not meta["splits"]["train"]["tokens"]:
+        raise NodeError(_empty_train(meta, p))
     tokens = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
     return {"documents": meta["documents"], "chars": meta["chars"],
             "train_tokens": meta["splits"]["train"]["tokens"],
             "val_tokens": meta["splits"]["val"]["tokens"], "vocab_size": tokenizer.vocab_size,
             "chars_per_token": meta["chars"] / max(tokens, 1),
             "encode_mb_per_s": meta["chars"] / 1e6 / max(seconds, 1e-9)}
+
+
+def _empty_train(meta: dict[str, Any], p: TokenizeParams) -> str:
+    if not meta["chars"]:
+        return f"the corpus ({', '.join(p.corpus)}) holds no text"
+    return (f"no training tokens: all {meta['documents']} document(s) went to validation "
+            f"(val_fraction {p.val_fraction}, split: documents holds out whole documents, and "
+            "a text file is one document); use split: tail, or more documents")
 
 
 def _documents(spool: Path) -> Iterator[str]:
