@@ -36,13 +36,13 @@ def load_pipeline(path: str | Path, plugins: Plugins, overrides: Iterable[str] =
     path = Path(path)
     loader = MarkedYAML(str(path))
     try:
-        raw = path.read_bytes()
-        text = raw.decode("utf-8")
+        content = path.read_bytes()
+        text = content.decode("utf-8")
     except OSError as e:
         raise InputError([Problem(f"cannot read pipeline file: {e.strerror}", str(path))]) from None
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise InputError([Problem(f"not UTF-8 text (byte {raw[e.start:e.start + 1]!r})",
+        line = content[: e.start].count(b"\n") + 1
+        raise InputError([Problem(f"not UTF-8 text (byte {content[e.start:e.start + 1]!r})",
                                   str(path), line)]) from None
     data = loader.compose(text)
     if not isinstance(data, dict):
