@@ -303,6 +303,17 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def gone(pids: set[int]) -> bool:
+    """None of ``pids`` runs any more (zombies, dead but not yet reaped, count as gone)."""
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                return False
+        except OSError:
+            pass
+    return True
+
+
 def test_killed_parent_leaves_no_worker_running_and_nothing_published(tmp_path):
     (tmp_path / "p.yaml").write_text(TWO_SLOW)
     proc = spawn(tmp_path, "run", "p.yaml", "--jobs", "2")
@@ -312,9 +323,23 @@ def test_killed_parent_leaves_no_worker_running_and_nothing_published(tmp_path):
     assert workers
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
-    wait_for(lambda: not any(Path(f"/proc/{p}").exists() and "Z" not in
-                             Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1][:3]
-                             for p in workers), timeout=20)
+    wait_for(lambda: gone(workers), timeout=20)
+    assert not list(store.glob("artifacts/*"))
+
+
+def test_sigterm_to_a_parallel_run_stops_its_workers_and_records_it(tmp_path):
+    (tmp_path / "p.yaml").write_text(TWO_SLOW)
+    proc = spawn(tmp_path, "run", "p.yaml", "--jobs", "2")
+    store = tmp_path / ".gptflow"
+    wait_for(lambda: len(list(store.glob("work/*/done"))) == 2)
+    workers = descendants(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out + err
+    record = latest(store)
+    assert record["status"] == "interrupted" and record["signal"] == "SIGTERM"
+    assert {n["status"] for n in record["nodes"].values()} == {"interrupted"}
+    wait_for(lambda: gone(workers), timeout=20)  # the forkserver too, once it sees EOF
     assert not list(store.glob("artifacts/*"))
 
 
