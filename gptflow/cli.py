@@ -258,6 +258,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     for name, node in record.nodes.items():
         if node.error:
             console.print(f"[red]{name}: {node.error}[/] (log: {node.log})")
+        for note in node.warnings:
+            console.print(f"[yellow]{name}: {note}[/]")
     for name, text in reports(record):
         console.print(f"\n[bold]{name}[/]\n{text}")
     loggers = Path(_store(args).run_dir(record.run_id)) / "loggers"

@@ -83,7 +83,7 @@ def test_distill_node_and_tokenizer_mismatch(run_pipeline, review_corpus, tmp_pa
     assert metrics["param_ratio"] < 0.5
     assert {"kd_loss", "ce_loss", "val_loss", "gen_tokens_per_s"} <= set(metrics)
     mismatch = text + f"""\
-  tok2: {{plugin: tokenize, params: {{corpus: ["{other}"], tokenizer: char}}}}
+  tok2: {{plugin: tokenize, params: {{corpus: ["{other}"], tokenizer: char, split: tail}}}}
   bad:
     plugin: distill
     inputs: {{teacher: base, tokens: tok2.tokens}}

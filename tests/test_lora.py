@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -133,7 +134,7 @@ LORA_PIPELINE = "name: lora\nnodes:\n" + TINY_BASE + """\
 
 @pytest.mark.parametrize("quantize", ["none", "nf4"])
 def test_lora_node_adapter_is_evaluated_and_refused_on_another_base(run_pipeline, review_corpus,
-                                                                    quantize, capfd):
+                                                                    quantize, capfd, tmp_path):
     result = run_pipeline(LORA_PIPELINE.format(corpus=review_corpus, quantize=quantize))
     assert result.code == 0, result.out + result.err
     metrics = result.record["nodes"]["lora"]["metrics"]
@@ -154,10 +155,12 @@ def test_lora_node_adapter_is_evaluated_and_refused_on_another_base(run_pipeline
 
     capfd.readouterr()
     assert main(["generate", str(adapter), "--prompt", "The", "--max-new-tokens", "5"]) == 0
-    config = json.loads((adapter / "adapter_config.json").read_text())
+    moved = tmp_path / "adapter"  # a copy outside the store, edited (inside: corrupt)
+    shutil.copytree(adapter, moved)
+    config = json.loads((moved / "adapter_config.json").read_text())
     config["base_fingerprint"] = "0" * 32 + "/model"
-    (adapter / "adapter_config.json").write_text(json.dumps(config))
-    assert main(["generate", str(adapter), "--prompt", "The"]) == 2
+    (moved / "adapter_config.json").write_text(json.dumps(config))
+    assert main(["generate", str(moved), "--prompt", "The"]) == 2
     assert "this adapter was trained on base 000" in capfd.readouterr().err
 
 
