@@ -12,7 +12,7 @@ import shutil
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,9 +131,8 @@ def execute(job: Job, plugins: Plugins, report: Report) -> None:
         started = time.perf_counter()
         try:
             metrics, context, peak = run_node(job, plugins, store, staging, report, log)
-            empty = [n for n in job.outputs if not any((staging / n).iterdir())]
-            if empty:
-                raise NodeError(f"wrote nothing to output(s) {', '.join(empty)}")
+            check_outputs(staging, job.outputs)
+            check_inputs(store, job.inputs)
             duration = time.perf_counter() - started
             metrics.setdefault("peak_mem_bytes", peak)
             record = NodeRecord(node=job.node, plugin=job.plugin,
@@ -165,8 +164,62 @@ def run_node(job: Job, plugins: Plugins, store: Store, staging: Path, report: Re
         node_type = plugins.node_types[job.plugin].node_type
         params = node_type.params.model_validate(job.params)
         context = NodeContext(job, staging, store, plugins, report, log)
-        metrics = dict(node_type.run(context, job.inputs, params) or {})
-    return metrics, context, peak.bytes
+        result = node_type.run(context, job.inputs, params)
+    return plain_metrics(result, job.plugin), context, peak.bytes
+
+
+def plain_metrics(result: Any, plugin: str) -> dict[str, Any]:
+    """A node's metrics as JSON values, checked the moment run() returns: numpy and
+    torch scalars become plain numbers; anything else names its key."""
+    if result is None:
+        return {}
+    if not isinstance(result, Mapping):
+        raise NodeError(f"run() of node type {plugin!r} returned a {type(result).__name__}, "
+                        "not a mapping of metric names to values (or None)")
+    return {str(key): _plain(value, str(key), plugin) for key, value in result.items()}
+
+
+def _plain(value: Any, key: str, plugin: str) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v, f"{key}.{k}", plugin) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v, f"{key}[{i}]", plugin) for i, v in enumerate(value)]
+    item = getattr(value, "item", None)  # numpy scalars, 0-d arrays and tensors
+    if callable(item) and getattr(value, "ndim", 0) == 0:
+        return _plain(item(), key, plugin)
+    raise NodeError(f"node type {plugin!r}: metric {key!r} is a {type(value).__name__}, "
+                    "not a number, string, list or mapping of them")
+
+
+def check_outputs(staging: Path, outputs: Mapping[str, str]) -> None:
+    """Only files under the declared output folders are published, and no link
+    that points outside them."""
+    stray = sorted(p.name for p in staging.iterdir() if p.name not in outputs)
+    if stray:
+        raise NodeError(f"wrote {', '.join(stray)} beside its output folders; only files "
+                        "under context.output_dir(name) are published")
+    for name in outputs:
+        folder = staging / name
+        if not any(folder.iterdir()):
+            raise NodeError(f"wrote nothing to output {name!r}")
+        for path in folder.rglob("*"):
+            if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
+                raise NodeError(f"output {name!r}: {path.relative_to(folder)} links outside "
+                                f"it (to {os.readlink(path)})")
+
+
+def check_inputs(store: Store, inputs: Mapping[str, Any]) -> None:
+    """Input artifacts are read-only to a node: one it changed fails it."""
+    for slot, value in inputs.items():
+        for artifact in value if isinstance(value, list) else [value]:
+            if artifact is None:
+                continue
+            try:
+                store.artifact(artifact.path)
+            except CorruptArtifact as e:
+                raise NodeError(f"changed its input {slot!r}: {e}") from None
 
 
 def node_logger(job: Job) -> logging.Logger:

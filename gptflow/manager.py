@@ -2,7 +2,8 @@
 
 Built-ins come from an explicit tuple of module names and use the same
 ``@hookimpl`` a third party uses. Third parties come from the entry-point group
-``gptflow`` (off with ``GPTFLOW_DISABLE_PLUGIN_AUTOLOAD=1``), and extra plugin
+``gptflow`` (off with ``GPTFLOW_DISABLE_PLUGIN_AUTOLOAD=1``; one at a time with
+``GPTFLOW_DISABLE_PLUGINS=name1,name2``), and extra plugin
 modules from ``GPTFLOW_PLUGINS=mod1,mod2`` (handy for tests and for parallel
 workers, which rebuild the manager from names). ``GPTFLOW_TRACE_HOOKS=1``
 prints every hook call to stderr.
@@ -169,6 +170,9 @@ def load_plugins(extra: Iterable[object] = (), builtins: bool = True) -> Plugins
     """Build a fresh manager: built-ins, entry points, GPTFLOW_PLUGINS, then ``extra``."""
     pm = pluggy.PluginManager("gptflow")
     pm.add_hookspecs(hookspecs)
+    for name in os.environ.get("GPTFLOW_DISABLE_PLUGINS", "").split(","):
+        if name.strip():  # pytest's -p no:NAME: entry-point, module or built-in name
+            pm.set_blocked(name.strip())
     if builtins:
         for name in BUILTIN_PLUGINS:
             pm.register(importlib.import_module(name), name)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from gptflow.dag import Node, Pipeline
 from gptflow.errors import InputError, Problem, did_you_mean
 from gptflow.nodes import path_refs, split_observed
-from gptflow.sources import expand_path, hub_commit, is_hub
+from gptflow.sources import builtin_version, expand_path, hub_commit, is_builtin, is_hub
 from gptflow.store import CorruptArtifact, Store, canonical_json
 
 FINGERPRINT_CHARS = 32
@@ -35,8 +35,12 @@ def manifest(node: Node, upstream: dict[str, str], store: Store) -> dict[str, An
     """Everything a node's fingerprint is made of, kept so `plan` can say what changed."""
     files: dict[str, dict[str, str]] = {}
     for _, value, _ in path_refs(node.params):
-        files[value] = ({"commit": hub_commit(value)} if is_hub(value) else
-                        {p.as_posix(): store.hash_path(p) for p in expand_path(value)})
+        if is_hub(value):
+            files[value] = {"commit": hub_commit(value)}
+        elif is_builtin(value):
+            files[value] = {"version": builtin_version(value)}
+        else:
+            files[value] = {p.as_posix(): store.hash_path(p) for p in expand_path(value)}
     params, observed = split_observed(node.params)
     return {
         "plugin": node.plugin,

@@ -41,10 +41,14 @@ from gptflow.store import CorruptArtifact, Store, now
 WORKER_GRACE_S = 60.0  # how long an interrupted worker may take to finish its step
 
 
-def _worker(job: Job, extra_modules: tuple[str, ...], events: Any, runner: Owner) -> None:
-    """Entry point of a parallel worker process: it stops, as on SIGTERM, when
-    the runner that started it dies, so nothing is published after it."""
+def _worker(job: Job, extra_modules: tuple[str, ...], events: Any, runner: Owner,
+            threads: int) -> None:
+    """Entry point of a parallel worker process. It gets its share of the cores
+    (torch reads OMP_NUM_THREADS when first imported; a value set by the user wins),
+    and stops, as on SIGTERM, when the runner that started it dies, so nothing is
+    published after it."""
     os.environ["GPTFLOW_PLUGINS"] = ",".join(extra_modules)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
     def watch() -> None:
         while seen_alive(runner) is not False:
@@ -187,8 +191,9 @@ class Runner:
 
             execute(job, self.plugins, report)
             return None
+        threads = max(1, len(os.sched_getaffinity(0)) // self.jobs)
         proc = _context().Process(target=_worker, args=(job, self.plugins.extra_modules, events,
-                                                        self.record.owner),
+                                                        self.record.owner, threads),
                                   name=f"gptflow-{job.node}")
         proc.start()
         return proc

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,16 +31,24 @@ class Builtin:
     kind: str  # corpus, tasks or tokenizer: which params fields may name it
     doc: str
     options: bool = False  # takes ``?key=value&...`` after its name
+    version: Callable[[], str] = lambda: "1"  # of its content: part of the fingerprint
 
 
 BUILTINS: dict[str, Builtin] = {
-    "python-docs": Builtin("corpus", "docstrings of the running Python's standard library"),
+    "python-docs": Builtin("corpus", "docstrings of the running Python's standard library",
+                           version=lambda: f"python {sys.version}"),
     "reviews": Builtin("corpus", "generated reviews, each with its sentiment"),
     "sentiment4": Builtin("tasks", "the 4-class review task (Positive, Negative, Neutral, "
                                    "Mixed); ?n=2000&seed=0&test=400&Mixed=0.05", options=True),
     "bpe": Builtin("tokenizer", "train a byte-level BPE tokenizer on the corpus"),
     "char": Builtin("tokenizer", "one token per character of the corpus"),
 }
+
+
+def builtin_version(value: str) -> str:
+    """The content version of a built-in source: another Python's standard library
+    is another python-docs corpus."""
+    return BUILTINS[builtin_name(value)[0]].version()
 
 
 def is_builtin(value: str) -> bool:

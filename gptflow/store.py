@@ -181,6 +181,11 @@ class Store:
                     raise CorruptArtifact(f"{f}: size {f.stat().st_size}, expected {size}")
                 if self.hash_file(f, full) != sha256:
                     raise CorruptArtifact(f"{f}: sha256 mismatch")
+            extra = sorted(rel for p in path.rglob("*") if not p.is_dir()
+                           and (rel := p.relative_to(path).as_posix()) not in files
+                           and rel != "artifact.json")
+            if extra:
+                raise CorruptArtifact(f"{path / extra[0]}: not part of the artifact")
         return found
 
     def stage(self, fingerprint: str, run_id: str) -> Path:

@@ -85,6 +85,43 @@ def run_model(ctx: Context, inputs: dict[str, Any], p: ModelParams) -> None:
     (ctx.output_dir("model") / "config.json").write_text("{}")
 
 
+class MisbehaveParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    how: str = "numpy"
+
+
+def run_misbehave(ctx: Context, inputs: dict[str, Any], p: MisbehaveParams) -> Any:
+    """Every mistake a node's run() can make with its metrics and its files."""
+    out = ctx.output_dir("data")
+    (out / "text.txt").write_text("x")
+    if p.how == "numpy":
+        import numpy as np
+
+        return {"acc": np.float32(0.5), "n": np.int64(3), "per_class": [np.float64(0.25)]}
+    if p.how == "torch":
+        import torch
+
+        return {"loss": torch.tensor(1.5)}
+    if p.how == "set":
+        return {"labels": {"a", "b"}}
+    if p.how == "list":
+        return [1, 2]
+    if p.how == "beside":
+        (out.parent / "stray.txt").write_text("x")
+    if p.how == "symlink":
+        (out / "host").symlink_to("/etc/hostname")
+    if p.how == "input":
+        (inputs["after"].path / "new.txt").write_text("x")
+    return None
+
+
+def run_threads(ctx: Context, inputs: dict[str, Any], p: TextParams) -> dict[str, Any]:
+    import torch
+
+    (ctx.output_dir("data") / "text.txt").write_text(p.text)
+    return {"threads": torch.get_num_threads()}
+
+
 @hookimpl
 def register_node_types(register: Any) -> None:
     register(NodeType("text", run_text, TextParams, {"data": "dataset"}, version=VERSION,
@@ -97,3 +134,6 @@ def register_node_types(register: Any) -> None:
     register(NodeType("fail", run_fail, FailParams, {"data": "dataset"},
                       {"after": Input("dataset", optional=True)}))
     register(NodeType("make-model", run_model, ModelParams, {"model": "model"}))
+    register(NodeType("misbehave", run_misbehave, MisbehaveParams, {"data": "dataset"},
+                      {"after": Input("dataset", optional=True)}))
+    register(NodeType("threads", run_threads, TextParams, {"data": "dataset"}))
