@@ -15,6 +15,7 @@ from typing import Any
 
 from gptflow.cli_models import cmd_export, cmd_generate, output_folder, run_record
 from gptflow.errors import EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, InputError
+from gptflow.manager import PluginError
 from gptflow.signals import Interrupted
 
 
@@ -30,6 +31,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
+        return EXIT_INPUT
+    except PluginError as e:  # a plugin that cannot load as written: input too
+        print(f"error: {e}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

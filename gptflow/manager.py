@@ -12,6 +12,7 @@ prints every hook call to stderr.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -22,7 +23,7 @@ import pluggy
 from pydantic import BaseModel
 
 from gptflow import hookspecs
-from gptflow.errors import one_line
+from gptflow.errors import did_you_mean, one_line
 from gptflow.nodes import NodeType
 
 BUILTIN_PLUGINS = (
@@ -67,9 +68,11 @@ class Plugins:
     With no plugins at all it still works: every hook is a no-op.
     """
 
-    def __init__(self, pm: pluggy.PluginManager, extra_modules: tuple[str, ...] = ()) -> None:
+    def __init__(self, pm: pluggy.PluginManager, extra_modules: tuple[str, ...] = (),
+                 providers: Mapping[int, str] | None = None) -> None:
         self.pm = pm
         self.extra_modules = extra_modules  # rebuilt by name in worker processes
+        self.providers = dict(providers or {})  # id(plugin) -> its distribution
         self.node_types: dict[str, Registered] = {}
         self.trackers: dict[str, Tracker] = {}
         self.hook_errors: list[str] = []  # observers that raised, plugin and hook named
@@ -79,17 +82,16 @@ class Plugins:
     def _registration(self, hook: str, register: Callable[..., None]) -> None:
         """Call a registration hook one plugin at a time, through pluggy (so tracing
         sees it), to know which distribution registered what."""
-        providers = {id(plugin): dist.project_name
-                     for plugin, dist in self.pm.list_plugin_distinfo()}
         for impl, only in self._per_plugin(hook):
-            provider = providers.get(id(impl.plugin), _module_provider(impl.plugin))
+            provider = self.providers.get(id(impl.plugin), _module_provider(impl.plugin))
             try:
                 only(register=lambda *a, p=provider: register(*a, provider=p))
             except PluginError:
                 raise
             except Exception as e:
-                raise PluginError(f"plugin {impl.plugin_name} ({provider}): hook "
-                                  f"{hook} raised {one_line(e)}") from e
+                name = _label(impl.plugin_name, impl.plugin)
+                raise PluginError(f"plugin {name} ({provider}): hook {hook} raised "
+                                  f"{one_line(e)}") from e
 
     def _per_plugin(self, hook: str) -> Iterator[tuple[Any, Callable[..., Any]]]:
         """(hook implementation, a caller of that plugin's implementation alone)."""
@@ -157,7 +159,8 @@ class Plugins:
             try:
                 only(**kwargs)
             except Exception as e:
-                self.hook_errors.append(f"plugin {impl.plugin_name}: hook {hook} raised "
+                self.hook_errors.append(f"plugin {_label(impl.plugin_name, impl.plugin)}: hook "
+                                        f"{hook} raised "
                                         f"{one_line(e)}")
 
 
@@ -176,16 +179,78 @@ def load_plugins(extra: Iterable[object] = (), builtins: bool = True) -> Plugins
     if builtins:
         for name in BUILTIN_PLUGINS:
             pm.register(importlib.import_module(name), name)
+    providers = {}
     if os.environ.get("GPTFLOW_DISABLE_PLUGIN_AUTOLOAD") != "1":
-        pm.load_setuptools_entrypoints("gptflow")
-    modules = tuple(m for m in os.environ.get("GPTFLOW_PLUGINS", "").split(",") if m.strip())
+        for ep, dist in _entry_points():
+            if pm.is_blocked(ep.name) or pm.has_plugin(ep.name):
+                continue
+            plugin = _load(ep, dist)
+            if pm.register(plugin, ep.name):
+                providers[id(plugin)] = dist
+    modules = tuple(m.strip() for m in os.environ.get("GPTFLOW_PLUGINS", "").split(",")
+                    if m.strip())
     for name in modules:
-        if pm.get_plugin(name.strip()) is None:
-            pm.register(importlib.import_module(name.strip()), name.strip())
+        if not pm.is_blocked(name) and pm.get_plugin(name) is None:
+            try:
+                module = importlib.import_module(name)
+            except Exception as e:
+                raise PluginError(f"plugin module {name} (GPTFLOW_PLUGINS) cannot be "
+                                  f"imported: {one_line(e)}") from None
+            if not pm.is_registered(module):  # also an entry point's module: once is enough
+                pm.register(module, name)
     for plugin in extra:
         pm.register(plugin)
-    pm.check_pending()
+    _check_hooks(pm)
     if os.environ.get("GPTFLOW_TRACE_HOOKS") == "1":
         pm.trace.root.setwriter(sys.stderr.write)
         pm.enable_tracing()
-    return Plugins(pm, modules)
+    return Plugins(pm, modules, providers)
+
+
+def _entry_points() -> list[tuple[Any, str]]:
+    """The ``gptflow`` entry points with their distributions; two distributions
+    claiming one name is an error naming both (pluggy would keep one silently)."""
+    found: dict[str, tuple[Any, str]] = {}
+    for ep in importlib.metadata.entry_points(group="gptflow"):
+        dist = ep.dist.name if ep.dist else "?"
+        if ep.name in found and found[ep.name][1] != dist:
+            raise PluginError(f"plugin name {ep.name!r} is claimed by two distributions, "
+                              f"{found[ep.name][1]} and {dist}; uninstall one, or "
+                              f"GPTFLOW_DISABLE_PLUGINS={ep.name} to load neither")
+        found[ep.name] = (ep, dist)
+    return list(found.values())
+
+
+def _load(ep: Any, dist: str) -> object:
+    try:
+        plugin: object = ep.load()
+    except Exception as e:
+        raise PluginError(f"plugin {ep.name} (distribution {dist}, entry point {ep.value}) "
+                          f"cannot be imported: {one_line(e)}; GPTFLOW_DISABLE_PLUGINS="
+                          f"{ep.name} skips it") from None
+    return plugin
+
+
+def _check_hooks(pm: pluggy.PluginManager) -> None:
+    """A misspelled hook, or a hook function without @hookimpl, is an error naming
+    the plugin (pluggy says the first unclearly and cannot see the second)."""
+    known = [name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "gptflow_spec")]
+    for hook in [h for h in vars(pm.hook) if not h.startswith("_")]:
+        caller = getattr(pm.hook, hook)
+        if not caller.has_spec() and caller.get_hookimpls():
+            impl = caller.get_hookimpls()[0]
+            raise PluginError(f"plugin {_label(impl.plugin_name, impl.plugin)}: @hookimpl "
+                              f"{hook!r} is no gptflow hook{did_you_mean(hook, known)}")
+    for name, plugin in pm.list_name_plugin():
+        for hook in known:
+            function = getattr(plugin, hook, None)
+            marked = any(i.plugin is plugin for i in getattr(pm.hook, hook).get_hookimpls())
+            if callable(function) and not marked:
+                raise PluginError(f"plugin {_label(name, plugin)}: {hook}() is not marked "
+                                  "@hookimpl, so "
+                                  "gptflow would never call it (from gptflow import hookimpl)")
+
+
+def _label(name: str, plugin: object) -> str:
+    """A plugin's name; an object registered without one, by its class."""
+    return type(plugin).__name__ if name.isdigit() else name

@@ -6,6 +6,7 @@ one imports no torch: heavy imports happen inside ``run``.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -100,9 +101,40 @@ class NodeType:
     headline: tuple[str, ...] = ()  # the few metrics the summary table shows (all: --json)
 
     def __post_init__(self) -> None:
+        """Refuse at registration what would fail later, naming the node type."""
+        problem = _shape_problem(self)
+        if problem:
+            raise ValueError(f"node type {self.name!r}: {problem}")
         for slot in self.inputs.values():
             _check_types(self.name, slot.types)
         _check_types(self.name, tuple(self.outputs.values()))
+
+
+def _shape_problem(t: NodeType) -> str | None:
+    if not isinstance(t.name, str) or not t.name:
+        return "name must be a non-empty string"
+    if not (isinstance(t.params, type) and issubclass(t.params, BaseModel)):
+        return f"params must be a pydantic model (a gptflow.Params subclass), got {t.params!r}"
+    if t.params.model_config.get("extra") != "forbid":
+        return (f"params model {t.params.__name__} lets unknown keys through (a typo would be "
+                "ignored silently): subclass gptflow.Params, or set extra='forbid'")
+    if not isinstance(t.version, str):
+        return f"version must be a string, got {t.version!r}"
+    if not isinstance(t.outputs, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in t.outputs.items()):
+        return "outputs must map output names to artifact types, e.g. {'model': 'model'}"
+    if not isinstance(t.inputs, Mapping):
+        return "inputs must map slot names to gptflow.Input(...)"
+    for slot, spec in t.inputs.items():
+        if not isinstance(spec, Input):
+            return f"input {slot!r} must be a gptflow.Input(...), got {spec!r}"
+    if not (isinstance(t.headline, tuple | list) and all(isinstance(h, str) for h in t.headline)):
+        return "headline must be a tuple of metric names"
+    try:
+        inspect.signature(t.run).bind(None, None, None)
+    except (TypeError, ValueError):
+        return "run must be a function of (context, inputs, params)"
+    return None
 
 
 def _check_types(node: str, types: tuple[str, ...]) -> None:

@@ -87,3 +87,78 @@ def test_parallel_workers_share_the_cores(run_pipeline, monkeypatch):
     assert result.code == 0, result.out
     share = max(1, len(os.sched_getaffinity(0)) // 2)
     assert {n["metrics"]["threads"] for n in result.record["nodes"].values()} == {share}
+
+
+def node_type_plugin(**changes):
+    from gptflow import NodeType, Params, hookimpl
+
+    class Good(Params):
+        x: int = 1
+
+    fields = {"name": "odd", "run": lambda context, inputs, params: None, "params": Good,
+              "outputs": {"data": "dataset"}, **changes}
+
+    class Author:
+        @hookimpl
+        def register_node_types(self, register):
+            register(NodeType(**fields))
+
+    return Author()
+
+
+class LaxParams(__import__("pydantic").BaseModel):
+    x: int = 1
+
+
+@pytest.mark.parametrize(("changes", "expected"), [
+    ({"inputs": {"x": "dataset"}}, "input 'x' must be a gptflow.Input(...), got 'dataset'"),
+    ({"version": 2}, "version must be a string, got 2"),
+    ({"params": LaxParams}, "params model LaxParams lets unknown keys through"),
+    ({"params": dict}, "params must be a pydantic model"),
+    ({"run": lambda context: None}, "run must be a function of (context, inputs, params)"),
+])
+def test_registration_refuses_what_would_fail_later(changes, expected):
+    from gptflow.manager import PluginError, load_plugins
+
+    with pytest.raises(PluginError) as e:
+        load_plugins(extra=[node_type_plugin(**changes)])
+    message = str(e.value)
+    assert message.startswith("plugin Author (") and "node type 'odd'" in message
+    assert expected in message, message
+
+
+def test_a_hook_without_hookimpl_is_named():
+    from gptflow.manager import PluginError, load_plugins
+
+    class Forgetful:
+        def after_node_run(self, **kwargs):
+            pass
+
+    with pytest.raises(PluginError, match=r"plugin Forgetful: after_node_run\(\) is not marked "
+                                          "@hookimpl"):
+        load_plugins(extra=[Forgetful()])
+
+
+def test_broken_and_duplicate_entry_points_name_their_distributions(monkeypatch, run_pipeline):
+    from types import SimpleNamespace
+
+    from gptflow.manager import PluginError, load_plugins
+
+    def entry_points(dists, value="gptflow_no_such_module"):
+        return lambda group: [SimpleNamespace(name="brokn", value=value, dist=SimpleNamespace(
+            name=d), load=lambda: __import__(value)) for d in dists]
+
+    monkeypatch.delenv("GPTFLOW_DISABLE_PLUGIN_AUTOLOAD")
+    monkeypatch.setattr("importlib.metadata.entry_points", entry_points(["gptflow-brokn"]))
+    with pytest.raises(PluginError, match=r"plugin brokn \(distribution gptflow-brokn, entry "
+                       r"point gptflow_no_such_module\) cannot be imported: "
+                       r"ModuleNotFoundError.*GPTFLOW_DISABLE_PLUGINS=brokn skips it"):
+        load_plugins()
+    result = run_pipeline("name: t\nnodes:\n  a: {plugin: text}\n", verb="validate")
+    assert result.code == 2 and "cannot be imported" in result.err  # every verb says so
+    monkeypatch.setenv("GPTFLOW_DISABLE_PLUGINS", "brokn")
+    assert run_pipeline("name: t\nnodes:\n  a: {plugin: text}\n", verb="validate").code == 0
+    monkeypatch.delenv("GPTFLOW_DISABLE_PLUGINS")
+    monkeypatch.setattr("importlib.metadata.entry_points", entry_points(["one", "two"]))
+    with pytest.raises(PluginError, match="'brokn' is claimed by two distributions, one and two"):
+        load_plugins()
