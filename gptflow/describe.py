@@ -83,6 +83,7 @@ def pipeline_schema(plugins: Plugins) -> dict[str, Any]:
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "gptflow pipeline",
+        "$comment": "any param may also be an interpolation, ${vars.NAME} or ${env:NAME}",
         "type": "object",
         "required": ["name", "nodes"],
         "additionalProperties": False,
@@ -98,8 +99,33 @@ def pipeline_schema(plugins: Plugins) -> dict[str, Any]:
                          "properties": {n: refs[m] for n, m in zip(trackers, tracker_models,
                                                                      strict=True)}},
         },
-        "$defs": defs.get("$defs", {}),
+        "$defs": {name: _interpolable(d) for name, d in defs.get("$defs", {}).items()},
     }
+
+
+INTERPOLATION = {"type": "string", "pattern": r"\$\{[^}]*\}"}
+
+
+def _or_interpolation(schema: dict[str, Any]) -> dict[str, Any]:
+    shown = {k: schema[k] for k in ("title", "description", "default") if k in schema}
+    return {**shown, "anyOf": [_interpolable(schema), INTERPOLATION]}
+
+
+def _interpolable(schema: Any) -> Any:
+    """The schema with an interpolation allowed wherever a param value may stand, as
+    `gptflow validate` allows it (the value is checked after interpolating)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    if isinstance(out.get("properties"), dict):
+        out["properties"] = {k: _or_interpolation(v) for k, v in out["properties"].items()}
+    for key in ("items", "additionalProperties"):
+        if isinstance(out.get(key), dict):
+            out[key] = _or_interpolation(out[key])
+    for key in ("anyOf", "oneOf", "allOf"):
+        if isinstance(out.get(key), list):
+            out[key] = [_interpolable(v) for v in out[key]]
+    return out
 
 
 def node_types_table(plugins: Plugins) -> Table:

@@ -29,6 +29,22 @@ def test_shipped_pipeline_validates(path, tmp_path):
     assert "ok" in run.stdout
 
 
+def test_shipped_pipelines_match_the_json_schema():
+    """One contract, two checkers: what `gptflow validate` accepts, the JSON Schema
+    editors use (`gptflow schema`) accepts too."""
+    import jsonschema
+    import yaml
+
+    from gptflow.describe import pipeline_schema
+    from gptflow.manager import load_plugins
+
+    validator = jsonschema.Draft202012Validator(pipeline_schema(load_plugins()))
+    for path in PIPELINES:
+        errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message[:200]}"
+                  for e in validator.iter_errors(yaml.safe_load(path.read_text()))]
+        assert not errors, (path.name, errors[:3])
+
+
 def test_quickstart_is_the_readme_pipeline():
     readme = (ROOT / "README.md").read_text()
     assert "gptflow run pipelines/quickstart.yaml" in readme
