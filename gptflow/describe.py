@@ -107,7 +107,8 @@ INTERPOLATION = {"type": "string", "pattern": r"\$\{[^}]*\}"}
 
 
 def _or_interpolation(schema: dict[str, Any]) -> dict[str, Any]:
-    shown = {k: schema[k] for k in ("title", "description", "default") if k in schema}
+    shown: dict[str, Any] = {k: schema[k] for k in ("title", "description", "default")
+                             if k in schema}
     return {**shown, "anyOf": [_interpolable(schema), INTERPOLATION]}
 
 
