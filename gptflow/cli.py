@@ -200,13 +200,19 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from gptflow.describe import node_type_tables, node_types_table
+    from gptflow.describe import node_type_tables, node_types_table, plugins_table
     from gptflow.manager import load_plugins
 
     plugins = load_plugins()
     console = _console()
     if not args.name:
         console.print(node_types_table(plugins))
+        console.print(plugins_table(plugins))
+        for p in plugins.loaded:
+            if p.imported_torch:
+                console.print(f"[yellow]warning: plugin {p.name} imports torch when loaded "
+                              f"({p.import_s:.1f} s), which slows every verb; import it "
+                              "inside run()[/]")
         return EXIT_OK
     registered = plugins.node_types.get(args.name)
     if registered is None:

@@ -143,6 +143,18 @@ def node_types_table(plugins: Plugins) -> Table:
     return table
 
 
+def plugins_table(plugins: Plugins) -> Table:
+    """Every loaded plugin: where it comes from, its hooks, its node types, its import time."""
+    table = Table(title="plugins", title_justify="left")
+    for column in ("plugin", "from", "hooks", "node types", "import"):
+        table.add_column(column)
+    for p in plugins.loaded:
+        types = [n for n, r in plugins.node_types.items() if r.plugin == p.name]
+        table.add_row(p.name, plugins.provider(p.plugin), ", ".join(plugins.hooks(p.plugin)),
+                      ", ".join(sorted(types)), f"{p.import_s * 1000:.0f} ms")
+    return table
+
+
 def node_type_tables(nt: NodeType) -> list[Table]:
     """One node type in full: its inputs, outputs and params (types, defaults, docs)."""
     tables = []

@@ -11,10 +11,12 @@ prints every hook call to stderr.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +53,18 @@ class Registered:
 
     node_type: NodeType
     provider: str
+    plugin: str = ""  # the plugin (module or entry point name) that registered it
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A plugin as it was loaded: how long its import took, and whether that
+    import pulled in torch (which makes every verb, validate too, seconds slower)."""
+
+    name: str
+    plugin: object
+    import_s: float
+    imported_torch: bool
 
 
 @dataclass(frozen=True)
@@ -69,10 +83,12 @@ class Plugins:
     """
 
     def __init__(self, pm: pluggy.PluginManager, extra_modules: tuple[str, ...] = (),
-                 providers: Mapping[int, str] | None = None) -> None:
+                 providers: Mapping[int, str] | None = None,
+                 loaded: Iterable[Loaded] = ()) -> None:
         self.pm = pm
         self.extra_modules = extra_modules  # rebuilt by name in worker processes
         self.providers = dict(providers or {})  # id(plugin) -> its distribution
+        self.loaded = list(loaded)
         self.node_types: dict[str, Registered] = {}
         self.trackers: dict[str, Tracker] = {}
         self.hook_errors: list[str] = []  # observers that raised, plugin and hook named
@@ -83,9 +99,10 @@ class Plugins:
         """Call a registration hook one plugin at a time, through pluggy (so tracing
         sees it), to know which distribution registered what."""
         for impl, only in self._per_plugin(hook):
-            provider = self.providers.get(id(impl.plugin), _module_provider(impl.plugin))
+            provider = self.provider(impl.plugin)
             try:
-                only(register=lambda *a, p=provider: register(*a, provider=p))
+                only(register=functools.partial(register, provider=provider,
+                                                plugin=impl.plugin_name))
             except PluginError:
                 raise
             except Exception as e:
@@ -100,7 +117,7 @@ class Plugins:
             yield impl, self.pm.subset_hook_caller(hook, [i.plugin for i in impls
                                                           if i is not impl])
 
-    def _register(self, node_type: NodeType, provider: str) -> None:
+    def _register(self, node_type: NodeType, provider: str, plugin: str) -> None:
         if not isinstance(node_type, NodeType):
             raise PluginError(f"{provider}: register() takes a gptflow.NodeType, "
                               f"got {node_type!r}")
@@ -108,9 +125,10 @@ class Plugins:
         if taken:
             raise PluginError(f"node type {node_type.name!r} is registered twice: "
                               f"by {taken.provider} and by {provider}")
-        self.node_types[node_type.name] = Registered(node_type, provider)
+        self.node_types[node_type.name] = Registered(node_type, provider, plugin)
 
-    def _register_tracker(self, name: str, options: type[BaseModel], provider: str) -> None:
+    def _register_tracker(self, name: str, options: type[BaseModel], provider: str,
+                          plugin: str) -> None:
         if not (isinstance(options, type) and issubclass(options, BaseModel)):
             raise PluginError(f"{provider}: tracker {name!r}: options must be a params model "
                               f"(a gptflow.Params subclass), got {options!r}")
@@ -119,6 +137,12 @@ class Plugins:
             raise PluginError(f"tracker {name!r} is registered twice: by {taken.provider} "
                               f"and by {provider}")
         self.trackers[name] = Tracker(name, options, provider)
+
+    def provider(self, plugin: object) -> str:
+        return self.providers.get(id(plugin), _module_provider(plugin))
+
+    def hooks(self, plugin: object) -> list[str]:
+        return sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or [])
 
     def headlines(self) -> dict[str, tuple[str, ...]]:
         """Node type -> the metrics its summary shows."""
@@ -176,26 +200,31 @@ def load_plugins(extra: Iterable[object] = (), builtins: bool = True) -> Plugins
     for name in os.environ.get("GPTFLOW_DISABLE_PLUGINS", "").split(","):
         if name.strip():  # pytest's -p no:NAME: entry-point, module or built-in name
             pm.set_blocked(name.strip())
+    loaded: list[Loaded] = []
+
+    def timed(name: str, load: Callable[[], object]) -> object:
+        torch_before, started = "torch" in sys.modules, time.perf_counter()
+        plugin = load()
+        loaded.append(Loaded(name, plugin, time.perf_counter() - started,
+                             not torch_before and "torch" in sys.modules))
+        return plugin
+
     if builtins:
         for name in BUILTIN_PLUGINS:
-            pm.register(importlib.import_module(name), name)
+            pm.register(timed(name, functools.partial(importlib.import_module, name)), name)
     providers = {}
     if os.environ.get("GPTFLOW_DISABLE_PLUGIN_AUTOLOAD") != "1":
         for ep, dist in _entry_points():
             if pm.is_blocked(ep.name) or pm.has_plugin(ep.name):
                 continue
-            plugin = _load(ep, dist)
+            plugin = timed(ep.name, functools.partial(_load, ep, dist))
             if pm.register(plugin, ep.name):
                 providers[id(plugin)] = dist
     modules = tuple(m.strip() for m in os.environ.get("GPTFLOW_PLUGINS", "").split(",")
                     if m.strip())
     for name in modules:
         if not pm.is_blocked(name) and pm.get_plugin(name) is None:
-            try:
-                module = importlib.import_module(name)
-            except Exception as e:
-                raise PluginError(f"plugin module {name} (GPTFLOW_PLUGINS) cannot be "
-                                  f"imported: {one_line(e)}") from None
+            module = timed(name, functools.partial(_import, name))
             if not pm.is_registered(module):  # also an entry point's module: once is enough
                 pm.register(module, name)
     for plugin in extra:
@@ -204,7 +233,15 @@ def load_plugins(extra: Iterable[object] = (), builtins: bool = True) -> Plugins
     if os.environ.get("GPTFLOW_TRACE_HOOKS") == "1":
         pm.trace.root.setwriter(sys.stderr.write)
         pm.enable_tracing()
-    return Plugins(pm, modules, providers)
+    return Plugins(pm, modules, providers, [p for p in loaded if pm.is_registered(p.plugin)])
+
+
+def _import(name: str) -> object:
+    try:
+        return importlib.import_module(name)
+    except Exception as e:
+        raise PluginError(f"plugin module {name} (GPTFLOW_PLUGINS) cannot be imported: "
+                          f"{one_line(e)}") from None
 
 
 def _entry_points() -> list[tuple[Any, str]]:

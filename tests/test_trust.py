@@ -162,3 +162,19 @@ def test_broken_and_duplicate_entry_points_name_their_distributions(monkeypatch,
     monkeypatch.setattr("importlib.metadata.entry_points", entry_points(["one", "two"]))
     with pytest.raises(PluginError, match="'brokn' is claimed by two distributions, one and two"):
         load_plugins()
+
+
+def test_plugins_lists_hook_only_plugins_and_warns_of_torch_at_load():
+    import subprocess
+    import sys
+
+    from conftest import TESTS
+
+    env = {**os.environ, "GPTFLOW_PLUGINS": "toy_nodes,heavy_plugin", "COLUMNS": "200",
+           "PYTHONPATH": str(TESTS)}
+    out = subprocess.run([sys.executable, "-m", "gptflow.cli", "plugins"], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    row = next(line for line in out.splitlines() if "heavy_plugin" in line and "│" in line)
+    assert "after_node_run" in row
+    assert "warning: plugin heavy_plugin imports torch when loaded" in out
+    assert "warning: plugin toy_nodes" not in out
