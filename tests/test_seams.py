@@ -11,7 +11,7 @@ import typing
 import pytest
 from conftest import TINY_BASE
 
-from gptflow import NodeType, hookimpl
+from gptflow import NodeType, Params, hookimpl
 from gptflow.manager import PluginError, load_plugins
 from gptflow.ml.adapter import LoraConfig
 from gptflow.ml.config import GPTConfig
@@ -137,7 +137,8 @@ def test_registration_goes_through_pluggy_and_keeps_provenance(monkeypatch, caps
     class Extra:
         @hookimpl
         def register_node_types(self, register):
-            register(NodeType("extra", print, object, {"out": "report"}))  # type: ignore[arg-type]
+            register(NodeType("extra", lambda context, inputs, params: None, Params,
+                              {"out": "report"}))
 
     monkeypatch.setenv("GPTFLOW_TRACE_HOOKS", "1")
     plugins = load_plugins(extra=[Extra()])
