@@ -165,7 +165,8 @@ def cmd_plan(args: argparse.Namespace, steps: Any = None) -> int:
         table.add_column(col)
     for s in steps:
         action = "[green]run[/]" if s.action == "run" else "[cyan]cached[/]"
-        table.add_row(s.node.name, s.node.plugin, action, s.reason, s.fingerprint[:12])
+        table.add_row(s.node.name, s.node.plugin, action, s.reason,
+                      "(its inputs')" if s.pending else s.fingerprint[:12])
     _console().print(table)
     return EXIT_OK
 

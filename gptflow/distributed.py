@@ -12,7 +12,7 @@ from typing import Any
 
 from gptflow.execute import make_job, node_logger, resolve_inputs, run_node
 from gptflow.manager import Plugins
-from gptflow.plan import Step
+from gptflow.plan import Step, resolve
 from gptflow.store import Store
 
 
@@ -39,6 +39,9 @@ def follow(steps: list[Step], plugins: Plugins, store: Store, rank: int,
     write nothing to the store, and wait for rank 0 to publish each node."""
     fingerprints = {s.node.name: s.fingerprint for s in steps}
     for step in steps:
+        if step.pending:  # rank 0 published its inputs before this rank got here
+            step = resolve(step, store, fingerprints)
+            fingerprints[step.node.name] = step.fingerprint
         if step.action == "cached":
             continue
         if is_distributed(step.node.params):

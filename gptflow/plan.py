@@ -1,19 +1,23 @@
 """Fingerprints and decisions: which nodes run, which are cached, and why.
 
 The fingerprint of a node is the sha256 of its plugin name and version, its
-validated params in canonical JSON, the fingerprints of its inputs, and the
-content of every file or folder its params point to.
+validated params in canonical JSON, the *content* digests of its inputs, and the
+content of every file or folder its params point to. So an upstream node that
+re-runs and produces different bytes re-runs everything below it, and one that
+produces the same bytes re-runs nothing (early cutoff, as Bazel does). Below a
+node that must run, the digests exist only once it has: such steps are
+``pending`` until :func:`resolve` gives them their fingerprint.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from gptflow.dag import Node, Pipeline
+from gptflow.dag import Node, Pipeline, Ref
 from gptflow.errors import InputError, Problem, did_you_mean
 from gptflow.nodes import path_refs, split_observed
 from gptflow.sources import builtin_version, expand_path, hub_commit, is_builtin, is_hub
@@ -25,14 +29,17 @@ FINGERPRINT_CHARS = 32
 @dataclass
 class Step:
     node: Node
-    fingerprint: str
+    fingerprint: str  # provisional while pending: never published under
     manifest: dict[str, Any]
     action: Literal["run", "cached"]
     reason: str
+    pending: bool = False  # below a node that runs: resolved once its inputs exist
+    previous: dict[str, Any] | None = None  # the manifest of its last run, for "why"
 
 
-def manifest(node: Node, upstream: dict[str, str], store: Store) -> dict[str, Any]:
-    """Everything a node's fingerprint is made of, kept so `plan` can say what changed."""
+def manifest(node: Node, upstream: Callable[[Ref], str], store: Store) -> dict[str, Any]:
+    """Everything a node's fingerprint is made of, kept so `plan` can say what changed;
+    ``upstream`` names each input (its content digest)."""
     files: dict[str, dict[str, str]] = {}
     for _, value, _ in path_refs(node.params):
         if is_hub(value):
@@ -47,8 +54,7 @@ def manifest(node: Node, upstream: dict[str, str], store: Store) -> dict[str, An
         "version": node.node_type.version,
         "params": params,
         "observed": observed,  # kept for `plan`, never fingerprinted
-        "inputs": {slot: [f"{upstream[r.node]}/{r.output}" for r in refs]
-                   for slot, refs in sorted(node.inputs.items())},
+        "inputs": {slot: [upstream(r) for r in refs] for slot, refs in sorted(node.inputs.items())},
         "files": files,
     }
 
@@ -76,16 +82,31 @@ def make_plan(pipeline: Pipeline, store: Store, only: Collection[str] = (),
     forced = selected if force is not None and not force else set(force or ())
     needed = set(pipeline.upstream(selected))
     fingerprints: dict[str, str] = {}
+    published: set[str] = set()  # nodes whose outputs exist now: their digests are known
     steps = []
     previous = _previous_manifests(store, pipeline.name)
+
+    def input_id(ref: Ref) -> str:
+        if ref.node in published:
+            with contextlib.suppress(CorruptArtifact):  # the run refuses it, naming it
+                return store.digest(fingerprints[ref.node], ref.output)
+        return f"pending:{fingerprints[ref.node]}/{ref.output}"
+
     for node in pipeline.nodes.values():
-        parts = manifest(node, fingerprints, store)
+        parts = manifest(node, input_id, store)
         fp = fingerprints[node.name] = fingerprint(parts)
         if node.name not in needed:
             continue
-        if node.name in forced:
+        pending = not all(u in published for u in node.upstream())
+        if pending and node.name in selected:
+            ups = ", ".join(u for u in node.upstream() if u not in published)
+            reason = "forced" if node.name in forced else \
+                f"after {ups}: cached if its outputs come out unchanged"
+            steps.append(Step(node, fp, parts, "run", reason, True, previous.get(node.name)))
+        elif node.name in forced:
             steps.append(Step(node, fp, parts, "run", "forced"))
         elif store.has(fp):
+            published.add(node.name)
             steps.append(Step(node, fp, parts, "cached", _why_cached(parts, store, fp)))
         elif node.name in selected:
             steps.append(Step(node, fp, parts, "run", _why(parts, previous.get(node.name))))
@@ -95,6 +116,19 @@ def make_plan(pipeline: Pipeline, store: Store, only: Collection[str] = (),
                                       "and has no cached output; select it too",
                                       str(pipeline.path))])
     return steps
+
+
+def resolve(step: Step, store: Store, fingerprints: Mapping[str, str]) -> Step:
+    """A pending step once its inputs are published: its real fingerprint, and
+    cached when those inputs are the very bytes it last ran on (early cutoff)."""
+    parts = manifest(step.node, lambda r: store.digest(fingerprints[r.node], r.output), store)
+    fp = fingerprint(parts)
+    if step.reason == "forced":
+        return Step(step.node, fp, parts, "run", "forced")
+    if store.has(fp):
+        return Step(step.node, fp, parts, "cached",
+                    "its inputs came out unchanged: " + _why_cached(parts, store, fp))
+    return Step(step.node, fp, parts, "run", _why(parts, step.previous))
 
 
 def _previous_manifests(store: Store, pipeline: str, runs: int = 20) -> dict[str, dict[str, Any]]:

@@ -33,7 +33,7 @@ from gptflow.execute import (
 )
 from gptflow.liveness import Heartbeat, current_owner, seen_alive
 from gptflow.manager import Plugins, load_plugins
-from gptflow.plan import Step
+from gptflow.plan import Step, resolve
 from gptflow.records import NodeEntry, NodeStatus, Owner, PipelineInfo, RunRecord, RunStatus
 from gptflow.signals import Interrupted
 from gptflow.store import CorruptArtifact, Store, now
@@ -132,7 +132,7 @@ class Runner:
     def _schedule(self, steps: list[Step]) -> None:
         nodes = self.record.nodes
         todo = {s.node.name: s for s in steps}
-        by_name = dict(todo)
+        self.steps = dict(todo)  # as resolved
         running: dict[str, Any] = {}
         events: Any = queue.SimpleQueue() if self.jobs == 1 else _context().Queue()
         try:
@@ -150,7 +150,7 @@ class Runner:
                 if not running:
                     continue
                 node, event = events.get() if self.jobs == 1 else self._next(events, running)
-                if self._handle(node, event, by_name[node]):
+                if self._handle(node, event, self.steps[node]):
                     proc = running.pop(node)
                     if proc is not None:
                         proc.join()
@@ -161,6 +161,11 @@ class Runner:
 
     def _start(self, step: Step, events: Any) -> Any:
         entry = self.record.nodes[step.node.name]
+        if step.pending:  # its inputs exist now: its real fingerprint, maybe cached
+            step = resolve(step, self.store, {u: self.record.nodes[u].fingerprint
+                                              for u in step.node.upstream()})
+            self.steps[step.node.name] = step
+            entry.fingerprint, entry.reason = step.fingerprint, step.reason
         try:
             inputs = self._inputs(step)
             if step.action == "cached":

@@ -163,6 +163,17 @@ class Store:
             found[name] = self.artifact(path, verify, full)
         return found
 
+    def digest(self, fingerprint: str, output: str) -> str:
+        """The content digest of a published output: its type and the sha256 of
+        every file (what downstream fingerprints are made of)."""
+        path = self.artifact_dir(fingerprint) / output / "artifact.json"
+        try:
+            info = json.loads(path.read_text())
+            content = {"type": info["type"], "files": info["files"]}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CorruptArtifact(f"{path}: unreadable ({one_line(e)})") from None
+        return "sha256:" + hashlib.sha256(canonical_json(content).encode()).hexdigest()
+
     def artifact(self, path: Path, verify: bool = True, full: bool = False) -> Artifact:
         """The artifact in folder ``path``, checked against its artifact.json."""
         try:

@@ -178,3 +178,25 @@ def test_plugins_lists_hook_only_plugins_and_warns_of_torch_at_load():
     assert "after_node_run" in row
     assert "warning: plugin heavy_plugin imports torch when loaded" in out
     assert "warning: plugin toy_nodes" not in out
+
+
+CHAIN = ("name: c\nnodes:\n  a: {plugin: text}\n  b: {plugin: concat, inputs: {parts: [a]}}\n"
+         "  c: {plugin: concat, inputs: {parts: [a, b]}}\n")
+
+
+def test_downstream_follows_upstream_content_with_early_cutoff(run_pipeline, monkeypatch):
+    first = run_pipeline(CHAIN)
+    assert first.code == 0
+    same = run_pipeline(CHAIN, "--force", "a")  # re-run, identical bytes: nothing below
+    statuses = {n: e["status"] for n, e in same.record["nodes"].items()}
+    assert statuses == {"a": "ran", "b": "cached", "c": "cached"}
+    assert "its inputs came out unchanged" in same.record["nodes"]["b"]["reason"]
+    plan = run_pipeline(CHAIN, "--force", "a", "--dry-run")
+    assert "after a: cached if" in " ".join(plan.out.split())
+    monkeypatch.setenv("TOY_SUFFIX", "!")  # a code change without a version bump
+    changed = run_pipeline(CHAIN, "--force", "a")
+    statuses = {n: e["status"] for n, e in changed.record["nodes"].items()}
+    assert statuses == {"a": "ran", "b": "ran", "c": "ran"}
+    assert changed.record["nodes"]["b"]["reason"] == "upstream changed: parts"
+    assert (changed.output("c") / "text.txt").read_text() == "hello!+hello!"
+    assert run_pipeline(CHAIN).record["nodes"]["c"]["status"] == "cached"

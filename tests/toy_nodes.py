@@ -23,7 +23,9 @@ class TextParams(BaseModel):
 
 
 def run_text(ctx: Context, inputs: dict[str, Any], p: TextParams) -> dict[str, Any]:
-    (ctx.output_dir("data") / "text.txt").write_text(p.text * p.repeat)
+    # TOY_SUFFIX: a code change that changes the output without a version bump
+    (ctx.output_dir("data") / "text.txt").write_text(p.text * p.repeat
+                                                     + os.environ.get("TOY_SUFFIX", ""))
     return {"chars": len(p.text) * p.repeat}
 
 
