@@ -36,6 +36,16 @@ nodes:
     inputs: {{model: base}}
     params: {{tasks: ["builtin:sentiment4?n=80&test=16"], batch_size: 4,
              trainer: {{max_steps: 12, checkpoint_every: 3}}}}
+  lora:
+    plugin: lora
+    inputs: {{model: base}}
+    params: {{tasks: ["builtin:sentiment4?n=80&test=16"], batch_size: 4, rank: 2, dropout: 0.1,
+             trainer: {{max_steps: 12, checkpoint_every: 3}}}}
+  kd:
+    plugin: distill
+    inputs: {{teacher: base, tokens: tok.tokens}}
+    params: {{model: {{preset: tiny, d_model: 32, n_head: 2, context: 32}}, batch_size: 4,
+             trainer: {{max_steps: 12, checkpoint_every: 3}}}}
 """
 
 
@@ -55,7 +65,7 @@ def reference(train_yaml: Path) -> dict[str, str]:
     store = train_yaml.parent / "reference"
     done = gptflow(store, "run", str(train_yaml))
     assert done.returncode == 0, done.stdout + done.stderr
-    return {node: model_digest(store, node) for node in ("base", "sft")}
+    return {node: model_digest(store, node) for node in ("base", "sft", "lora", "kd")}
 
 
 def gptflow(store: Path, *args: str, fault: str = "") -> subprocess.CompletedProcess[str]:
@@ -70,8 +80,10 @@ def latest(store: Path) -> dict:
 
 
 def model_digest(store: Path, node: str) -> str:
-    folder = Path(latest(store)["nodes"][node]["outputs"]["model"])
-    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    """sha256 of the weights a node published (a model, or an adapter)."""
+    (folder,) = latest(store)["nodes"][node]["outputs"].values()
+    (weights,) = Path(folder).glob("*.safetensors")
+    return hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
 def checkpoints(store: Path) -> Path:
@@ -102,6 +114,18 @@ def test_kills_at_any_step_then_resume_give_the_uninterrupted_model(tmp_path, tr
         assert model_digest(store, node) == reference[node], node
     assert latest(store)["nodes"]["sft"]["metrics"]["resumed_from_step"] == 9
     assert not list(store.glob("work/*"))  # checkpoints go once the node is published
+
+
+def test_lora_and_distill_resume_exactly_too(tmp_path, train_yaml, reference):
+    store = tmp_path / "store"
+    for node in ("lora", "kd"):
+        killed = gptflow(store, "run", str(train_yaml), fault=f"{node}:batch:7:KILL")
+        assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    final = gptflow(store, "run", str(train_yaml))
+    assert final.returncode == 0, final.stdout + final.stderr
+    for node in ("lora", "kd"):
+        assert latest(store)["nodes"][node]["metrics"]["resumed_from_step"] == 6, node
+        assert model_digest(store, node) == reference[node], node
 
 
 def stop_with(store: Path, train_yaml: Path, name: str, code: int) -> None:
