@@ -374,21 +374,31 @@ def test_a_run_in_another_pid_namespace_leaves_a_live_run_alone(tmp_path):
     (tmp_path / "p.yaml").write_text(SLOW)
     (tmp_path / "q.yaml").write_text(TOY)
     store = tmp_path / ".gptflow"
-    live = spawn(tmp_path, "run", "p.yaml")
-    wait_for(lambda: bool(list(store.glob("tmp/*"))))
-    other = spawn(tmp_path, "run", "q.yaml", prefix=unshare)  # as PID 1 of its namespace
-    out, err = other.communicate(timeout=60)
-    assert other.returncode == 0, out + err
-    assert list(store.glob("tmp/*"))  # the live run's staging is still there
-    out, err = live.communicate(timeout=60)
-    assert live.returncode == 0, out + err
+    procs = []
+    try:
+        live = spawn(tmp_path, "run", "p.yaml")
+        procs.append(live)
+        wait_for(lambda: bool(list(store.glob("tmp/*"))))
+        other = spawn(tmp_path, "run", "q.yaml", prefix=unshare)  # as PID 1 of its namespace
+        procs.append(other)
+        out, err = other.communicate(timeout=60)
+        assert other.returncode == 0, out + err
+        assert list(store.glob("tmp/*"))  # the live run's staging is still there
+        out, err = live.communicate(timeout=60)
+        assert live.returncode == 0, out + err
 
-    # a run killed inside a namespace: unknown from outside until its lease expires
-    victim = spawn(tmp_path, "run", "p.yaml", "--force", prefix=(*unshare, "--kill-child"))
-    wait_for(lambda: len(list(store.glob("runs/*/heartbeat"))) == 3
-             and latest(store)["nodes"]["s"]["status"] == "running")
-    victim.kill()  # unshare, and with it (--kill-child) gptflow, PID 1 of its namespace
-    victim.communicate()
+        # a run killed inside a namespace: unknown from outside until its lease expires
+        victim = spawn(tmp_path, "run", "p.yaml", "--force", prefix=(*unshare, "--kill-child"))
+        procs.append(victim)
+        wait_for(lambda: len(list(store.glob("runs/*/run.json"))) == 3
+                 and latest(store)["nodes"].get("s", {}).get("status") == "running")
+        victim.kill()  # unshare, and with it (--kill-child) gptflow, PID 1 of its namespace
+        victim.communicate()
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
     run_id = latest(store)["run_id"]
     assert "running" in spawn(tmp_path, "show", run_id).communicate()[0]
     old = time.time() - 600
