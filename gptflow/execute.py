@@ -52,6 +52,10 @@ class Done:
 class Failed:
     error: str  # one line
 
+    @classmethod
+    def corrupt(cls, error: Exception, node: str) -> Failed:
+        return cls(f"corrupt artifact: {error}; re-run with --force {node}")
+
 
 Event = Progress | Waiting | Done | Failed
 Report = Callable[[Event], None]
@@ -120,7 +124,7 @@ def execute(job: Job, plugins: Plugins, report: Report) -> None:
             try:
                 report(Done(NodeStatus.CACHED, store.node_record(job.fingerprint).metrics))
             except CorruptArtifact as e:
-                report(Failed(f"corrupt artifact: {e}; re-run with --force {job.node}"))
+                report(Failed.corrupt(e, job.node))
             return
         if job.force:  # recompute from scratch, not from an old checkpoint
             shutil.rmtree(store.work_dir(job.fingerprint), ignore_errors=True)

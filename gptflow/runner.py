@@ -161,18 +161,17 @@ class Runner:
 
     def _start(self, step: Step, events: Any) -> Any:
         entry = self.record.nodes[step.node.name]
+        upstream = {u: self.record.nodes[u].fingerprint for u in step.node.upstream()}
         if step.pending:  # its inputs exist now: its real fingerprint, maybe cached
-            step = resolve(step, self.store, {u: self.record.nodes[u].fingerprint
-                                              for u in step.node.upstream()})
+            step = resolve(step, self.store, upstream)
             self.steps[step.node.name] = step
             entry.fingerprint, entry.reason = step.fingerprint, step.reason
         try:
-            inputs = self._inputs(step)
+            inputs = resolve_inputs(step, self.store, upstream)
             if step.action == "cached":
                 self.store.outputs(step.fingerprint)  # verify before trusting it
         except CorruptArtifact as e:
-            events.put((step.node.name, Failed(
-                f"corrupt artifact: {e}; re-run with --force {step.node.name}")))
+            events.put((step.node.name, Failed.corrupt(e, step.node.name)))
             return None
         if step.action == "cached":
             metrics = self.store.node_record(step.fingerprint).metrics
@@ -243,10 +242,6 @@ class Runner:
                                     entry.outputs,
                                     self.store.node_record(step.fingerprint).to_json())
         return True
-
-    def _inputs(self, step: Step) -> dict[str, Any]:
-        fps = {s: self.record.nodes[s].fingerprint for s in step.node.upstream()}
-        return resolve_inputs(step, self.store, fps)
 
 
 def _stop_workers(running: dict[str, Any]) -> None:

@@ -166,23 +166,15 @@ class Store:
     def digest(self, fingerprint: str, output: str) -> str:
         """The content digest of a published output: its type and the sha256 of
         every file (what downstream fingerprints are made of)."""
-        path = self.artifact_dir(fingerprint) / output / "artifact.json"
-        try:
-            info = json.loads(path.read_text())
-            content = {"type": info["type"], "files": info["files"]}
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CorruptArtifact(f"{path}: unreadable ({one_line(e)})") from None
+        found, files = _read_artifact(self.artifact_dir(fingerprint) / output)
+        content = {"type": found.type,
+                   "files": {rel: {"sha256": sha, "size": size} for rel, (size, sha) in
+                             files.items()}}
         return "sha256:" + hashlib.sha256(canonical_json(content).encode()).hexdigest()
 
     def artifact(self, path: Path, verify: bool = True, full: bool = False) -> Artifact:
         """The artifact in folder ``path``, checked against its artifact.json."""
-        try:
-            info = json.loads((path / "artifact.json").read_text())
-            found = Artifact(path=path, type=info["type"], fingerprint=info["fingerprint"],
-                             producer=info["producer"]["node"], meta=info.get("meta", {}))
-            files = {rel: (int(f["size"]), str(f["sha256"])) for rel, f in info["files"].items()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CorruptArtifact(f"{path}/artifact.json: unreadable ({one_line(e)})") from None
+        found, files = _read_artifact(path)
         if verify:
             for rel, (size, sha256) in files.items():
                 f = path / rel
@@ -351,6 +343,18 @@ def sha256_file(path: Path, sync: bool = False) -> str:
     return h.hexdigest()
 
 
+def _read_artifact(path: Path) -> tuple[Artifact, dict[str, tuple[int, str]]]:
+    """An artifact folder's artifact.json: the artifact, and each file's (size, sha256)."""
+    try:
+        info = json.loads((path / "artifact.json").read_text())
+        found = Artifact(path=path, type=info["type"], fingerprint=info["fingerprint"],
+                         producer=info["producer"]["node"], meta=info.get("meta", {}))
+        files = {rel: (int(f["size"]), str(f["sha256"])) for rel, f in info["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CorruptArtifact(f"{path}/artifact.json: unreadable ({one_line(e)})") from None
+    return found, files
+
+
 def _open_hashes(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, timeout=30, isolation_level=None)
     try:
@@ -359,7 +363,7 @@ def _open_hashes(path: Path) -> sqlite3.Connection:
         db.execute("DROP TABLE IF EXISTS hashes")  # before ctime was part of the key
         db.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, "
                    "mtime_ns INTEGER, ctime_ns INTEGER, ino INTEGER, sha256 TEXT)")
-        db.execute("SELECT count(*) FROM files").fetchone()
+        db.execute("SELECT 1 FROM files LIMIT 1").fetchone()  # a damaged file fails here
     except sqlite3.DatabaseError:
         db.close()
         raise

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,21 @@ def _toy_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GPTFLOW_DISABLE_PLUGIN_AUTOLOAD", "1")
     monkeypatch.setenv("PYTHONPATH", str(TESTS))
     monkeypatch.delenv("GPTFLOW_STORE", raising=False)
+
+
+def spawn(tmp_path: Path, *args: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen[str]:
+    """``gptflow ARGS --store TMP/.gptflow`` in a process of its own (``prefix``: a
+    command to run it under, e.g. unshare), output piped."""
+    return subprocess.Popen([*prefix, sys.executable, "-m", "gptflow.cli", *args, "--store",
+                             str(tmp_path / ".gptflow")], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 TINY_BASE = """\

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TESTS
+from conftest import TESTS, spawn, wait_for
 
 from gptflow.ml.corpora import reviews
 
@@ -296,20 +296,6 @@ TWO_SLOW = ("name: two\nnodes:\n  s: {plugin: slow, params: {chunks: 60, seconds
             "  t: {plugin: slow, params: {chunks: 61, seconds: 0.1}}\n")
 
 
-def spawn(tmp_path: Path, *args: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen[str]:
-    return subprocess.Popen([*prefix, sys.executable, "-m", "gptflow.cli", *args, "--store",
-                             str(tmp_path / ".gptflow")], cwd=tmp_path, text=True,
-                            env={**os.environ, "PYTHONPATH": str(TESTS)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def wait_for(predicate, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def descendants(pid: int) -> set[int]:
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -338,12 +324,18 @@ def gone(pids: set[int]) -> bool:
     return True
 
 
-def test_killed_parent_leaves_no_worker_running_and_nothing_published(tmp_path):
+def start_two_workers(tmp_path: Path) -> tuple[subprocess.Popen[str], Path, set[int]]:
+    """A --jobs 2 run of two slow nodes, once both workers are writing: the run, its
+    store, and every process under it."""
     (tmp_path / "p.yaml").write_text(TWO_SLOW)
     proc = spawn(tmp_path, "run", "p.yaml", "--jobs", "2")
     store = tmp_path / ".gptflow"
-    wait_for(lambda: len(list(store.glob("work/*/done"))) == 2)
-    workers = descendants(proc.pid)
+    wait_for(lambda: len(list(store.glob("work/*/done"))) == 2, timeout=60)
+    return proc, store, descendants(proc.pid)
+
+
+def test_killed_parent_leaves_no_worker_running_and_nothing_published(tmp_path):
+    proc, store, workers = start_two_workers(tmp_path)
     assert workers
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
@@ -352,11 +344,7 @@ def test_killed_parent_leaves_no_worker_running_and_nothing_published(tmp_path):
 
 
 def test_sigterm_to_a_parallel_run_stops_its_workers_and_records_it(tmp_path):
-    (tmp_path / "p.yaml").write_text(TWO_SLOW)
-    proc = spawn(tmp_path, "run", "p.yaml", "--jobs", "2")
-    store = tmp_path / ".gptflow"
-    wait_for(lambda: len(list(store.glob("work/*/done"))) == 2)
-    workers = descendants(proc.pid)
+    proc, store, workers = start_two_workers(tmp_path)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, out + err
@@ -378,7 +366,7 @@ def test_a_run_in_another_pid_namespace_leaves_a_live_run_alone(tmp_path):
     try:
         live = spawn(tmp_path, "run", "p.yaml")
         procs.append(live)
-        wait_for(lambda: bool(list(store.glob("tmp/*"))))
+        wait_for(lambda: bool(list(store.glob("tmp/*"))), timeout=60)
         other = spawn(tmp_path, "run", "q.yaml", prefix=unshare)  # as PID 1 of its namespace
         procs.append(other)
         out, err = other.communicate(timeout=60)
@@ -391,7 +379,8 @@ def test_a_run_in_another_pid_namespace_leaves_a_live_run_alone(tmp_path):
         victim = spawn(tmp_path, "run", "p.yaml", "--force", prefix=(*unshare, "--kill-child"))
         procs.append(victim)
         wait_for(lambda: len(list(store.glob("runs/*/run.json"))) == 3
-                 and latest(store)["nodes"].get("s", {}).get("status") == "running")
+                 and latest(store)["nodes"].get("s", {}).get("status") == "running",
+                 timeout=60)
         victim.kill()  # unshare, and with it (--kill-child) gptflow, PID 1 of its namespace
         victim.communicate()
     finally:

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
+
+from conftest import spawn, wait_for
 
 SLOW = """\
 name: slow
@@ -17,23 +15,10 @@ nodes:
 """
 
 
-def gptflow(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "gptflow.cli", *args, "--store",
-                             str(tmp_path / ".gptflow")], cwd=tmp_path, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def wait_for(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def test_sigkill_mid_node_then_rerun_resumes_and_trusts_nothing_half_written(tmp_path):
     (tmp_path / "p.yaml").write_text(SLOW)
     store = tmp_path / ".gptflow"
-    proc = gptflow(tmp_path, "run", "p.yaml")
+    proc = spawn(tmp_path, "run", "p.yaml")
     def halfway() -> bool:
         marks = list(store.glob("work/*/done"))
         return bool(marks) and int(marks[0].read_text() or 0) >= 5
@@ -43,7 +28,7 @@ def test_sigkill_mid_node_then_rerun_resumes_and_trusts_nothing_half_written(tmp
     proc.communicate()
     assert not list(store.glob("artifacts/*"))  # nothing published
     assert list(store.glob("tmp/*"))  # a half-written staging folder is left behind
-    rerun = gptflow(tmp_path, "run", "p.yaml")
+    rerun = spawn(tmp_path, "run", "p.yaml")
     out, err = rerun.communicate(timeout=60)
     assert rerun.returncode == 0, out + err
     assert not list(store.glob("tmp/*"))  # the dead run's staging folder was cleaned
@@ -52,7 +37,7 @@ def test_sigkill_mid_node_then_rerun_resumes_and_trusts_nothing_half_written(tmp
     assert lines == [f"chunk {i}" for i in range(20)]
     record = json.loads(next(iter(sorted(store.glob("runs/*/run.json")))).read_text())
     assert record["status"] == "running"  # the killed run's record says so ...
-    show = gptflow(tmp_path, "runs")
+    show = spawn(tmp_path, "runs")
     assert "killed" in show.communicate()[0]  # ... and `gptflow runs` knows it died
     metrics = json.loads(sorted(store.glob("runs/*/run.json"))[-1].read_text())
     assert metrics["nodes"]["s"]["metrics"]["resumed_from"] >= 5  # resumed, not restarted
@@ -77,7 +62,7 @@ def test_corrupt_artifact_detected_then_force_recomputes(run_pipeline):
 
 def test_two_concurrent_runs_share_one_store(tmp_path):
     (tmp_path / "p.yaml").write_text(SLOW.replace("chunks: 20", "chunks: 10"))
-    procs = [gptflow(tmp_path, "run", "p.yaml") for _ in range(2)]
+    procs = [spawn(tmp_path, "run", "p.yaml") for _ in range(2)]
     results = [p.communicate(timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], results
     statuses = sorted(json.loads(r.read_text())["nodes"]["s"]["status"]
