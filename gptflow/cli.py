@@ -63,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--set", dest="overrides", action="append", default=[],
                            metavar="PATH=VALUE",
                            help="override a value: vars.X=1 or NODE.params.a.b=2")
+            p.add_argument("--executor", default=None, metavar="NAME",
+                           help="where nodes run: local (default), ray, or an installed "
+                                "plugin's; replaces the pipeline's executor: block")
+            p.add_argument("--executor-opt", dest="executor_opts", action="append", default=[],
+                           metavar="KEY=VALUE", help="an executor option, e.g. address=auto")
         return p
 
     p = verb("run", cmd_run, "run what is not cached, in dependency order", pipeline=True)
@@ -72,8 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", nargs="*", metavar="NODE",
                    help="re-run these nodes (all selected nodes when none named) even if cached")
     p.add_argument("--dry-run", action="store_true", help="say what would run, run nothing")
-    p.add_argument("--jobs", "-j", type=int, default=1, metavar="K",
-                   help="run up to K independent nodes in parallel processes")
+    p.add_argument("--jobs", "-j", type=int, default=None, metavar="K",
+                   help="run up to K independent nodes in parallel processes (the local "
+                        "executor)")
     p.add_argument("--track", action="append", default=[], metavar="TRACKER",
                    help="track the run (e.g. mlflow; MLFLOW_TRACKING_URI is honoured), as "
                         "the pipeline's tracking: block does")
@@ -122,6 +128,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every artifact in the store")
     p.add_argument("--full", action="store_true",
                    help="re-hash every byte, whatever the stat cache says (bit rot)")
+    p = verb("exec-node", cmd_exec_node,
+             "compute one node of a run from its job spec (what executors run on workers)")
+    p.add_argument("run", metavar="RUN", help="the run id")
+    p.add_argument("node", metavar="NODE")
     p = verb("path", cmd_path, "print the folder of an output artifact")
     p.add_argument("run", metavar="RUN", help="a run id or 'latest'")
     p.add_argument("target", metavar="NODE[.OUTPUT]")
@@ -139,7 +149,9 @@ def _session(args: argparse.Namespace) -> Any:
     from gptflow.session import Session
 
     return Session.load(args.pipeline, args.overrides, args.store,
-                        track=getattr(args, "track", ()))
+                        track=getattr(args, "track", ()),
+                        executor=getattr(args, "executor", None),
+                        executor_opts=getattr(args, "executor_opts", ()))
 
 
 def _console() -> Any:
@@ -175,9 +187,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gptflow.distributed import follow, follower_rank
     from gptflow.records import RunStatus
 
-    if args.jobs < 1:
+    if args.jobs is not None and args.jobs < 1:
         raise InputError(f"--jobs {args.jobs}: must be at least 1")
     session = _session(args)
+    if args.jobs is not None and session.pipeline.executor[0] != "local":
+        raise InputError(f"--jobs is the local executor's; {session.pipeline.executor[0]} "
+                         "schedules nodes by their resources")
     steps = session.plan(args.only, args.start, args.force)
     if args.dry_run:
         return cmd_plan(args, steps)
@@ -191,6 +206,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if record.status == RunStatus.INTERRUPTED:  # 130 for SIGINT, 143 for SIGTERM
         return 128 + signal.Signals[record.signal or "SIGINT"].value
     return EXIT_OK if record.status == RunStatus.OK else EXIT_FAILED
+
+
+def cmd_exec_node(args: argparse.Namespace) -> int:
+    from gptflow.executors.worker import exec_node
+
+    return exec_node(_store(args), args.run, args.node)
 
 
 def cmd_graph(args: argparse.Namespace) -> int:

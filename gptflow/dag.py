@@ -8,10 +8,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, field_validator
 
 from gptflow.errors import did_you_mean
-from gptflow.nodes import NodeType
+from gptflow.nodes import NodeType, Params
 from gptflow.yamlfile import Key, MarkedYAML
 
 
@@ -26,6 +26,45 @@ class Ref:
         return f"{self.node}.{self.output}"
 
 
+MEMORY_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+class Resources(Params):
+    """What a node asks of an executor (``resources:`` on a node; never part of its
+    fingerprint). Unset values follow the node's ``trainer`` settings: ``devices``
+    GPUs when it trains on GPUs, ``devices`` CPUs when on CPUs, else one CPU."""
+
+    cpus: float | None = Field(None, gt=0)
+    """CPU cores; also the node's torch threads (OMP_NUM_THREADS) under Ray."""
+    gpus: float | None = Field(None, ge=0)
+    """GPUs (fractions share one)."""
+    memory: int | None = Field(None, gt=0)
+    """Memory in bytes, or with a unit: 512MB, 8GiB."""
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _bytes(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            number = value.strip().lower().rstrip("abcdefghijklmnopqrstuvwxyz")
+            unit = value.strip().lower()[len(number):]
+            if unit not in MEMORY_UNITS or not number.strip():
+                raise ValueError(f"{value!r}: write bytes, or a number with a unit "
+                                 "(MB, GB, MiB, GiB)")
+            return int(float(number) * MEMORY_UNITS[unit])
+        return value
+
+    def filled(self, params: BaseModel) -> Resources:
+        """These resources with what is unset taken from the params' trainer."""
+        trainer = getattr(params, "trainer", None)
+        devices = getattr(trainer, "devices", 1)
+        count = devices if isinstance(devices, int) and devices > 0 else 1
+        on_gpu = getattr(trainer, "accelerator", "cpu") in ("gpu", "cuda")
+        return Resources(cpus=self.cpus or (1 if on_gpu else count),
+                         gpus=self.gpus if self.gpus is not None else (count if on_gpu else 0),
+                         memory=self.memory)
+
+
 @dataclass
 class Node:
     name: str
@@ -33,6 +72,7 @@ class Node:
     params: BaseModel
     inputs: dict[str, list[Ref]]  # slot -> producers (one, or several for list slots)
     description: str = ""
+    resources: Resources = field(default_factory=Resources)  # filled from the trainer
 
     @property
     def plugin(self) -> str:
@@ -51,6 +91,7 @@ class Pipeline:
     nodes: dict[str, Node] = field(default_factory=dict)  # in execution order
     overrides: tuple[str, ...] = ()
     tracking: dict[str, dict[str, Any]] = field(default_factory=dict)  # tracker -> options
+    executor: tuple[str, dict[str, Any]] = ("local", {})  # name, validated options
 
     def downstream(self, names: Iterable[str]) -> list[str]:
         """``names`` and every node that depends on them, in execution order."""

@@ -10,7 +10,7 @@ import shutil
 import time
 from typing import Any
 
-from gptflow.execute import make_job, node_logger, resolve_inputs, run_node
+from gptflow.execute import Job, make_job, node_logger, resolve_inputs, run_node
 from gptflow.manager import Plugins
 from gptflow.plan import Step, resolve
 from gptflow.store import Store
@@ -45,16 +45,22 @@ def follow(steps: list[Step], plugins: Plugins, store: Store, rank: int,
         if step.action == "cached":
             continue
         if is_distributed(step.node.params):
-            staging = store.stage(step.fingerprint, f"rank{rank}")
-            log = store.root / "tmp" / f"follower-{step.fingerprint}.rank{rank}.log"
-            job = make_job(f"rank{rank}", step, resolve_inputs(step, store, fingerprints), store,
-                           str(log), staging / "loggers", {})  # rank 0 alone tracks
-            for name in job.outputs:
-                (staging / name).mkdir()
-            try:
-                run_node(job, plugins, store, staging, lambda event: None,
-                         node_logger(job))
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+            upstream = {u: fingerprints[u] for u in step.node.upstream()}
+            train_beside(make_job(f"rank{rank}", step, upstream, plugins, {}), plugins, store,
+                         rank)  # rank 0 alone tracks
         while not store.has(step.fingerprint):
             time.sleep(poll)
+
+
+def train_beside(job: Job, plugins: Plugins, store: Store, rank: int) -> None:
+    """A distributed node's part on a non-zero rank: trained into a private staging
+    folder that is never published (rank 0 publishes)."""
+    staging = store.stage(job.fingerprint, job.run_id)
+    log = store.root / "tmp" / f"follower-{job.fingerprint}.rank{rank}.log"
+    for name in job.outputs:
+        (staging / name).mkdir()
+    try:
+        run_node(job, resolve_inputs(job, plugins, store), plugins, store, staging,
+                 lambda event: None, log, node_logger(job, log))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -6,6 +6,7 @@ in the runner's process and in a worker process.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -21,7 +22,6 @@ from typing import Any
 from gptflow.errors import NodeError, one_line
 from gptflow.manager import Plugins
 from gptflow.memory import PeakMemory
-from gptflow.nodes import Artifact
 from gptflow.plan import Step
 from gptflow.records import NodeRecord, NodeStatus
 from gptflow.store import CorruptArtifact, Store, now
@@ -63,7 +63,9 @@ Report = Callable[[Event], None]
 
 @dataclass
 class Job:
-    """Everything a worker needs to run one node (picklable)."""
+    """One node to compute, as data: what any executor ships to a worker (pickled to
+    a local worker process, or as JSON, the job spec, to ``gptflow exec-node``).
+    It holds no path: a worker finds the store where its machine mounts it."""
 
     run_id: str
     node: str
@@ -71,13 +73,42 @@ class Job:
     params: dict[str, Any]
     fingerprint: str
     manifest: dict[str, Any]
-    inputs: dict[str, Any]  # slot -> Artifact | list[Artifact] | None
+    inputs: dict[str, list[list[str]]]  # slot -> [producer fingerprint, output] of each
     outputs: dict[str, str]
-    store_root: str
-    log_path: str
-    log_dir: str  # outlives the node: tracker files
     tracking: dict[str, Any]  # the run's trackers, name -> options
     force: bool
+    resources: dict[str, Any]  # what the node asks of an executor (cpus, gpus, memory)
+    versions: dict[str, str]  # of gptflow and of the node type's provider, on the driver
+    plugins: list[str]  # plugin modules the driver loaded by name (GPTFLOW_PLUGINS)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format_version": JOB_FORMAT, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Job:
+        if data.get("format_version") != JOB_FORMAT:
+            raise ValueError(f"job spec format {data.get('format_version')!r}, this gptflow "
+                             f"reads {JOB_FORMAT}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+JOB_FORMAT = 1
+
+
+def event_json(event: Event) -> dict[str, Any]:
+    """An event as one JSON line of a node's event stream (``gptflow exec-node``)."""
+    return {"event": type(event).__name__, **dataclasses.asdict(event)}
+
+
+def event_from_json(data: Mapping[str, Any]) -> Event:
+    kind = {c.__name__: c for c in (Progress, Waiting, Done, Failed)}[data["event"]]
+    fields = {k: v for k, v in data.items() if k != "event"}
+    if kind is Done:
+        fields["status"] = NodeStatus(fields["status"])
+        fields["warnings"] = tuple(fields["warnings"])
+    event: Event = kind(**fields)
+    return event
 
 
 class NodeContext:
@@ -89,7 +120,7 @@ class NodeContext:
         self.fingerprint = job.fingerprint
         self.work_dir = store.work_dir(job.fingerprint)
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.log_dir = Path(job.log_dir)
+        self.log_dir = store.logger_dir(job.run_id, job.node)
         self.log = log
         self._job = job
         self.meta: dict[str, dict[str, Any]] = {name: {} for name in job.outputs}
@@ -113,30 +144,34 @@ class NodeContext:
 
     def training_callbacks(self) -> list[Any]:
         job = self._job
-        return self._plugins.training_callbacks(job.node, job.run_id, job.tracking, job.log_dir)
+        return self._plugins.training_callbacks(job.node, job.run_id, job.tracking,
+                                                str(self.log_dir))
 
 
-def execute(job: Job, plugins: Plugins, report: Report) -> None:
+def execute(job: Job, plugins: Plugins, store: Store, report: Report) -> None:
     """Run one node under its lock and publish it; report Done or Failed."""
-    store = Store(job.store_root)
     with store.lock(job.fingerprint, on_wait=lambda: report(Waiting())):
-        if store.has(job.fingerprint) and not job.force:  # another run made it meanwhile
-            try:
+        try:
+            if store.has(job.fingerprint) and not job.force:  # another run made it meanwhile
                 report(Done(NodeStatus.CACHED, store.node_record(job.fingerprint).metrics))
-            except CorruptArtifact as e:
-                report(Failed.corrupt(e, job.node))
+                return
+            inputs = resolve_inputs(job, plugins, store)
+        except CorruptArtifact as e:
+            report(Failed.corrupt(e, job.node))
             return
         if job.force:  # recompute from scratch, not from an old checkpoint
             shutil.rmtree(store.work_dir(job.fingerprint), ignore_errors=True)
         staging = store.stage(job.fingerprint, job.run_id)
         for name in job.outputs:
             (staging / name).mkdir()
-        log = node_logger(job)
+        log_path = log_file(store, job)
+        log = node_logger(job, log_path)
         started = time.perf_counter()
         try:
-            metrics, context, peak = run_node(job, plugins, store, staging, report, log)
+            metrics, context, peak = run_node(job, inputs, plugins, store, staging, report,
+                                              log_path, log)
             check_outputs(staging, job.outputs)
-            check_inputs(store, job.inputs)
+            check_inputs(store, inputs)
             duration = time.perf_counter() - started
             metrics.setdefault("peak_mem_bytes", peak)
             record = NodeRecord(node=job.node, plugin=job.plugin,
@@ -160,16 +195,21 @@ def execute(job: Job, plugins: Plugins, report: Report) -> None:
         report(Done(NodeStatus.RAN, metrics, duration, peak, tuple(context.warnings)))
 
 
-def run_node(job: Job, plugins: Plugins, store: Store, staging: Path, report: Report,
-             log: logging.Logger) -> tuple[dict[str, Any], NodeContext, int]:
+def run_node(job: Job, inputs: dict[str, Any], plugins: Plugins, store: Store, staging: Path,
+             report: Report, log_path: Path, log: logging.Logger
+             ) -> tuple[dict[str, Any], NodeContext, int]:
     """Call the node's run() with its output going to the log; returns
     (metrics, context, peak resident bytes)."""
-    with _redirect_output(job.log_path), PeakMemory() as peak:
+    with _redirect_output(log_path), PeakMemory() as peak:
         node_type = plugins.node_types[job.plugin].node_type
         params = node_type.params.model_validate(job.params)
         context = NodeContext(job, staging, store, plugins, report, log)
-        result = node_type.run(context, job.inputs, params)
+        result = node_type.run(context, inputs, params)
     return plain_metrics(result, job.plugin), context, peak.bytes
+
+
+def log_file(store: Store, job: Job) -> Path:
+    return store.run_dir(job.run_id) / "logs" / f"{job.node}.log"
 
 
 def plain_metrics(result: Any, plugin: str) -> dict[str, Any]:
@@ -226,18 +266,18 @@ def check_inputs(store: Store, inputs: Mapping[str, Any]) -> None:
                 raise NodeError(f"changed its input {slot!r}: {e}") from None
 
 
-def node_logger(job: Job) -> logging.Logger:
+def node_logger(job: Job, path: Path) -> logging.Logger:
     log = logging.getLogger(f"gptflow.node.{job.node}")
     log.setLevel(logging.INFO)
     log.propagate = False
-    handler = logging.FileHandler(job.log_path, encoding="utf-8")
+    handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     return log
 
 
 @contextmanager
-def _redirect_output(log_path: str) -> Iterator[None]:
+def _redirect_output(log_path: Path) -> Iterator[None]:
     """Send everything the node prints (Lightning, warnings) to its log file."""
     sys.stdout.flush()
     sys.stderr.flush()
@@ -256,18 +296,22 @@ def _redirect_output(log_path: str) -> Iterator[None]:
             os.close(saved[1])
 
 
-def make_job(run_id: str, step: Step, inputs: dict[str, Any], store: Store, log: str,
-             log_dir: Path, tracking: dict[str, Any]) -> Job:
-    return Job(run_id, step.node.name, step.node.plugin, step.node.params.model_dump(mode="json"),
-               step.fingerprint, step.manifest, inputs, dict(step.node.node_type.outputs),
-               str(store.root), log, str(log_dir), tracking, step.reason == "forced")
+def make_job(run_id: str, step: Step, upstream: Mapping[str, str], plugins: Plugins,
+             tracking: dict[str, Any]) -> Job:
+    """``upstream``: the fingerprint of each node the step reads from."""
+    node = step.node
+    inputs = {slot: [[upstream[r.node], r.output] for r in refs]
+              for slot, refs in node.inputs.items()}
+    return Job(run_id, node.name, node.plugin, node.params.model_dump(mode="json"),
+               step.fingerprint, step.manifest, inputs, dict(node.node_type.outputs), tracking,
+               step.reason == "forced", node.resources.model_dump(mode="json"),
+               plugins.versions(node.plugin), list(plugins.extra_modules))
 
 
-def resolve_inputs(step: Step, store: Store, fingerprints: dict[str, str]) -> dict[str, Any]:
+def resolve_inputs(job: Job, plugins: Plugins, store: Store) -> dict[str, Any]:
     """Slot -> verified upstream artifact(s), as the node's run() receives them."""
     inputs: dict[str, Any] = {}
-    for slot, spec in step.node.node_type.inputs.items():
-        arts: list[Artifact] = [store.outputs(fingerprints[r.node])[r.output]
-                                for r in step.node.inputs.get(slot, [])]
+    for slot, spec in plugins.node_types[job.plugin].node_type.inputs.items():
+        arts = [store.outputs(fp)[output] for fp, output in job.inputs.get(slot, [])]
         inputs[slot] = arts if spec.many else (arts[0] if arts else None)
     return inputs

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from gptflow.nodes import NodeType
 
 __all__ = ["after_node_run", "after_pipeline_run", "before_node_run", "before_pipeline_run",
-           "on_node_error", "register_node_types", "register_trackers",
+           "on_node_error", "register_executors", "register_node_types", "register_trackers",
            "register_training_callbacks"]
 
 _hookspec = pluggy.HookspecMarker("gptflow")  # private: plugins use gptflow.hookimpl
@@ -52,6 +52,20 @@ def register_trackers(register: Callable[[str, type[BaseModel]], None]) -> None:
         register: call it as ``register(name, options_model)``; ``tracking: {name:
             {...}}`` in a pipeline file (or ``gptflow run --track name``) is then
             validated against ``options_model`` (a :class:`gptflow.Params`).
+
+    Returns:
+        Nothing. All implementations are called.
+    """
+
+
+@_hookspec
+def register_executors(register: Callable[[Any], None]) -> None:
+    """Declare the executors a plugin provides (``gptflow run --executor NAME``).
+
+    Args:
+        register: call it with each executor class, a subclass of
+            :class:`gptflow.executors.Executor` with a ``name`` and an ``options``
+            params model (the ``executor: {NAME: {...}}`` block, ``--executor-opt``).
 
     Returns:
         Nothing. All implementations are called.

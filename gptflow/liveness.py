@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
 import socket
 import threading
 import time
@@ -108,5 +109,16 @@ class Heartbeat:
 
     def _beat(self) -> None:
         while not self._stop.wait(BEAT_S):
-            with contextlib.suppress(OSError):  # a full disk must not kill the run
-                self.path.touch()
+            with contextlib.suppress(OSError):  # a full disk must not kill the run; a
+                os.utime(self.path)  # lease someone broke is not made again
+
+
+def stop_when_gone(owner: Owner) -> None:
+    """Stop this process, as on SIGTERM (a training node saves a checkpoint), when
+    ``owner`` (the process that started it) dies: nothing is published after."""
+    def watch() -> None:
+        while seen_alive(owner) is not False:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="gptflow-watch-owner", daemon=True).start()

@@ -24,6 +24,7 @@ from typing import Any
 import pluggy
 from pydantic import BaseModel
 
+import gptflow
 from gptflow import hookspecs
 from gptflow.errors import did_you_mean, one_line
 from gptflow.nodes import NodeType
@@ -40,6 +41,7 @@ BUILTIN_PLUGINS = (
     "gptflow_synth",
     "gptflow_evaluate",
     "gptflow_mlflow",
+    "gptflow.executors",
 )
 
 
@@ -76,8 +78,21 @@ class Tracker:
     provider: str
 
 
+@dataclass(frozen=True)
+class RegisteredExecutor:
+    """An executor class, its options model, its provider."""
+
+    name: str
+    factory: Any  # a gptflow.executors.Executor subclass
+    options: type[BaseModel]
+    provider: str
+
+
+EXECUTOR_METHODS = ("submit", "next", "cancel", "close")
+
+
 class Plugins:
-    """The typed facade the runner calls: node types, trackers, lifecycle hooks.
+    """The typed facade the runner calls: node types, trackers, executors, lifecycle hooks.
 
     With no plugins at all it still works: every hook is a no-op.
     """
@@ -91,9 +106,11 @@ class Plugins:
         self.loaded = list(loaded)
         self.node_types: dict[str, Registered] = {}
         self.trackers: dict[str, Tracker] = {}
+        self.executors: dict[str, RegisteredExecutor] = {}
         self.hook_errors: list[str] = []  # observers that raised, plugin and hook named
         self._registration("register_node_types", self._register)
         self._registration("register_trackers", self._register_tracker)
+        self._registration("register_executors", self._register_executor)
 
     def _registration(self, hook: str, register: Callable[..., None]) -> None:
         """Call a registration hook one plugin at a time, through pluggy (so tracing
@@ -137,6 +154,33 @@ class Plugins:
             raise PluginError(f"tracker {name!r} is registered twice: by {taken.provider} "
                               f"and by {provider}")
         self.trackers[name] = Tracker(name, options, provider)
+
+    def _register_executor(self, factory: Any, provider: str, plugin: str) -> None:
+        name, options = getattr(factory, "name", None), getattr(factory, "options", None)
+        missing = [m for m in EXECUTOR_METHODS if not callable(getattr(factory, m, None))]
+        if not isinstance(factory, type) or not isinstance(name, str) or missing:
+            raise PluginError(f"{provider}: register() takes a gptflow.executors.Executor "
+                              f"subclass with a name, got {factory!r}"
+                              + (f" (no {', '.join(missing)})" if missing else ""))
+        if not (isinstance(options, type) and issubclass(options, BaseModel)):
+            raise PluginError(f"{provider}: executor {name!r}: options must be a params model "
+                              f"(a gptflow.Params subclass), got {options!r}")
+        taken = self.executors.get(name)
+        if taken:
+            raise PluginError(f"executor {name!r} is registered twice: by {taken.provider} "
+                              f"and by {provider}")
+        self.executors[name] = RegisteredExecutor(name, factory, options, provider)
+
+    def versions(self, node_type: str) -> dict[str, str]:
+        """What a worker must have to compute a node as the driver would: the
+        versions of gptflow, of the node type and of the distribution providing it."""
+        registered = self.node_types[node_type]
+        try:
+            dist = importlib.metadata.version(registered.provider)
+        except (importlib.metadata.PackageNotFoundError, ValueError):
+            dist = ""  # a plugin module by name (GPTFLOW_PLUGINS): its node type version says
+        return {"gptflow": gptflow.__version__, "provider": registered.provider,
+                "provider_version": dist, "node_type": registered.node_type.version}
 
     def provider(self, plugin: object) -> str:
         return self.providers.get(id(plugin), _module_provider(plugin))

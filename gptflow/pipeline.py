@@ -14,9 +14,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import BaseModel, ValidationError
 
-from gptflow.dag import Node, Pipeline, Ref, link, order
+from gptflow.dag import Node, Pipeline, Ref, Resources, link, order
 from gptflow.errors import InputError, Problem, did_you_mean
 from gptflow.interpolate import apply_override, interpolate
 from gptflow.manager import Plugins
@@ -24,15 +25,18 @@ from gptflow.nodes import path_refs
 from gptflow.sources import check_source
 from gptflow.yamlfile import Key, MarkedYAML
 
-TOP_KEYS = ("name", "description", "vars", "nodes", "tracking")
-NODE_KEYS = ("plugin", "description", "inputs", "params")
+TOP_KEYS = ("name", "description", "vars", "nodes", "tracking", "executor")
+NODE_KEYS = ("plugin", "description", "inputs", "params", "resources")
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 
 def load_pipeline(path: str | Path, plugins: Plugins, overrides: Iterable[str] = (),
-                  track: Iterable[str] = ()) -> Pipeline:
+                  track: Iterable[str] = (), executor: str | None = None,
+                  executor_opts: Iterable[str] = ()) -> Pipeline:
     """Parse, interpolate, override and validate a pipeline file; ``track`` turns on
-    more trackers (``gptflow run --track NAME``) with their default options."""
+    more trackers (``gptflow run --track NAME``) with their default options;
+    ``executor`` and ``executor_opts`` (KEY=VALUE) replace the ``executor:`` block
+    (``gptflow run --executor NAME --executor-opt KEY=VALUE``)."""
     path = Path(path)
     loader = MarkedYAML(str(path))
     try:
@@ -75,6 +79,8 @@ def load_pipeline(path: str | Path, plugins: Plugins, overrides: Iterable[str] =
     for name in track:
         tracking.setdefault(name, {})
     pipeline.tracking = _trackers(loader, plugins, tracking)
+    pipeline.executor = _executor(loader, plugins, data.get("executor"), variables, executor,
+                                  executor_opts)
     if loader.problems:  # later checks would only repeat them
         raise InputError(loader.problems)
     raw: dict[str, Node] = {}
@@ -137,6 +143,48 @@ def _trackers(loader: MarkedYAML, plugins: Plugins, tracking: dict[str, Any]
     return valid
 
 
+def _executor(loader: MarkedYAML, plugins: Plugins, block: Any, variables: Mapping[str, Any],
+              choice: str | None, opts: Iterable[str]) -> tuple[str, dict[str, Any]]:
+    """The executor and its validated options: ``executor: {NAME: {options}}`` in the
+    file, its name replaced by ``choice``, options set by ``opts`` (KEY=VALUE)."""
+    key: Key = ("executor",)
+    if block is None:
+        block = {}
+    if not isinstance(block, dict) or len(block) > 1:
+        loader.error(key, "executor is one mapping entry, e.g. executor: {ray: {address: auto}}")
+        block = {}
+    name, options = next(iter(block.items()), ("local", {}))
+    if choice is not None and choice != name:
+        name, options = choice, {}
+        loader.marks[(*key, name)] = (f"--executor {name}", None, None)
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        loader.error((*key, name), f"executor.{name} is a mapping of options")
+        options = {}
+    options = interpolate(options, variables, (*key, name), loader)
+    for item in opts:
+        option, eq, value = item.partition("=")
+        if not eq or not option:
+            loader.error((), f"--executor-opt {item!r}: write KEY=VALUE")
+            continue
+        options[option] = yaml.safe_load(value) if value.strip() else value
+        loader.marks[(*key, name, option)] = (f"--executor-opt {option}", None, None)
+    registered = plugins.executors.get(name)
+    if registered is None:
+        loader.error((*key, name), f"unknown executor {name!r}"
+                     f"{did_you_mean(name, plugins.executors)}; installed: "
+                     f"{', '.join(plugins.executors) or 'none'}", at_key=choice != name)
+        return "local", {}
+    try:
+        valid = registered.options.model_validate(options).model_dump(mode="json")
+    except ValidationError as e:
+        for err in e.errors():
+            _param_error(loader, (*key, name), registered.options, err)
+        return name, {}
+    return name, valid
+
+
 def _node(loader: MarkedYAML, plugins: Plugins, name: str, spec: Any) -> Node | None:
     key: Key = ("nodes", name)
     if not NAME.match(name):
@@ -176,7 +224,18 @@ def _node(loader: MarkedYAML, plugins: Plugins, name: str, spec: Any) -> Node | 
         parsed = [_ref(loader, (*key, "inputs", slot) + ((i,) if isinstance(value, list) else ()),
                        item) for i, item in enumerate(items)]
         refs[slot] = [r for r in parsed if r]
-    return Node(name, node_type, params, refs, str(spec.get("description") or ""))
+    resources = spec.get("resources") or {}
+    if not isinstance(resources, dict):
+        loader.error((*key, "resources"), "resources is a mapping: {cpus, gpus, memory}")
+        return None
+    try:
+        asked = Resources.model_validate(resources)
+    except ValidationError as e:
+        for err in e.errors():
+            _param_error(loader, (*key, "resources"), Resources, err)
+        return None
+    return Node(name, node_type, params, refs, str(spec.get("description") or ""),
+                asked.filled(params))
 
 
 def _ref(loader: MarkedYAML, key: Key, value: Any) -> Ref | None:

@@ -1,74 +1,44 @@
-"""Run a planned pipeline: nodes in dependency order, the run record kept up
-to date in ``run.json``, lifecycle hooks called, progress shown.
-
-With ``jobs=1`` nodes execute in this process; with ``jobs>1`` independent
-nodes execute in parallel worker processes (forkserver), which rebuild the
-plugin manager by module name and send their events back over a queue.
-"""
+"""Run a planned pipeline: nodes in dependency order, handed to an executor (see
+:mod:`gptflow.executors`) as their inputs are published, the run record kept up to
+date in ``run.json``, lifecycle hooks called, progress shown."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import queue
-import signal
-import threading
-import time
-from typing import Any
 
 from gptflow import signals
 from gptflow.console import Display, fmt_duration
 from gptflow.dag import Pipeline
 from gptflow.errors import one_line
-from gptflow.execute import (
-    Done,
-    Event,
-    Failed,
-    Job,
-    Progress,
-    Waiting,
-    execute,
-    make_job,
-    resolve_inputs,
-)
-from gptflow.liveness import Heartbeat, current_owner, seen_alive
-from gptflow.manager import Plugins, load_plugins
+from gptflow.execute import Done, Failed, Progress, Waiting, make_job
+from gptflow.executors import Executor, Outcome
+from gptflow.liveness import Heartbeat, current_owner
+from gptflow.manager import Plugins
 from gptflow.plan import Step, resolve
-from gptflow.records import NodeEntry, NodeStatus, Owner, PipelineInfo, RunRecord, RunStatus
+from gptflow.records import NodeEntry, NodeStatus, PipelineInfo, RunRecord, RunStatus
 from gptflow.signals import Interrupted
 from gptflow.store import CorruptArtifact, Store, now
-
-WORKER_GRACE_S = 60.0  # how long an interrupted worker may take to finish its step
-
-
-def _worker(job: Job, extra_modules: tuple[str, ...], events: Any, runner: Owner,
-            threads: int) -> None:
-    """Entry point of a parallel worker process. It gets its share of the cores
-    (torch reads OMP_NUM_THREADS when first imported; a value set by the user wins),
-    and stops, as on SIGTERM, when the runner that started it dies, so nothing is
-    published after it."""
-    os.environ["GPTFLOW_PLUGINS"] = ",".join(extra_modules)
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-
-    def watch() -> None:
-        while seen_alive(runner) is not False:
-            time.sleep(1.0)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="gptflow-watch-runner", daemon=True).start()
-    with signals.handled():
-        plugins = load_plugins()
-        try:
-            execute(job, plugins, lambda event: events.put((job.node, event)))
-        except Interrupted as e:
-            events.put((job.node, Failed(f"interrupted ({e.name})")))
 
 
 class Runner:
     def __init__(self, pipeline: Pipeline, plugins: Plugins, store: Store, display: Display,
-                 jobs: int = 1) -> None:
-        self.pipeline, self.plugins, self.store = pipeline, plugins, store
-        self.display, self.jobs = display, max(1, jobs)
+                 jobs: int | None = None) -> None:
+        """``jobs``: the local executor's worker processes, as ``--jobs K`` sets them."""
+        self.pipeline, self.plugins, self.store, self.display = pipeline, plugins, store, display
+        name, options = pipeline.executor
+        if jobs is not None and name == "local":
+            options = {**options, "jobs": jobs}
+        self.executor_choice = name, options
+        self._executor: Executor | None = None  # started when a node must run, not before
+
+    @property
+    def executor(self) -> Executor:
+        if self._executor is None:
+            name, options = self.executor_choice
+            registered = self.plugins.executors[name]
+            self._executor = registered.factory(registered.options.model_validate(options),
+                                                self.store, self.plugins, self._progress)
+        return self._executor
 
     def run(self, steps: list[Step], argv: list[str] | None = None) -> RunRecord:
         """Run the steps; returns the run record (also written to run.json)."""
@@ -133,10 +103,10 @@ class Runner:
         nodes = self.record.nodes
         todo = {s.node.name: s for s in steps}
         self.steps = dict(todo)  # as resolved
-        running: dict[str, Any] = {}
-        events: Any = queue.SimpleQueue() if self.jobs == 1 else _context().Queue()
+        running: set[str] = set()
+        finished: list[tuple[str, Outcome]] = []  # decided without the executor
         try:
-            while todo or running:
+            while todo or running or finished:
                 for name, step in list(todo.items()):
                     ups = [nodes[u].status for u in step.node.upstream()]
                     if any(u.blocks for u in ups):
@@ -144,92 +114,73 @@ class Runner:
                         nodes[name].status = NodeStatus.SKIPPED
                         self.display.finished(name, NodeStatus.SKIPPED,
                                              "[dim]skipped: an upstream node failed")
-                    elif all(u.done for u in ups) and len(running) < self.jobs:
+                    elif all(u.done for u in ups) and self._room(len(running)):
                         del todo[name]
-                        running[name] = self._start(step, events)
-                if not running:
+                        outcome = self._start(step)
+                        if outcome is None:
+                            running.add(name)
+                        else:
+                            finished.append((name, outcome))
+                if finished:
+                    node, outcome = finished.pop(0)
+                elif running:
+                    node, outcome = self.executor.next()
+                    running.discard(node)
+                else:
                     continue
-                node, event = events.get() if self.jobs == 1 else self._next(events, running)
-                if self._handle(node, event, self.steps[node]):
-                    proc = running.pop(node)
-                    if proc is not None:
-                        proc.join()
-                    self.store.save_run(self.record)
+                self._handle(node, outcome, self.steps[node])
+                self.store.save_run(self.record)
         except Interrupted:
-            _stop_workers(running)
+            if self._executor is not None:
+                self._executor.cancel()
             raise
+        finally:
+            if self._executor is not None:
+                self._executor.close()
 
-    def _start(self, step: Step, events: Any) -> Any:
+    def _room(self, running: int) -> bool:
+        slots = None if self._executor is None else self._executor.slots
+        return slots is None or running < slots
+
+    def _start(self, step: Step) -> Outcome | None:
+        """Hand a step to the executor; its outcome when there is nothing to run."""
         entry = self.record.nodes[step.node.name]
         upstream = {u: self.record.nodes[u].fingerprint for u in step.node.upstream()}
-        if step.pending:  # its inputs exist now: its real fingerprint, maybe cached
-            step = resolve(step, self.store, upstream)
-            self.steps[step.node.name] = step
-            entry.fingerprint, entry.reason = step.fingerprint, step.reason
         try:
-            inputs = resolve_inputs(step, self.store, upstream)
-            if step.action == "cached":
-                self.store.outputs(step.fingerprint)  # verify before trusting it
+            if step.pending:  # its inputs exist now: its real fingerprint, maybe cached
+                step = resolve(step, self.store, upstream)
+                self.steps[step.node.name] = step
+                entry.fingerprint, entry.reason = step.fingerprint, step.reason
+            if step.action == "cached":  # verified before it is trusted
+                self.store.outputs(step.fingerprint)
+                return Done(NodeStatus.CACHED, self.store.node_record(step.fingerprint).metrics)
         except CorruptArtifact as e:
-            events.put((step.node.name, Failed.corrupt(e, step.node.name)))
-            return None
-        if step.action == "cached":
-            metrics = self.store.node_record(step.fingerprint).metrics
-            events.put((step.node.name, Done(NodeStatus.CACHED, metrics)))
-            return None
+            return Failed.corrupt(e, step.node.name)
         entry.status = NodeStatus.RUNNING
         self.store.save_run(self.record)  # a kill from now on shows the node interrupted
         self.display.started(step.node.name, step.node.plugin, step.reason)
         self.plugins.before_node_run(self.record.run_id, step.node.name, step.node.plugin,
                                      step.fingerprint)
-        job = make_job(self.record.run_id, step, inputs, self.store, entry.log,
-                       self.store.logger_dir(self.record.run_id, step.node.name),
-                       self.pipeline.tracking)
-        if self.jobs == 1:
-            def report(event: Event) -> None:
-                """Progress goes straight to the display; the outcome queues."""
-                if isinstance(event, Progress | Waiting):
-                    self._handle(job.node, event, step)
-                else:
-                    events.put((job.node, event))
+        self.executor.submit(make_job(self.record.run_id, step, upstream, self.plugins,
+                                      self.pipeline.tracking))
+        return None
 
-            execute(job, self.plugins, report)
-            return None
-        threads = max(1, len(os.sched_getaffinity(0)) // self.jobs)
-        proc = _context().Process(target=_worker, args=(job, self.plugins.extra_modules, events,
-                                                        self.record.owner, threads),
-                                  name=f"gptflow-{job.node}")
-        proc.start()
-        return proc
-
-    def _next(self, events: Any, running: dict[str, Any]) -> tuple[str, Event]:
-        while True:
-            try:
-                item: tuple[str, Event] = events.get(timeout=0.2)
-                return item
-            except queue.Empty:
-                for name, proc in running.items():
-                    if proc is not None and proc.exitcode is not None:
-                        time.sleep(0.1)  # let a last message arrive
-                        if events.empty():
-                            return name, Failed(f"worker died (exit code {proc.exitcode})")
-
-    def _handle(self, node: str, event: Event, step: Step) -> bool:
-        """Apply one event; True when the node is finished."""
-        entry = self.record.nodes[node]
-        run_id = self.record.run_id
+    def _progress(self, node: str, event: Progress | Waiting) -> None:
         if isinstance(event, Progress):
             self.display.update(node, event.completed, event.total, event.text)
-            return False
-        if isinstance(event, Waiting):
+        else:
             self.display.line(f"  {node}: waiting for another run that holds its lock")
-            return False
+
+    def _handle(self, node: str, event: Outcome, step: Step) -> None:
+        """Record how a node ended."""
+        entry = self.record.nodes[node]
+        run_id = self.record.run_id
         if isinstance(event, Failed):
             entry.status, entry.error = NodeStatus.FAILED, event.error
             self.display.finished(node, NodeStatus.FAILED,
                                   f"FAILED: {event.error} [dim](log: {entry.log})")
             self.plugins.on_node_error(run_id, node, event.error, entry.log)
-            return True
+            return
         entry.status, entry.metrics = event.status, event.metrics
         entry.warnings = list(event.warnings)
         entry.duration_s, entry.peak_mem_bytes = event.duration_s, event.peak_mem_bytes
@@ -241,24 +192,4 @@ class Runner:
         self.plugins.after_node_run(run_id, node, event.status.value, entry.metrics,
                                     entry.outputs,
                                     self.store.node_record(step.fingerprint).to_json())
-        return True
 
-
-def _stop_workers(running: dict[str, Any]) -> None:
-    """Ask every worker to stop as on SIGTERM (a training node finishes its step
-    and saves a checkpoint), then make sure none is left."""
-    procs = [p for p in running.values() if p is not None and p.is_alive()]
-    for proc in procs:
-        proc.terminate()
-    deadline = time.monotonic() + WORKER_GRACE_S
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-
-
-def _context() -> Any:
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["gptflow.runner"])
-    return ctx

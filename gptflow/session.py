@@ -18,6 +18,7 @@ from pathlib import Path
 
 from gptflow.console import Display, private_console
 from gptflow.dag import Pipeline
+from gptflow.errors import InputError, Problem
 from gptflow.manager import Plugins, load_plugins
 from gptflow.pipeline import load_pipeline
 from gptflow.plan import Step, make_plan
@@ -37,18 +38,25 @@ class Session:
     @classmethod
     def load(cls, path: str | Path, overrides: Iterable[str] = (),
              store: str | Path | Store | None = None, plugins: Plugins | None = None,
-             track: Iterable[str] = ()) -> Session:
-        """Validate ``path`` with ``overrides`` and the trackers in ``track`` turned
-        on (raises InputError, nothing written)."""
+             track: Iterable[str] = (), executor: str | None = None,
+             executor_opts: Iterable[str] = ()) -> Session:
+        """Validate ``path`` with ``overrides``, the trackers in ``track`` turned on
+        and the executor chosen (raises InputError, nothing written)."""
         plugins = plugins or load_plugins()
-        return cls(load_pipeline(path, plugins, overrides, track), plugins,
-                   store if isinstance(store, Store) else Store(store))
+        pipeline = load_pipeline(path, plugins, overrides, track, executor, executor_opts)
+        store = store if isinstance(store, Store) else Store(store)
+        name, options = pipeline.executor
+        registered = plugins.executors[name]
+        problem = registered.factory.problem(registered.options.model_validate(options), store)
+        if problem:
+            raise InputError([Problem(f"executor {name}: {problem}", str(path))])
+        return cls(pipeline, plugins, store)
 
     def plan(self, only: Collection[str] = (), start: Collection[str] = (),
              force: Collection[str] | None = None) -> list[Step]:
         return make_plan(self.pipeline, self.store, only, start, force)
 
-    def run(self, steps: list[Step] | None = None, jobs: int = 1,
+    def run(self, steps: list[Step] | None = None, jobs: int | None = None,
             display: Display | None = None, argv: list[str] | None = None) -> RunRecord:
         """Run ``steps`` (default: the whole plan); returns the run record."""
         steps = self.plan() if steps is None else steps
@@ -58,7 +66,7 @@ class Session:
 
 def run_pipeline(path: str | Path, overrides: Iterable[str] = (),
                  store: str | Path | Store | None = None, only: Collection[str] = (),
-                 force: Collection[str] | None = None, jobs: int = 1,
+                 force: Collection[str] | None = None, jobs: int | None = None,
                  plugins: Plugins | None = None, display: Display | None = None) -> RunRecord:
     """Load, plan and run a pipeline file; returns the run record."""
     session = Session.load(path, overrides, store, plugins)

@@ -6,9 +6,11 @@ Layout under the store root (``.gptflow/`` by default)::
     artifacts/<fingerprint>/<output>/artifact.json + files
     work/<fingerprint>/                          checkpoints that survive a crash
     tmp/                                         staging folders, never trusted
-    locks/<fingerprint>.lock                     one writer per fingerprint
-    runs/<run-id>/run.json, logs/<node>.log, loggers/<node>/ (TensorBoard, W&B)
-    hashes.sqlite                                file hashes by path, size, mtime
+    locks/<fingerprint>.lock                     one writer per fingerprint (a lease)
+    runs/<run-id>/run.json, heartbeat, logs/<node>.log, loggers/<node>/ (trackers),
+                  jobs/<node>.json, events/<node>.jsonl (nodes run by exec-node)
+
+File hashes are cached outside the store, per host (:func:`cache_dir`).
 
 A node writes into a staging folder; :meth:`Store.publish` writes the checksums
 and makes it visible with one atomic rename, so a crash at any moment leaves
@@ -19,13 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import hashlib
 import json
 import os
 import secrets
 import shutil
+import socket
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,16 +36,26 @@ from typing import Any
 from pydantic import ValidationError
 
 from gptflow.errors import one_line
-from gptflow.liveness import alive, pid_alive
+from gptflow.liveness import LEASE_S, Heartbeat, alive, current_owner, pid_alive
 from gptflow.nodes import Artifact
-from gptflow.records import NodeRecord, NodeStatus, RunRecord, RunStatus
+from gptflow.records import NodeRecord, NodeStatus, Owner, RunRecord, RunStatus
 
 FORMAT_VERSION = 1
 CHUNK = 1 << 20
+LOCK_POLL_S = 0.1
 
 
 def default_root() -> Path:
     return Path(os.environ.get("GPTFLOW_STORE", ".gptflow"))
+
+
+def cache_dir() -> Path:
+    """What this machine keeps for itself: $GPTFLOW_CACHE_DIR, else
+    $XDG_CACHE_HOME/gptflow, else ~/.cache/gptflow."""
+    if os.environ.get("GPTFLOW_CACHE_DIR"):
+        return Path(os.environ["GPTFLOW_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "gptflow"
 
 
 def canonical_json(value: Any) -> str:
@@ -102,10 +115,16 @@ class Store:
         return self.run_dir(run_id) / "loggers" / node
 
     # -- content hashes, remembered by (path, size, mtime, ctime, inode) -----
+    @property
+    def hash_cache(self) -> Path:
+        """The file-hash cache: per host and outside the store, so a store on a shared
+        file system holds no SQLite database (whose locking such file systems break)."""
+        return cache_dir() / f"hashes-{socket.gethostname()}.sqlite"
+
     def _hashes(self) -> sqlite3.Connection:
         if self._db is None:
-            self.root.mkdir(parents=True, exist_ok=True)
-            path = self.root / "hashes.sqlite"
+            path = self.hash_cache
+            path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 self._db = _open_hashes(path)
             except sqlite3.DatabaseError:  # a cache: rebuilt, never a reason to fail
@@ -256,24 +275,29 @@ class Store:
     @contextlib.contextmanager
     def lock(self, fingerprint: str, on_wait: Callable[[], None] | None = None,
              wait: bool = True) -> Iterator[bool]:
-        """Hold the one-writer lock of a fingerprint (released if the process dies);
-        yields whether it is held (only ``wait=False`` gives up on a held lock)."""
+        """Hold the one-writer lock of a fingerprint; yields whether it is held (only
+        ``wait=False`` gives up on a held lock). A lock file created atomically, naming
+        its owner and kept fresh as a lease, so it works on a file system several
+        machines share (where ``flock`` may not) and dies with its owner."""
         path = self.root / "locks" / f"{fingerprint}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if not wait:
-                    yield False
-                    return
-                if on_wait:
-                    on_wait()
-                fcntl.flock(f, fcntl.LOCK_EX)
-            try:
+        mine = _lock_token()
+        waited = False
+        while not _take_lock(path, mine):
+            if not wait:
+                yield False
+                return
+            if on_wait and not waited:
+                on_wait()
+                waited = True
+            time.sleep(LOCK_POLL_S)
+        try:
+            with Heartbeat(path):
                 yield True
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        finally:
+            with contextlib.suppress(OSError):
+                if path.read_text(encoding="utf-8") == mine:  # not broken and re-taken
+                    path.unlink()
 
     # -- runs --------------------------------------------------------------------
     def new_run_id(self) -> str:
@@ -353,6 +377,58 @@ def _read_artifact(path: Path) -> tuple[Artifact, dict[str, tuple[int, str]]]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CorruptArtifact(f"{path}/artifact.json: unreadable ({one_line(e)})") from None
     return found, files
+
+
+def _lock_token() -> str:
+    return canonical_json({"owner": current_owner().to_json(), "token": secrets.token_hex(8)})
+
+
+def _take_lock(path: Path, mine: str) -> bool:
+    """Create the lock file, or break it if its owner is dead (seen so from this host,
+    or its lease expired) and try again once."""
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if not _lock_dead(path):
+                return False
+            _break_lock(path)
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(mine)
+        return True
+    return False
+
+
+def _lock_dead(path: Path) -> bool:
+    try:
+        text = path.read_text(encoding="utf-8")
+        owner = Owner.model_validate(json.loads(text)["owner"])
+    except FileNotFoundError:
+        return False  # released meanwhile: simply try again
+    except (OSError, ValueError, KeyError, TypeError):  # being written, or damaged
+        try:
+            return time.time() - path.stat().st_mtime > LEASE_S
+        except FileNotFoundError:
+            return False
+    return not alive(owner, path)
+
+
+def _break_lock(path: Path) -> None:
+    """Set a dead owner's lock aside. If another process broke it and took the lock
+    meanwhile, what was set aside is that live lock: it goes back."""
+    try:
+        seen = path.read_text(encoding="utf-8")
+        aside = path.with_name(f"{path.name}.broken.{secrets.token_hex(4)}")
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    try:
+        if aside.read_text(encoding="utf-8") != seen:
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, path)
+    finally:
+        aside.unlink(missing_ok=True)
 
 
 def _open_hashes(path: Path) -> sqlite3.Connection:

@@ -13,8 +13,10 @@ SHARED_DATA = TESTS.parent.parent / "shared" / "data"
 
 
 @pytest.fixture(autouse=True)
-def _toy_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test sees the toy node types and no third-party autoload."""
+def _toy_plugins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Every test sees the toy node types, no third-party autoload, a hash cache of
+    its own."""
+    monkeypatch.setenv("GPTFLOW_CACHE_DIR", str(tmp_path / "host-cache"))
     monkeypatch.setenv("GPTFLOW_PLUGINS", "toy_nodes")
     monkeypatch.setenv("GPTFLOW_DISABLE_PLUGIN_AUTOLOAD", "1")
     monkeypatch.setenv("PYTHONPATH", str(TESTS))

@@ -18,6 +18,7 @@ import pytest
 from conftest import TESTS, spawn, wait_for
 
 from gptflow.ml.corpora import reviews
+from gptflow.store import Store
 
 TRAIN = """\
 name: train
@@ -245,9 +246,10 @@ def test_one_bad_metadata_file_never_breaks_the_store(run_pipeline, capfd):
     fixed = run_pipeline(TOY, "--force", "a")
     assert fixed.code == 0, fixed.out + fixed.err
 
-    (store / "hashes.sqlite").write_bytes(b"garbage " * 100)
+    cache = Store(store).hash_cache
+    cache.write_bytes(b"garbage " * 100)
     for suffix in ("-wal", "-shm"):
-        (store / f"hashes.sqlite{suffix}").unlink(missing_ok=True)
+        cache.with_name(cache.name + suffix).unlink(missing_ok=True)
     again = run_pipeline(TOY)
     assert again.code == 0, again.out + again.err
     assert again.record["nodes"]["a"]["status"] == "cached"  # verified with a rebuilt cache
@@ -280,7 +282,7 @@ def test_byte_flip_with_mtime_restored_is_found_and_refused(run_pipeline, tmp_pa
     data[-3] ^= 0x01
     weights.write_bytes(bytes(data))
     assert main(["verify", "--store", store]) == 0  # re-hashed once: the cache is fresh
-    db = sqlite3.connect(Path(store) / "hashes.sqlite")
+    db = sqlite3.connect(Store(store).hash_cache)
     with db:
         db.execute("UPDATE files SET sha256 = ? WHERE path = ?",
                    ("0" * 64, str(weights.resolve())))

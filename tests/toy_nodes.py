@@ -118,10 +118,13 @@ def run_misbehave(ctx: Context, inputs: dict[str, Any], p: MisbehaveParams) -> A
 
 
 def run_threads(ctx: Context, inputs: dict[str, Any], p: TextParams) -> dict[str, Any]:
+    """How many threads torch has here, and when it ran (two seconds)."""
     import torch
 
+    started = time.time()
     (ctx.output_dir("data") / "text.txt").write_text(p.text)
-    return {"threads": torch.get_num_threads()}
+    time.sleep(2.0)
+    return {"threads": torch.get_num_threads(), "started": started, "ended": time.time()}
 
 
 @hookimpl

@@ -1,0 +1,272 @@
+"""The ray executor on a real local Ray cluster (127.0.0.1, 2 CPUs): the same
+artifacts as local, resources and threads, a lost worker, two drivers, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TESTS, spawn, wait_for
+
+from gptflow.cli import main
+from gptflow.store import Store
+
+# before ray is imported, which reads it once: 127.0.0.1 stays 127.0.0.1 (servers in tests
+# bind to it alone) instead of being replaced by this machine's address
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+ray_cluster_utils = pytest.importorskip("ray.cluster_utils", reason="needs the ray extra")
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A Ray head on 127.0.0.1 with 2 CPUs; its workers import the toy plugins."""
+    saved = dict(os.environ)
+    os.environ["PYTHONPATH"] = str(TESTS)
+    head = ray_cluster_utils.Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "object_store_memory": 80 << 20, "include_dashboard": False,
+        "node_ip_address": "127.0.0.1"})
+    try:
+        yield head
+    finally:
+        head.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def ray_args(cluster, *more: str) -> list[str]:
+    return ["--executor", "ray", "--executor-opt", f"address={cluster.address}", *more]
+
+
+INDEPENDENT = """\
+name: fan
+nodes:
+  a: {plugin: text, params: {text: alpha}}
+  b: {plugin: text, params: {text: beta, repeat: 3}}
+  c: {plugin: concat, inputs: {parts: [a, b]}}
+"""
+
+
+def files_of(record: dict, store: Path) -> dict[str, tuple[str, dict]]:
+    found = {}
+    for name, node in record["nodes"].items():
+        artifact = json.loads((Path(node["outputs"]["data"]) / "artifact.json").read_text())
+        found[name] = (node["fingerprint"], artifact["files"])
+    return found
+
+
+def test_same_artifacts_as_local_and_a_second_run_submits_nothing(run_pipeline, cluster,
+                                                                   tmp_path):
+    local = run_pipeline(INDEPENDENT, "--store", str(tmp_path / "local"))
+    assert local.code == 0, local.out + local.err
+    on_ray = run_pipeline(INDEPENDENT, *ray_args(cluster))
+    assert on_ray.code == 0, on_ray.out + on_ray.err
+    assert [n["status"] for n in on_ray.record["nodes"].values()] == ["ran"] * 3
+    local_record = Store(tmp_path / "local").load_run(Store(tmp_path / "local")
+                                                      .resolve_run("latest")).to_json()
+    assert files_of(on_ray.record, on_ray.store.root) == files_of(local_record, tmp_path)
+    run_id = on_ray.record["run_id"]
+    assert sorted(p.name for p in (on_ray.store.run_dir(run_id) / "jobs").iterdir()) == \
+        ["a.json", "b.json", "c.json"]  # the job specs that were shipped
+    spec = (on_ray.store.run_dir(run_id) / "jobs" / "c.json").read_text()
+    assert str(tmp_path) not in spec  # a job spec names no path of this machine
+
+    again = run_pipeline(INDEPENDENT, *ray_args(cluster))
+    assert again.code == 0
+    assert [n["status"] for n in again.record["nodes"].values()] == ["cached"] * 3
+    assert not (again.store.run_dir(again.record["run_id"]) / "jobs").exists()  # no task
+
+
+TWO_THREADED = """\
+name: threads
+nodes:
+  x: {plugin: threads, params: {text: x}, resources: {cpus: 1}}
+  y: {plugin: threads, params: {text: y}, resources: {cpus: 1}}
+"""
+
+
+def test_two_one_cpu_nodes_run_at_once_with_one_thread_each(run_pipeline, cluster):
+    result = run_pipeline(TWO_THREADED, *ray_args(cluster))
+    assert result.code == 0, result.out + result.err
+    x, y = (result.record["nodes"][n]["metrics"] for n in ("x", "y"))
+    assert x["threads"] == y["threads"] == 1
+    assert max(x["started"], y["started"]) < min(x["ended"], y["ended"])  # side by side
+
+
+def tiny_training(corpus: Path, steps: int, **trainer: str) -> str:
+    extra = "".join(f", {k}: {v}" for k, v in trainer.items())
+    return f"""\
+name: tiny
+nodes:
+  tok:
+    plugin: tokenize
+    params: {{corpus: ["{corpus}"], vocab_size: 320, val_fraction: 0.1}}
+  base:
+    plugin: pretrain
+    inputs: {{tokens: tok.tokens}}
+    params:
+      model: {{preset: tiny, context: 32}}
+      trainer: {{max_steps: {steps}{extra}}}
+      optim: {{lr: 3.0e-3, warmup_steps: 5}}
+      batch_size: 8
+"""
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    from gptflow.ml.corpora import reviews
+
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in reviews(400)))
+    return path
+
+
+def exec_nodes(store: Path) -> list[int]:
+    """The pids of the exec-node processes working on ``store``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"exec-node" in argv and str(store).encode() in argv:
+                found.append(int(proc.name))
+    return found
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def checkpointed(store: Path) -> bool:
+    return any(store.glob("work/*/checkpoints/last.ckpt"))
+
+
+def test_a_lost_worker_fails_the_node_and_the_next_run_resumes(tmp_path, corpus, cluster):
+    (tmp_path / "p.yaml").write_text(tiny_training(corpus, 200, checkpoint_every=10))
+    store = tmp_path / ".gptflow"
+    driver = spawn(tmp_path, "run", "p.yaml", *ray_args(cluster))
+    try:
+        wait_for(lambda: checkpointed(store) and exec_nodes(store), timeout=240)
+        (worker,) = exec_nodes(store)
+        os.kill(parent_of(worker), signal.SIGKILL)  # the Ray worker that runs the task
+        out, err = driver.communicate(timeout=180)
+    finally:
+        driver.kill()
+    assert driver.returncode == 1, out + err
+    record = Store(store).load_run(Store(store).resolve_run("latest"))
+    base = record.nodes["base"]
+    assert base.status == "failed" and "lost its Ray worker" in base.error
+    assert not Store(store).has(base.fingerprint)  # nothing half-written is trusted
+    wait_for(lambda: not exec_nodes(store), timeout=120)  # it stopped with its worker
+
+    rerun = spawn(tmp_path, "run", "p.yaml", *ray_args(cluster))
+    out, err = rerun.communicate(timeout=400)
+    assert rerun.returncode == 0, out + err
+    metrics = Store(store).load_run(Store(store).resolve_run("latest")).nodes["base"].metrics
+    assert metrics["resumed_from_step"] >= 10 and metrics["steps"] == 200
+
+
+def test_ctrl_c_on_the_driver_cancels_the_tasks(tmp_path, corpus, cluster):
+    (tmp_path / "p.yaml").write_text(tiny_training(corpus, 400, checkpoint_every=10))
+    store = tmp_path / ".gptflow"
+    driver = spawn(tmp_path, "run", "p.yaml", *ray_args(cluster))
+    try:
+        wait_for(lambda: checkpointed(store) and exec_nodes(store), timeout=240)
+        driver.send_signal(signal.SIGINT)
+        out, err = driver.communicate(timeout=180)
+    finally:
+        driver.kill()
+    assert driver.returncode == 130, out + err
+    record = Store(store).load_run(Store(store).resolve_run("latest"))
+    assert record.status == "interrupted" and record.nodes["base"].status == "interrupted"
+    wait_for(lambda: not exec_nodes(store), timeout=120)  # the task is gone too
+
+
+SLOW_PAIR = """\
+name: pair
+nodes:
+  s: {plugin: slow, params: {chunks: 20, seconds: 0.1}, resources: {cpus: 1}}
+  t: {plugin: slow, params: {chunks: 21, seconds: 0.1}, resources: {cpus: 1}}
+"""
+
+
+def test_two_drivers_on_one_store_compute_each_node_once(tmp_path, cluster):
+    (tmp_path / "p.yaml").write_text(SLOW_PAIR)
+    drivers = [spawn(tmp_path, "run", "p.yaml", *ray_args(cluster)) for _ in range(2)]
+    for driver in drivers:
+        out, err = driver.communicate(timeout=300)
+        assert driver.returncode == 0, out + err
+    store = Store(tmp_path / ".gptflow")
+    records, problems = store.runs()
+    assert len(records) == 2 and not problems
+    for node in ("s", "t"):
+        statuses = sorted(r.nodes[node].status.value for r in records)
+        assert statuses == ["cached", "ran"], (node, statuses)
+    assert main(["verify", "--all", "--store", str(store.root)]) == 0
+
+
+def model_sha(store: Path) -> str:
+    record = Store(store).load_run(Store(store).resolve_run("latest"))
+    folder = Path(record.nodes["base"].outputs["model"])
+    return json.loads((folder / "artifact.json").read_text())["files"]["model.safetensors"][
+        "sha256"]
+
+
+def test_ddp_under_ray_gives_the_model_local_ddp_gives(tmp_path, corpus, cluster):
+    (tmp_path / "p.yaml").write_text(
+        tiny_training(corpus, 12, strategy="ddp", accelerator="cpu", devices=2))
+    for store, extra in (("local", []), ("ray", ray_args(cluster))):
+        run = subprocess.run([sys.executable, "-m", "gptflow.cli", "run", "p.yaml", "--store",
+                              store, *extra], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=400)
+        assert run.returncode == 0, run.stdout + run.stderr
+    log = Path(Store(tmp_path / "ray").load_run(Store(tmp_path / "ray").resolve_run("latest"))
+               .nodes["base"].log).read_text()
+    assert "Starting with 2 processes" in log
+    assert model_sha(tmp_path / "ray") == model_sha(tmp_path / "local")
+
+
+def test_a_worker_with_other_code_refuses_the_job(run_pipeline, tmp_path, monkeypatch, capfd):
+    from gptflow.execute import make_job
+    from gptflow.executors import event_stream, write_job
+    from gptflow.session import Session
+
+    path = tmp_path / "p.yaml"
+    path.write_text(INDEPENDENT)
+    session = Session.load(path, store=tmp_path / ".gptflow")
+    step = session.plan()[0]
+    job = make_job("20260101-000000.000-abcd", step, {}, session.plugins, {})
+    job.versions["gptflow"] = "0.0.1"
+    write_job(session.store, job)
+    capfd.readouterr()
+    code = main(["exec-node", job.run_id, job.node, "--store", str(session.store.root)])
+    err = capfd.readouterr().err
+    assert code == 2
+    assert "refused: this worker's code differs from the driver's (gptflow" in err
+    assert "0.0.1 on the driver" in err
+    assert not session.store.has(job.fingerprint)
+    (line,) = event_stream(session.store, job.run_id, job.node).read_text().splitlines()
+    assert json.loads(line)["event"] == "Failed"
+
+
+def test_a_remote_cluster_needs_a_shared_store(run_pipeline):
+    remote = ["--executor", "ray", "--executor-opt", "address=10.1.2.3:6379"]
+    result = run_pipeline(INDEPENDENT, *remote, verb="validate")
+    assert result.code == 2
+    assert "executor ray: the store" in result.err and "only this machine sees" in result.err
+    told = run_pipeline(INDEPENDENT, *remote, "--executor-opt", "shared_store=true",
+                        verb="validate")
+    assert told.code == 0, told.err
+    unknown = run_pipeline(INDEPENDENT, "--executor", "rya", verb="validate")
+    assert unknown.code == 2
+    assert "--executor rya: error: unknown executor 'rya'; did you mean 'ray'?" in unknown.err
+    jobs = run_pipeline(INDEPENDENT, *remote, "--executor-opt", "shared_store=true", "-j", "2")
+    assert jobs.code == 2 and "--jobs is the local executor's" in jobs.err
