@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, WithJsonSchema, field_validator
 
 from gptflow.errors import did_you_mean
 from gptflow.nodes import NodeType, Params
@@ -39,7 +39,9 @@ class Resources(Params):
     """CPU cores; also the node's torch threads (OMP_NUM_THREADS) under Ray."""
     gpus: float | None = Field(None, ge=0)
     """GPUs (fractions share one)."""
-    memory: int | None = Field(None, gt=0)
+    memory: Annotated[int | None, WithJsonSchema({"anyOf": [
+        {"type": "integer", "exclusiveMinimum": 0}, {"type": "string"}, {"type": "null"}]})
+    ] = Field(None, gt=0)
     """Memory in bytes, or with a unit: 512MB, 8GiB."""
 
     @field_validator("memory", mode="before")

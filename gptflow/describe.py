@@ -15,6 +15,7 @@ from pydantic.json_schema import models_json_schema
 from pydantic_core import PydanticUndefined
 from rich.table import Table
 
+from gptflow.dag import Resources
 from gptflow.manager import Plugins
 from gptflow.nodes import NodeType
 
@@ -60,7 +61,12 @@ def pipeline_schema(plugins: Plugins) -> dict[str, Any]:
         (plugins.node_types[n].node_type.params, "validation") for n in names]
     tracker_models: list[tuple[type[BaseModel], Literal["validation"]]] = [
         (plugins.trackers[n].options, "validation") for n in trackers]
-    refs, defs = models_json_schema(models + tracker_models, ref_template="#/$defs/{model}")
+    executors = sorted(plugins.executors)
+    executor_models: list[tuple[type[BaseModel], Literal["validation"]]] = [
+        (plugins.executors[n].options, "validation") for n in executors]
+    resources: tuple[type[BaseModel], Literal["validation"]] = (Resources, "validation")
+    refs, defs = models_json_schema(models + tracker_models + executor_models + [resources],
+                                    ref_template="#/$defs/{model}")
     variants = []
     for name, model in zip(names, models, strict=True):
         node_type = plugins.node_types[name].node_type
@@ -76,6 +82,7 @@ def pipeline_schema(plugins: Plugins) -> dict[str, Any]:
                               else {"type": "string"})}
                     for slot, spec in node_type.inputs.items()}},
                 "params": refs[model],
+                "resources": refs[resources],
             },
             "required": ["plugin"],
             "additionalProperties": False,
@@ -97,6 +104,11 @@ def pipeline_schema(plugins: Plugins) -> dict[str, Any]:
                          "options (gptflow run --track NAME turns one on too)",
                          "additionalProperties": False,
                          "properties": {n: refs[m] for n, m in zip(trackers, tracker_models,
+                                                                     strict=True)}},
+            "executor": {"type": "object", "description": "where nodes run: one executor "
+                         "and its options (gptflow run --executor NAME replaces it)",
+                         "maxProperties": 1, "additionalProperties": False,
+                         "properties": {n: refs[m] for n, m in zip(executors, executor_models,
                                                                      strict=True)}},
         },
         "$defs": {name: _interpolable(d) for name, d in defs.get("$defs", {}).items()},

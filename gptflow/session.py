@@ -47,7 +47,8 @@ class Session:
         store = store if isinstance(store, Store) else Store(store)
         name, options = pipeline.executor
         registered = plugins.executors[name]
-        problem = registered.factory.problem(registered.options.model_validate(options), store)
+        problem = registered.factory.problem(registered.options.model_validate(options), store,
+                                             pipeline)
         if problem:
             raise InputError([Problem(f"executor {name}: {problem}", str(path))])
         return cls(pipeline, plugins, store)

@@ -397,6 +397,50 @@ def test_a_run_in_another_pid_namespace_leaves_a_live_run_alone(tmp_path):
     assert "killed" in spawn(tmp_path, "show", run_id).communicate()[0]
 
 
+HOST_B = ("unshare", "--uts", "--pid", "--fork", "--mount-proc", "--kill-child", "sh", "-c",
+          'hostname host-b && exec "$0" "$@"')  # another host's identity, on this machine
+
+
+def test_two_hosts_on_one_store_respect_each_others_live_work(tmp_path):
+    """What host B holds (its run, its staging, its lock) is alive to host A while B's
+    leases are fresh, whatever A's pid checks say; once they expire, A takes over."""
+    if subprocess.run([*HOST_B[:-3], "true"], capture_output=True).returncode != 0:
+        pytest.skip("this machine does not allow UTS and PID namespaces")
+    (tmp_path / "p.yaml").write_text(SLOW.replace("chunks: 40", "chunks: 300"))
+    store = tmp_path / ".gptflow"
+    b = spawn(tmp_path, "run", "p.yaml", prefix=HOST_B)
+    a = None
+    try:
+        wait_for(lambda: (store / "work").is_dir() and any(store.glob("work/*/done")),
+                 timeout=60)
+        b_run = latest(store)
+        assert b_run["owner"]["host"] == "host-b"
+        staging = list(store.glob("tmp/*"))
+        a = spawn(tmp_path, "run", "p.yaml")  # host A: the same node, the same store
+        wait_for(lambda: len(list(store.glob("runs/*/run.json"))) == 2, timeout=60)
+        time.sleep(3.0)  # A has planned, cleaned and found the lock taken
+        assert a.poll() is None  # waiting for B's lock, not breaking it
+        assert all(p.exists() for p in staging)  # B's staging is B's
+        b.kill()  # host B is gone: nobody there to say so
+        b.communicate()
+        shown = spawn(tmp_path, "show", b_run["run_id"]).communicate()[0]
+        assert "running" in shown  # from host A, only B's lease can tell, and it is fresh
+        old = time.time() - 600
+        for lease in [*store.glob("locks/*.lock"), store / "runs" / b_run["run_id"] /
+                      "heartbeat"]:
+            os.utime(lease, (old, old))  # ... until it expires
+        out, err = a.communicate(timeout=120)
+        assert a.returncode == 0, out + err
+        assert "waiting for another run that holds its lock" in out
+    finally:
+        for proc in (b, a):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert "killed" in spawn(tmp_path, "show", b_run["run_id"]).communicate()[0]
+    assert latest(store)["nodes"]["s"]["metrics"]["resumed_from"] > 0  # from B's work
+
+
 def test_leftovers_of_crashes_are_cleaned_by_the_next_run(run_pipeline):
     first = run_pipeline(TOY)
     store = first.store.root

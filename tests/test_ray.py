@@ -99,6 +99,21 @@ def test_two_one_cpu_nodes_run_at_once_with_one_thread_each(run_pipeline, cluste
     assert max(x["started"], y["started"]) < min(x["ended"], y["ended"])  # side by side
 
 
+def test_nodes_too_big_for_one_ray_node_run_on_two(run_pipeline, cluster):
+    """Two Ray nodes of 2 CPUs each (on this one machine): two nodes asking for 2 CPUs
+    run at once, one on each, each with 2 torch threads."""
+    second = cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
+    try:
+        cluster.wait_for_nodes()
+        result = run_pipeline(TWO_THREADED.replace("cpus: 1", "cpus: 2"), *ray_args(cluster))
+    finally:
+        cluster.remove_node(second)
+    assert result.code == 0, result.out + result.err
+    x, y = (result.record["nodes"][n]["metrics"] for n in ("x", "y"))
+    assert x["threads"] == y["threads"] == 2
+    assert max(x["started"], y["started"]) < min(x["ended"], y["ended"])
+
+
 def tiny_training(corpus: Path, steps: int, **trainer: str) -> str:
     extra = "".join(f", {k}: {v}" for k, v in trainer.items())
     return f"""\
@@ -172,6 +187,24 @@ def test_a_lost_worker_fails_the_node_and_the_next_run_resumes(tmp_path, corpus,
     assert rerun.returncode == 0, out + err
     metrics = Store(store).load_run(Store(store).resolve_run("latest")).nodes["base"].metrics
     assert metrics["resumed_from_step"] >= 10 and metrics["steps"] == 200
+
+
+def test_with_retries_a_lost_worker_is_run_again_from_its_checkpoint(tmp_path, corpus,
+                                                                     cluster):
+    (tmp_path / "p.yaml").write_text(tiny_training(corpus, 120, checkpoint_every=10))
+    store = tmp_path / ".gptflow"
+    driver = spawn(tmp_path, "run", "p.yaml", *ray_args(cluster, "--executor-opt",
+                                                        "retries=1"))
+    try:
+        wait_for(lambda: checkpointed(store) and exec_nodes(store), timeout=240)
+        (worker,) = exec_nodes(store)
+        os.kill(parent_of(worker), signal.SIGKILL)
+        out, err = driver.communicate(timeout=400)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, out + err
+    base = Store(store).load_run(Store(store).resolve_run("latest")).nodes["base"]
+    assert base.status == "ran" and base.metrics["resumed_from_step"] >= 10
 
 
 def test_ctrl_c_on_the_driver_cancels_the_tasks(tmp_path, corpus, cluster):
@@ -268,5 +301,29 @@ def test_a_remote_cluster_needs_a_shared_store(run_pipeline):
     unknown = run_pipeline(INDEPENDENT, "--executor", "rya", verb="validate")
     assert unknown.code == 2
     assert "--executor rya: error: unknown executor 'rya'; did you mean 'ray'?" in unknown.err
+    across = run_pipeline(
+        "name: n\nnodes:\n  t: {plugin: tokenize, params: {corpus: [builtin:reviews]}}\n"
+        "  b: {plugin: pretrain, inputs: {tokens: t.tokens}, params: {trainer: {num_nodes: 2}}}\n",
+        "--executor", "ray", verb="validate")
+    assert across.code == 2 and "node 'b' trains across 2 machines" in across.err
     jobs = run_pipeline(INDEPENDENT, *remote, "--executor-opt", "shared_store=true", "-j", "2")
     assert jobs.code == 2 and "--jobs is the local executor's" in jobs.err
+
+
+def test_resources_are_checked_and_never_fingerprinted(run_pipeline, tmp_path):
+    from gptflow.session import Session
+
+    bad = run_pipeline(INDEPENDENT.replace("{text: alpha}}", "{text: alpha}, resources: "
+                                           "{cpus: 0, memory: 8 parsecs}}"), verb="validate")
+    assert bad.code == 2
+    assert ":3:" in bad.err and "greater than 0" in bad.err and "'8 parsecs'" in bad.err
+    plain, asked = (tmp_path / "plain.yaml", tmp_path / "asked.yaml")
+    plain.write_text(INDEPENDENT)
+    asked.write_text(INDEPENDENT.replace("{text: alpha}}", "{text: alpha}, resources: "
+                                         "{cpus: 2, gpus: 1, memory: 8GiB}}"))
+    one, two = (Session.load(p, store=tmp_path / "s") for p in (plain, asked))
+    assert [s.fingerprint for s in one.plan()] == [s.fingerprint for s in two.plan()]
+    node = two.pipeline.nodes["a"]
+    assert node.resources.model_dump() == {"cpus": 2, "gpus": 1, "memory": 8 << 30}
+    assert one.pipeline.nodes["a"].resources.model_dump() == {"cpus": 1, "gpus": 0,
+                                                              "memory": None}

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from gptflow import Params, hookimpl
+from gptflow.dag import Pipeline
 from gptflow.execute import Done, Failed, Job, Progress, Waiting, event_from_json
 from gptflow.manager import Plugins
 from gptflow.records import NodeStatus
@@ -54,8 +55,9 @@ class Executor:
         return None
 
     @classmethod
-    def problem(cls, options: Any, store: Store) -> str | None:
-        """Why this executor cannot run on this store, in one line (or None)."""
+    def problem(cls, options: Any, store: Store, pipeline: Pipeline) -> str | None:
+        """Why this executor cannot run this pipeline on this store, in one line (or
+        None): checked by ``gptflow validate``, before anything runs."""
         return None
 
     def submit(self, job: Job) -> None:

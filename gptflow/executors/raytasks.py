@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 from pydantic import Field
 
 from gptflow import Params, signals
+from gptflow.dag import Pipeline
 from gptflow.execute import Job
 from gptflow.executors import (
     EventReader,
@@ -80,7 +81,13 @@ class Ray(Executor):
                     and k != "GPTFLOW_STORE"}
 
     @classmethod
-    def problem(cls, options: Any, store: Store) -> str | None:
+    def problem(cls, options: Any, store: Store, pipeline: Pipeline) -> str | None:
+        for node in pipeline.nodes.values():
+            nodes = getattr(getattr(node.params, "trainer", None), "num_nodes", 1)
+            if nodes > 1:
+                return (f"node {node.name!r} trains across {nodes} machines (trainer.num_nodes),"
+                        " which one Ray task cannot; start it under torchrun or SLURM "
+                        "(README: Scaling out)")
         if not _is_remote(options.address) or options.store:
             return None
         shared = options.shared_store
