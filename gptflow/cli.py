@@ -230,9 +230,12 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     if not args.name:
         console.print(node_types_table(plugins))
         console.print(plugins_table(plugins))
-        for kind, found in (("executors", plugins.executors), ("trackers", plugins.trackers)):
-            console.print(f"{kind}: " + (", ".join(f"{name} ({r.provider})" for name, r in
-                                                   sorted(found.items())) or "none"))
+        providers: dict[str, dict[str, str]] = {
+            "executors": {n: r.provider for n, r in plugins.executors.items()},
+            "trackers": {n: t.provider for n, t in plugins.trackers.items()}}
+        for kind, found in providers.items():
+            console.print(f"{kind}: " + (", ".join(f"{name} ({provider})" for name, provider
+                                                   in sorted(found.items())) or "none"))
         for p in plugins.loaded:
             if p.imported_torch:
                 console.print(f"[yellow]warning: plugin {p.name} imports torch when loaded "
