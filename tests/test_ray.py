@@ -83,6 +83,17 @@ def test_same_artifacts_as_local_and_a_second_run_submits_nothing(run_pipeline, 
     assert not (again.store.run_dir(again.record["run_id"]) / "jobs").exists()  # no task
 
 
+def test_without_an_address_a_ray_of_its_own_is_started(tmp_path):
+    (tmp_path / "p.yaml").write_text(INDEPENDENT)
+    driver = spawn(tmp_path, "run", "p.yaml", "--executor", "ray", "--executor-opt",
+                   "num_cpus=1")
+    out, err = driver.communicate(timeout=240)
+    assert driver.returncode == 0, out + err
+    record = Store(tmp_path / ".gptflow").load_run(Store(tmp_path / ".gptflow")
+                                                   .resolve_run("latest"))
+    assert [n.status for n in record.nodes.values()] == ["ran"] * 3
+
+
 TWO_THREADED = """\
 name: threads
 nodes:

@@ -57,7 +57,8 @@ class RayOptions(Params):
     """Whether every machine of the cluster sees the store; default: judged by its
     file system (NFS, SMB, Lustre, GPFS, CephFS, FUSE mounts count as shared)."""
     num_cpus: int | None = Field(None, ge=1)
-    """CPUs of a local Ray started for this run (default: all of them)."""
+    """Without an address: start a Ray of this run's own with this many CPUs (default:
+    a running local Ray, else one started with every CPU)."""
 
 
 class Ray(Executor):
@@ -71,10 +72,11 @@ class Ray(Executor):
 
         self.ray = ray
         self.connected = not ray.is_initialized()  # by this executor, which disconnects
-        if self.connected:
-            extra = {"num_cpus": options.num_cpus} if options.num_cpus else {}
-            ray.init(address=options.address, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False, **extra)
+        if self.connected:  # num_cpus: a Ray of its own, whatever else runs here
+            own = {"address": "local", "num_cpus": options.num_cpus} \
+                if options.num_cpus and options.address is None else {"address": options.address}
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     **own)
         self.task = ray.remote(exec_node_task)
         self.running: dict[Any, tuple[Job, EventReader]] = {}  # task ref -> job, its events
         self.env = {k: v for k, v in os.environ.items() if k.startswith("GPTFLOW_")
