@@ -75,6 +75,7 @@ class Node:
     inputs: dict[str, list[Ref]]  # slot -> producers (one, or several for list slots)
     description: str = ""
     resources: Resources = field(default_factory=Resources)  # filled from the trainer
+    folder: Path = field(default_factory=Path)  # relative paths in params start here
 
     @property
     def plugin(self) -> str:

@@ -46,8 +46,8 @@ def follow(steps: list[Step], plugins: Plugins, store: Store, rank: int,
             continue
         if is_distributed(step.node.params):
             upstream = {u: fingerprints[u] for u in step.node.upstream()}
-            train_beside(make_job(f"rank{rank}", step, upstream, plugins, {}), plugins, store,
-                         rank)  # rank 0 alone tracks
+            train_beside(make_job(f"rank{rank}", step, upstream, plugins, store, {}), plugins,
+                         store, rank)  # rank 0 alone tracks
         while not store.has(step.fingerprint):
             time.sleep(poll)
 

@@ -6,6 +6,7 @@ in the runner's process and in a worker process.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -19,11 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from gptflow.errors import NodeError, one_line
 from gptflow.manager import Plugins
 from gptflow.memory import PeakMemory
+from gptflow.nodes import path_refs
 from gptflow.plan import Step
 from gptflow.records import NodeRecord, NodeStatus
+from gptflow.sources import resolve_path
 from gptflow.store import CorruptArtifact, Store, now
 
 
@@ -80,6 +85,7 @@ class Job:
     resources: dict[str, Any]  # what the node asks of an executor (cpus, gpus, memory)
     versions: dict[str, str]  # of gptflow and of the node type's provider, on the driver
     plugins: list[str]  # plugin modules the driver loaded by name (GPTFLOW_PLUGINS)
+    folder: str  # the pipeline's folder, relative to the store: relative paths start there
 
     def to_json(self) -> dict[str, Any]:
         return {"format_version": JOB_FORMAT, **dataclasses.asdict(self)}
@@ -202,10 +208,22 @@ def run_node(job: Job, inputs: dict[str, Any], plugins: Plugins, store: Store, s
     (metrics, context, peak resident bytes)."""
     with _redirect_output(log_path), PeakMemory() as peak:
         node_type = plugins.node_types[job.plugin].node_type
-        params = node_type.params.model_validate(job.params)
+        params = resolved_params(node_type.params, job.params, store.root / job.folder)
         context = NodeContext(job, staging, store, plugins, report, log)
         result = node_type.run(context, inputs, params)
     return plain_metrics(result, job.plugin), context, peak.bytes
+
+
+def resolved_params(model: type[BaseModel], params: dict[str, Any], folder: Path) -> BaseModel:
+    """The params a node's run() gets: every relative path taken from the pipeline's
+    folder (the fingerprint keeps them as written)."""
+    data = copy.deepcopy(params)
+    for loc, value, _ in path_refs(model.model_validate(params)):
+        target: Any = data
+        for key in loc[:-1]:
+            target = target[key]
+        target[loc[-1]] = resolve_path(value, folder.resolve())
+    return model.model_validate(data)
 
 
 def log_file(store: Store, job: Job) -> Path:
@@ -297,7 +315,7 @@ def _redirect_output(log_path: Path) -> Iterator[None]:
 
 
 def make_job(run_id: str, step: Step, upstream: Mapping[str, str], plugins: Plugins,
-             tracking: dict[str, Any]) -> Job:
+             store: Store, tracking: dict[str, Any]) -> Job:
     """``upstream``: the fingerprint of each node the step reads from."""
     node = step.node
     inputs = {slot: [[upstream[r.node], r.output] for r in refs]
@@ -305,7 +323,8 @@ def make_job(run_id: str, step: Step, upstream: Mapping[str, str], plugins: Plug
     return Job(run_id, node.name, node.plugin, node.params.model_dump(mode="json"),
                step.fingerprint, step.manifest, inputs, dict(node.node_type.outputs), tracking,
                step.reason == "forced", node.resources.model_dump(mode="json"),
-               plugins.versions(node.plugin), list(plugins.extra_modules))
+               plugins.versions(node.plugin), list(plugins.extra_modules),
+               os.path.relpath(node.folder, store.root))
 
 
 def resolve_inputs(job: Job, plugins: Plugins, store: Store) -> dict[str, Any]:

@@ -94,7 +94,7 @@ def load_pipeline(path: str | Path, plugins: Plugins, overrides: Iterable[str] =
         pipeline.nodes = {n: raw[n] for n in order(loader, raw)}
     for node in pipeline.nodes.values():
         for loc, value, ref in path_refs(node.params):
-            problem = check_source(value, ref.builtins)
+            problem = check_source(value, ref.builtins, node.folder)
             if problem:
                 loader.error(("nodes", node.name, "params", *loc), problem)
     if loader.problems:
@@ -235,7 +235,7 @@ def _node(loader: MarkedYAML, plugins: Plugins, name: str, spec: Any) -> Node | 
             _param_error(loader, (*key, "resources"), Resources, err)
         return None
     return Node(name, node_type, params, refs, str(spec.get("description") or ""),
-                asked.filled(params))
+                asked.filled(params), Path(loader.file).absolute().parent)
 
 
 def _ref(loader: MarkedYAML, key: Key, value: Any) -> Ref | None:

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from gptflow.dag import Node, Pipeline, Ref
@@ -47,7 +48,8 @@ def manifest(node: Node, upstream: Callable[[Ref], str], store: Store) -> dict[s
         elif is_builtin(value):
             files[value] = {"version": builtin_version(value)}
         else:
-            files[value] = {p.as_posix(): store.hash_path(p) for p in expand_path(value)}
+            files[value] = {_named(p, node.folder, value): store.hash_path(p)
+                            for p in expand_path(value, node.folder)}
     params, observed = split_observed(node.params)
     return {
         "plugin": node.plugin,
@@ -57,6 +59,12 @@ def manifest(node: Node, upstream: Callable[[Ref], str], store: Store) -> dict[s
         "inputs": {slot: [upstream(r) for r in refs] for slot, refs in sorted(node.inputs.items())},
         "files": files,
     }
+
+
+def _named(path: Path, folder: Path, value: str) -> str:
+    """A file as the fingerprint names it: relative to the pipeline's folder when the
+    value is, so the same project elsewhere has the same fingerprints."""
+    return (path if Path(value).is_absolute() else path.relative_to(folder)).as_posix()
 
 
 def fingerprint(parts: dict[str, Any]) -> str:

@@ -162,7 +162,7 @@ class Runner:
         self.plugins.before_node_run(self.record.run_id, step.node.name, step.node.plugin,
                                      step.fingerprint)
         self.executor.submit(make_job(self.record.run_id, step, upstream, self.plugins,
-                                      self.pipeline.tracking))
+                                      self.store, self.pipeline.tracking))
         return None
 
     def _progress(self, node: str, event: Progress | Waiting) -> None:

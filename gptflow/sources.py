@@ -75,24 +75,33 @@ def check_builtin(value: str, kinds: tuple[str, ...]) -> str | None:
     return None
 
 
-def expand_path(value: str) -> list[Path]:
-    """The files or folders a path, folder or glob names; ``builtin:`` and ``hf:``
-    values name none.
+def expand_path(value: str, folder: Path | None = None) -> list[Path]:
+    """The files or folders a path, folder or glob names, a relative one taken from
+    ``folder`` (a pipeline's own folder; default: the current one); ``builtin:`` and
+    ``hf:`` values name none.
 
     Raises FileNotFoundError when nothing matches.
     """
     if is_builtin(value) or is_hub(value):  # fingerprinted by version / commit instead
         return []
+    base = Path("/") if Path(value).is_absolute() else (folder or Path())
+    where = "" if folder is None or Path(value).is_absolute() else f" in {folder}"
     if any(c in value for c in "*?["):
-        matches = sorted(Path().glob(value)) if not Path(value).is_absolute() else sorted(
-            Path("/").glob(value.lstrip("/")))
+        matches = sorted(base.glob(value.lstrip("/")))
         if not matches:
-            raise FileNotFoundError(f"no file matches {value!r}")
+            raise FileNotFoundError(f"no file matches {value!r}{where}")
         return matches
-    path = Path(value)
+    path = base / value
     if not path.exists():
-        raise FileNotFoundError(f"no such file or folder: {value!r}")
+        raise FileNotFoundError(f"no such file or folder: {value!r}{where}")
     return [path]
+
+
+def resolve_path(value: str, folder: Path) -> str:
+    """A params value as a node opens it: a relative path taken from ``folder``."""
+    if is_builtin(value) or is_hub(value) or Path(value).is_absolute():
+        return value
+    return str(folder / value)
 
 
 def is_hub(value: str) -> bool:
@@ -139,8 +148,9 @@ def hub_commit(value: str) -> str:
         raise LookupError(f"{value}: {type(e).__name__}: {e}".splitlines()[0]) from None
 
 
-def check_source(value: str, builtins: tuple[str, ...]) -> str | None:
-    """Why ``value`` names nothing a field taking ``builtins`` sources accepts, or None."""
+def check_source(value: str, builtins: tuple[str, ...], folder: Path | None = None) -> str | None:
+    """Why ``value`` names nothing a field taking ``builtins`` sources accepts (a
+    relative path taken from ``folder``), or None."""
     if is_builtin(value):
         return check_builtin(value, builtins)
     if is_hub(value):
@@ -154,7 +164,7 @@ def check_source(value: str, builtins: tuple[str, ...]) -> str | None:
             return str(e)
         return None
     try:
-        expand_path(value)
+        expand_path(value, folder)
     except FileNotFoundError as e:
         return str(e)
     return None

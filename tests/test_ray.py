@@ -287,7 +287,7 @@ def test_a_worker_with_other_code_refuses_the_job(run_pipeline, tmp_path, monkey
     path.write_text(INDEPENDENT)
     session = Session.load(path, store=tmp_path / ".gptflow")
     step = session.plan()[0]
-    job = make_job("20260101-000000.000-abcd", step, {}, session.plugins, {})
+    job = make_job("20260101-000000.000-abcd", step, {}, session.plugins, session.store, {})
     job.versions["gptflow"] = "0.0.1"
     write_job(session.store, job)
     capfd.readouterr()

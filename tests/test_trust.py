@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
+
+from gptflow.store import Store
 
 
 def misbehave(how: str, after: bool = False) -> str:
@@ -200,3 +203,32 @@ def test_downstream_follows_upstream_content_with_early_cutoff(run_pipeline, mon
     assert changed.record["nodes"]["b"]["reason"] == "upstream changed: parts"
     assert (changed.output("c") / "text.txt").read_text() == "hello!+hello!"
     assert run_pipeline(CHAIN).record["nodes"]["c"]["status"] == "cached"
+
+
+CLEAN = "name: clean\nnodes:\n  r: {plugin: read, params: {path: corpus.txt}}\n"
+
+
+def test_relative_paths_start_at_the_pipeline_files_folder(tmp_path, monkeypatch, capfd):
+    from gptflow.cli import main
+    from gptflow.session import Session
+
+    for project in ("one", "two"):
+        demo = tmp_path / project / "demo"
+        demo.mkdir(parents=True)
+        (demo / "clean.yaml").write_text(CLEAN)
+        (demo / "corpus.txt").write_text("the corpus beside the pipeline")
+    monkeypatch.chdir(tmp_path / "one")  # the parent of the pipeline's folder
+    assert main(["run", "demo/clean.yaml"]) == 0
+    store = Store(tmp_path / "one" / ".gptflow")
+    record = store.load_run(store.resolve_run("latest"))
+    out = Path(record.nodes["r"].outputs["data"]) / "text.txt"
+    assert out.read_text() == "the corpus beside the pipeline"
+    # the same project elsewhere: the same fingerprints
+    prints = [Session.load(tmp_path / p / "demo" / "clean.yaml").plan()[0].fingerprint
+              for p in ("one", "two")]
+    assert prints[0] == prints[1]
+    (tmp_path / "one" / "demo" / "corpus.txt").unlink()
+    capfd.readouterr()
+    assert main(["validate", "demo/clean.yaml"]) == 2
+    assert f"no such file or folder: 'corpus.txt' in {tmp_path / 'one' / 'demo'}" in \
+        capfd.readouterr().err
