@@ -109,3 +109,57 @@ def test_tail_split_holds_out_the_end(tmp_path):
     stream = np.concatenate(train.arrays + val.arrays)
     assert tok.decode(stream[:10_000]) == text
     assert meta["splits"]["val"]["tokens"] == 1000
+
+
+def test_tokenize_reads_datasets_from_upstream_nodes(run_pipeline, tmp_path):
+    """A third party's cleaning node feeds tokenize through the DAG; a task dataset
+    gives its definitions and inputs, never its outputs."""
+    from gptflow.ml.tasks import sentiment4, write_dataset
+
+    raw = tmp_path / "raw.txt"
+    raw.write_text("".join(f"  review number {i}: a fine film, well worth it  \n\n"
+                           for i in range(60)))
+    result = run_pipeline(f"""\
+name: clean
+nodes:
+  clean: {{plugin: clean, params: {{path: "{raw}"}}}}
+  tok:
+    plugin: tokenize
+    inputs: {{data: clean}}
+    params: {{tokenizer: char}}
+""")
+    assert result.code == 0, result.out + result.err
+    metrics = result.record["nodes"]["tok"]["metrics"]
+    assert metrics["documents"] == 60 and metrics["train_tokens"] > 0
+
+    tasks = tmp_path / "tasks"
+    task = sentiment4(n=20, test=5)
+    write_dataset(tasks, task)
+    from gptflow.ml.data import dataset_documents
+
+    docs = list(dataset_documents(tasks))
+    assert docs == [task.definition, *(i.input for i in task.instances)]
+    assert not any(o in docs for i in task.instances for o in i.outputs)
+
+
+def test_a_text_file_splits_into_documents_by_paragraph_or_line(run_pipeline, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("first paragraph,\nstill the first\n\n\nsecond\n \nthird\n")
+    pipeline = f"""\
+name: split
+nodes:
+  tok: {{plugin: tokenize, params: {{corpus: ["{text}"], tokenizer: char, val_fraction: 0,
+                                    split_by: SPLIT}}}}
+"""
+    for split_by, documents in (("file", 1), ("paragraph", 3), ("line", 4)):
+        result = run_pipeline(pipeline.replace("SPLIT", split_by))
+        assert result.code == 0, result.out + result.err
+        assert result.record["nodes"]["tok"]["metrics"]["documents"] == documents, split_by
+
+
+def test_a_text_dataset_where_tasks_are_read_names_what_feeds_what(tmp_path):
+    from gptflow.ml.tasks import load_dataset_tasks
+
+    (tmp_path / "clean.jsonl").write_text('{"text": "a line"}\n')
+    with pytest.raises(ValueError, match="a text dataset feeds tokenize's data input"):
+        load_dataset_tasks(tmp_path)

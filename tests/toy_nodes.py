@@ -117,6 +117,15 @@ def run_misbehave(ctx: Context, inputs: dict[str, Any], p: MisbehaveParams) -> A
     return None
 
 
+def run_clean(ctx: Context, inputs: dict[str, Any], p: ReadParams) -> None:
+    """A third party's cleaning node: a text dataset, one record per non-blank line."""
+    import json
+
+    lines = [line.strip() for line in Path(p.path).read_text().splitlines() if line.strip()]
+    with open(ctx.output_dir("data") / "clean.jsonl", "w") as out:
+        out.writelines(json.dumps({"text": line}) + "\n" for line in lines)
+
+
 def run_threads(ctx: Context, inputs: dict[str, Any], p: TextParams) -> dict[str, Any]:
     """How many threads torch has here, and when it ran (two seconds)."""
     import torch
@@ -134,6 +143,7 @@ def register_node_types(register: Any) -> None:
     register(NodeType("concat", run_concat, ConcatParams, {"data": "dataset"},
                       {"parts": Input("dataset", many=True)}, description="Join texts."))
     register(NodeType("read", run_read, ReadParams, {"data": "dataset"}))
+    register(NodeType("clean", run_clean, ReadParams, {"data": "dataset"}))
     register(NodeType("slow", run_slow, SlowParams, {"data": "dataset"},
                       {"after": Input("dataset", optional=True)}))
     register(NodeType("fail", run_fail, FailParams, {"data": "dataset"},

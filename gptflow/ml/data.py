@@ -11,9 +11,10 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -25,13 +26,19 @@ from gptflow.ml.tokenizer import Tokenizer
 GOLDEN = (math.sqrt(5) - 1) / 2
 
 
-def file_documents(paths: Iterable[Path], text_field: str = "text") -> Iterator[str]:
+SplitBy = Literal["file", "paragraph", "line"]
+PARAGRAPH = re.compile(r"\n[ \t]*\n+")
+
+
+def file_documents(paths: Iterable[Path], text_field: str = "text",
+                   split_by: SplitBy = "file") -> Iterator[str]:
     """The documents of files and folders (folders read recursively, in name order).
 
     ``.jsonl`` files give one document per line (field ``text_field``); Natural
     Instructions task files (``.json``) give their definition and their inputs,
     never their outputs, so that pretraining cannot see held-out answers; other
-    files are one document each.
+    files are one document each, or one per paragraph (text between blank lines)
+    or per non-blank line (``split_by``).
     """
     for path in paths:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
@@ -47,7 +54,35 @@ def file_documents(paths: Iterable[Path], text_field: str = "text") -> Iterator[
                 yield task.definition
                 yield from (i.input for i in task.instances)
             else:
-                yield read_text(file)
+                yield from split_text(read_text(file), split_by)
+
+
+def split_text(text: str, split_by: SplitBy) -> Iterator[str]:
+    if split_by == "file":
+        yield text
+        return
+    parts = PARAGRAPH.split(text) if split_by == "paragraph" else text.splitlines()
+    yield from (part for part in parts if part.strip())
+
+
+def dataset_documents(folder: Path, text_field: str = "text") -> Iterator[str]:
+    """The documents of a ``dataset`` artifact: each record's ``text_field`` (a text
+    dataset), or a task dataset's definition and inputs, never its outputs."""
+    for file in sorted(folder.glob("*.jsonl")):
+        definitions: set[str] = set()
+        for n, record in jsonl_records(file):
+            if isinstance(record.get(text_field), str):
+                yield record[text_field]
+            elif isinstance(record.get("input"), str):
+                definition = str(record.get("definition", ""))
+                if definition and definition not in definitions:
+                    definitions.add(definition)
+                    yield definition
+                yield record["input"]
+            else:
+                raise ValueError(f"{file}:{n}: a dataset record with neither {text_field!r} "
+                                 f"(a text dataset) nor 'input' (a task dataset); it has "
+                                 f"{', '.join(sorted(record)) or 'no fields'}")
 
 
 def _kind(record: dict[str, Any], key: str) -> str:

@@ -215,8 +215,15 @@ def load_conversations(path: Path, split: str) -> list[list[Message]]:
 def load_dataset_tasks(folder: Path) -> list[Task]:
     """The tasks of a ``dataset`` artifact: one ``<task>.jsonl`` per task, records
     with definition, input, outputs and (optionally) split."""
-    return [load_jsonl(f, ("definition", "input", "outputs"))
-            for f in sorted(folder.glob("*.jsonl"))]
+    tasks = []
+    for f in sorted(folder.glob("*.jsonl")):
+        first = next(jsonl_records(f), (0, {}))
+        if "input" not in first[1] and "text" in first[1]:
+            raise ValueError(f"{f}: a text dataset (records with 'text'), where a task dataset "
+                             "(definition, input, outputs) is read; a text dataset feeds "
+                             "tokenize's data input")
+        tasks.append(load_jsonl(f, ("definition", "input", "outputs")))
+    return tasks
 
 
 def write_dataset(folder: Path, task: Task, synthetic: Collection[str] = ()) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl
 
 from gptflow.ml import corpora
-from gptflow.ml.data import file_documents
+from gptflow.ml.data import SplitBy, file_documents
 from gptflow.ml.tasks import Task, load_conversations, load_task_files, sentiment4
 from gptflow.sources import (
     builtin_name,
@@ -26,13 +26,14 @@ CORPORA: dict[str, Callable[[], Iterator[str]]] = {
 TASKS: dict[str, Callable[..., Task]] = {"sentiment4": sentiment4}
 
 
-def documents(source: str, text_field: str = "text") -> Iterator[str]:
+def documents(source: str, text_field: str = "text", split_by: SplitBy = "file"
+              ) -> Iterator[str]:
     """The documents of one corpus source (``builtin:python-docs``, files, ...)."""
     if is_builtin(source):
         _check(source, "corpus")
         yield from CORPORA[builtin_name(source)[0]]()
         return
-    yield from file_documents(expand_path(source), text_field)
+    yield from file_documents(expand_path(source), text_field, split_by)
 
 
 def tasks(source: str, fields: tuple[str, str, str] = ("instruction", "input", "output")

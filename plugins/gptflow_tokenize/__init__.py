@@ -2,18 +2,24 @@
 
 YAML keys (``params``):
 
-* ``corpus``: sources — ``builtin:python-docs``, ``builtin:reviews``, text files,
-  folders, globs, ``.jsonl`` files (field ``text_field``);
+* ``corpus``: sources — ``builtin:python-docs``, ``builtin:reviews``, text files
+  (one document each, or per paragraph or line: ``split_by``), folders, globs,
+  ``.jsonl`` files (field ``text_field``);
 * ``tokenizer``: ``bpe`` (byte-level BPE, trained here), ``char`` (one token per
   character) or the path of an existing ``tokenizer.json``;
 * ``vocab_size``, ``min_frequency``, ``tokenizer_train_chars``: BPE training;
 * ``val_fraction`` and ``split`` (``documents`` or ``tail``): the held-out split.
+
+Inputs: optional ``data``, ``dataset`` artifacts from upstream nodes (a cleaning
+node, synthetic data): each record's ``text_field``, or a task dataset's
+definitions and inputs (never its outputs), read after ``corpus``.
 
 Outputs: ``tokenizer`` (``tokenizer.json``) and ``tokens`` (shards, ``meta.json``).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Iterator
@@ -22,12 +28,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
-from gptflow import Context, NodeError, NodeType, Params, PathRef, hookimpl
+from gptflow import Context, Input, NodeError, NodeType, Params, PathRef, hookimpl
 
 
 class TokenizeParams(Params):
-    corpus: list[Annotated[str, PathRef("corpus")]] = Field(min_length=1)
-    """Text sources: builtin:python-docs, builtin:reviews, files, folders, globs, .jsonl."""
+    corpus: list[Annotated[str, PathRef("corpus")]] = Field(default_factory=list)
+    """Text sources: builtin:python-docs, builtin:reviews, files, folders, globs, .jsonl
+    (none when the data input holds the whole corpus)."""
     tokenizer: Annotated[str, PathRef("tokenizer")] = "builtin:bpe"
     """builtin:bpe (train byte-level BPE), builtin:char, or a tokenizer.json path."""
     vocab_size: int = Field(4096, ge=300, le=1 << 20)
@@ -41,7 +48,10 @@ class TokenizeParams(Params):
     split: Literal["documents", "tail"] = "documents"
     """documents: whole documents held out; tail: the end of the text (nanoGPT)."""
     text_field: str = "text"
-    """Field holding the text in .jsonl sources."""
+    """Field holding the text in .jsonl sources and text datasets."""
+    split_by: Literal["file", "paragraph", "line"] = "file"
+    """Documents of a plain text file: the whole file, each paragraph (text between
+    blank lines), or each non-blank line."""
 
     @field_validator("tokenizer", mode="before")
     @classmethod
@@ -50,16 +60,22 @@ class TokenizeParams(Params):
 
 
 def run(context: Context, inputs: dict[str, Any], p: TokenizeParams) -> dict[str, Any]:
-    from gptflow.ml.data import write_tokens
+    from gptflow.ml.data import dataset_documents, write_tokens
     from gptflow.ml.tokenizer import Tokenizer
     from gptflow.recipes.sources import documents
 
+    datasets = inputs.get("data") or []
+    if not p.corpus and not datasets:
+        raise NodeError("nothing to read: give corpus: sources, or data: datasets from "
+                        "upstream nodes")
     spool = context.work_dir / "documents.jsonl"
     started = time.perf_counter()
     with open(spool, "w", encoding="utf-8") as f:  # read every source once
-        for source in p.corpus:
-            for doc in documents(source, p.text_field):
-                f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+        docs = itertools.chain(
+            *(documents(source, p.text_field, p.split_by) for source in p.corpus),
+            *(dataset_documents(d.path, p.text_field) for d in datasets))
+        for doc in docs:
+            f.write(json.dumps(doc, ensure_ascii=False) + "\n")
     context.log.info("read the corpus in %.1f s", time.perf_counter() - started)
 
     if p.tokenizer == "builtin:bpe":
@@ -90,10 +106,12 @@ def run(context: Context, inputs: dict[str, Any], p: TokenizeParams) -> dict[str
 
 def _empty_train(meta: dict[str, Any], p: TokenizeParams) -> str:
     if not meta["chars"]:
-        return f"the corpus ({', '.join(p.corpus)}) holds no text"
+        return f"the corpus ({', '.join(p.corpus) or 'the data input'}) holds no text"
     return (f"no training tokens: all {meta['documents']} document(s) went to validation "
             f"(val_fraction {p.val_fraction}, split: documents holds out whole documents, and "
-            "a text file is one document); use split: tail, or more documents")
+            f"split_by: {p.split_by} makes a text file one document"
+            f"{'' if p.split_by == 'file' else ' per ' + p.split_by}); use split: tail, "
+            "split_by: paragraph, or more documents")
 
 
 def _documents(spool: Path) -> Iterator[str]:
@@ -114,6 +132,8 @@ def _head(spool: Path, chars: int) -> Iterator[str]:
 def register_node_types(register: Any) -> None:
     register(NodeType(
         name="tokenize", run=run, params=TokenizeParams, version="1",
+        inputs={"data": Input("dataset", optional=True, many=True,
+                              doc="datasets whose texts join the corpus")},
         outputs={"tokenizer": "tokenizer", "tokens": "tokens"},
         headline=("train_tokens", "val_tokens", "vocab_size", "chars_per_token"),
         description="Train or load a tokenizer; encode a corpus into train/val token shards."))
