@@ -29,6 +29,7 @@ import shutil
 import socket
 import sqlite3
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -123,16 +124,20 @@ class Store:
 
     def _hashes(self) -> sqlite3.Connection:
         if self._db is None:
-            path = self.hash_cache
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                self._db = _open_hashes(path)
-            except sqlite3.DatabaseError:  # a cache: rebuilt, never a reason to fail
-                for stale in (path, path.with_name(path.name + "-wal"),
-                              path.with_name(path.name + "-shm")):
-                    stale.unlink(missing_ok=True)
-                self._db = _open_hashes(path)
+            self._db = self._open_hash_cache()
+            weakref.finalize(self, self._db.close)  # closed with its store, never leaked
         return self._db
+
+    def _open_hash_cache(self) -> sqlite3.Connection:
+        path = self.hash_cache
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return _open_hashes(path)
+        except sqlite3.DatabaseError:  # a cache: rebuilt, never a reason to fail
+            for stale in (path, path.with_name(path.name + "-wal"),
+                          path.with_name(path.name + "-shm")):
+                stale.unlink(missing_ok=True)
+            return _open_hashes(path)
 
     def hash_file(self, path: Path, full: bool = False) -> str:
         """sha256 of a file. An unchanged file (same size, mtime, ctime, inode) costs

@@ -92,6 +92,7 @@ def checkpoints(store: Path) -> Path:
     return folder
 
 
+@pytest.mark.torch
 def test_kills_at_any_step_then_resume_give_the_uninterrupted_model(tmp_path, train_yaml,
                                                                     reference):
     """kill -9 at three steps of pretrain and of instruction-finetune (and a
@@ -117,6 +118,7 @@ def test_kills_at_any_step_then_resume_give_the_uninterrupted_model(tmp_path, tr
     assert not list(store.glob("work/*"))  # checkpoints go once the node is published
 
 
+@pytest.mark.torch
 def test_lora_and_distill_resume_exactly_too(tmp_path, train_yaml, reference):
     store = tmp_path / "store"
     for node in ("lora", "kd"):
@@ -141,6 +143,7 @@ def stop_with(store: Path, train_yaml: Path, name: str, code: int) -> None:
     assert gptflow(store, "runs").stdout.count("interrupted") == 1
 
 
+@pytest.mark.torch
 def test_sigint_stops_at_a_step_with_a_checkpoint_and_the_rerun_resumes(tmp_path, train_yaml,
                                                                         reference):
     store = tmp_path / "store"
@@ -153,6 +156,7 @@ def test_sigint_stops_at_a_step_with_a_checkpoint_and_the_rerun_resumes(tmp_path
     assert model_digest(store, "base") == reference["base"]
 
 
+@pytest.mark.torch
 def test_sigterm_stops_with_a_checkpoint_and_a_damaged_one_falls_back(tmp_path, train_yaml,
                                                                       reference):
     store = tmp_path / "store"
@@ -176,6 +180,7 @@ def torch_step(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
 
 
+@pytest.mark.torch
 def test_resume_from_the_final_checkpoint_reports_the_whole_run(tmp_path, train_yaml):
     store = tmp_path / "store"
     gptflow(store, "run", str(train_yaml), "--only", "tok", "base",
@@ -188,6 +193,7 @@ def test_resume_from_the_final_checkpoint_reports_the_whole_run(tmp_path, train_
     assert metrics["train_loss"] > 0
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("lr", ["1.0e6", ".inf"])
 def test_a_diverged_model_fails_and_is_never_published(run_pipeline, tmp_path, lr):
     corpus = tmp_path / "c.jsonl"
@@ -205,6 +211,7 @@ def test_a_diverged_model_fails_and_is_never_published(run_pipeline, tmp_path, l
     assert again.record["nodes"]["base"]["status"] == "failed"
 
 
+@pytest.mark.torch
 def test_non_finite_weights_are_never_saved(tmp_path):
     import torch
 
@@ -255,6 +262,7 @@ def test_one_bad_metadata_file_never_breaks_the_store(run_pipeline, capfd):
     assert again.record["nodes"]["a"]["status"] == "cached"  # verified with a rebuilt cache
 
 
+@pytest.mark.torch
 def test_byte_flip_with_mtime_restored_is_found_and_refused(run_pipeline, tmp_path, capfd):
     from conftest import TINY_BASE
 
@@ -455,6 +463,7 @@ def test_leftovers_of_crashes_are_cleaned_by_the_next_run(run_pipeline):
 
 
 # -- bad data: one located line ----------------------------------------------------------
+@pytest.mark.torch
 @pytest.mark.parametrize(("content", "expected"), [
     (b"\xff\xfe binary", "corpus.txt:1: not UTF-8 text (byte 0"),
     (b'{"text": "fine"}\n{"text": null}\n', "corpus.jsonl:2: field 'text' is null, not a string"),
@@ -493,6 +502,7 @@ def test_malformed_natural_instructions_name_the_file_and_field(tmp_path, change
     assert str(e.value).startswith(f"{path}: ") and expected in str(e.value), str(e.value)
 
 
+@pytest.mark.torch
 def test_a_shard_index_may_not_reach_outside_the_model_folder(tmp_path):
     from gptflow.ml.families import HFError
     from gptflow.ml.hf import read_tensors

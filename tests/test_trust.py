@@ -19,6 +19,7 @@ def misbehave(how: str, after: bool = False) -> str:
     return text + f"  m: {{plugin: misbehave, params: {{how: {how}}}{inputs}}}\n"
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize(("how", "metrics"), [
     ("numpy", {"acc": 0.5, "n": 3, "per_class": [0.25]}),
     ("torch", {"loss": 1.5}),
@@ -83,6 +84,7 @@ def test_one_plugin_can_be_switched_off(run_pipeline, monkeypatch):
     assert "tokenize" in plugins.node_types and "mlflow" not in plugins.trackers
 
 
+@pytest.mark.torch
 def test_parallel_workers_share_the_cores(run_pipeline, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     result = run_pipeline("name: t\nnodes:\n  a: {plugin: threads, params: {text: a}}\n"
@@ -167,6 +169,7 @@ def test_broken_and_duplicate_entry_points_name_their_distributions(monkeypatch,
         load_plugins()
 
 
+@pytest.mark.torch
 def test_plugins_lists_hook_only_plugins_and_warns_of_torch_at_load():
     import subprocess
     import sys
