@@ -163,3 +163,12 @@ def test_a_text_dataset_where_tasks_are_read_names_what_feeds_what(tmp_path):
     (tmp_path / "clean.jsonl").write_text('{"text": "a line"}\n')
     with pytest.raises(ValueError, match="a text dataset feeds tokenize's data input"):
         load_dataset_tasks(tmp_path)
+
+
+def test_a_dataset_in_a_newer_layout_is_refused_by_name(tmp_path):
+    from gptflow.ml.data import dataset_documents
+
+    (tmp_path / "clean.jsonl").write_text('{"text": "a line"}\n')
+    (tmp_path / "artifact.json").write_text('{"type": "dataset", "meta": {"layout": 2}}')
+    with pytest.raises(ValueError, match="dataset layout 2; this gptflow reads layout 1"):
+        list(dataset_documents(tmp_path))

@@ -20,7 +20,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
-from gptflow.ml.tasks import jsonl_records, load_natural_instructions, read_text
+from gptflow.ml.tasks import (
+    check_dataset_layout,
+    jsonl_records,
+    load_natural_instructions,
+    read_text,
+)
 from gptflow.ml.tokenizer import Tokenizer
 
 GOLDEN = (math.sqrt(5) - 1) / 2
@@ -68,6 +73,7 @@ def split_text(text: str, split_by: SplitBy) -> Iterator[str]:
 def dataset_documents(folder: Path, text_field: str = "text") -> Iterator[str]:
     """The documents of a ``dataset`` artifact: each record's ``text_field`` (a text
     dataset), or a task dataset's definition and inputs, never its outputs."""
+    check_dataset_layout(folder)
     for file in sorted(folder.glob("*.jsonl")):
         definitions: set[str] = set()
         for n, record in jsonl_records(file):

@@ -212,9 +212,25 @@ def load_conversations(path: Path, split: str) -> list[list[Message]]:
     return chats
 
 
+DATASET_LAYOUT = 1  # of dataset artifacts: task and text records (docs/plugins.md)
+
+
+def check_dataset_layout(folder: Path) -> None:
+    """A dataset artifact written in a layout newer than this gptflow reads is refused
+    by name, not misread (its ``artifact.json`` meta ``layout``; none means 1)."""
+    try:
+        layout = json.loads((folder / "artifact.json").read_text())["meta"].get("layout", 1)
+    except (OSError, ValueError, KeyError, AttributeError):
+        return  # a plain folder of JSONL files, not an artifact
+    if not isinstance(layout, int) or layout > DATASET_LAYOUT:
+        raise ValueError(f"{folder}: dataset layout {layout!r}; this gptflow reads layout "
+                         f"{DATASET_LAYOUT} (upgrade gptflow)")
+
+
 def load_dataset_tasks(folder: Path) -> list[Task]:
     """The tasks of a ``dataset`` artifact: one ``<task>.jsonl`` per task, records
     with definition, input, outputs and (optionally) split."""
+    check_dataset_layout(folder)
     tasks = []
     for f in sorted(folder.glob("*.jsonl")):
         first = next(jsonl_records(f), (0, {}))

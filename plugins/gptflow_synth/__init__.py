@@ -63,7 +63,7 @@ def run(context: Context, inputs: dict[str, Any], p: SynthParams) -> dict[str, A
     from gptflow.ml.checkpoint import load_any
     from gptflow.ml.evaluation import classify, prompts_for
     from gptflow.ml.synthetic import Filters, Sampling, synthesize, targets
-    from gptflow.ml.tasks import Task, load_dataset_tasks, write_dataset
+    from gptflow.ml.tasks import DATASET_LAYOUT, Task, load_dataset_tasks, write_dataset
     from gptflow.recipes import sources
 
     tasks = [t for source in p.tasks for t in sources.tasks(source, p.fields)]
@@ -91,6 +91,7 @@ def run(context: Context, inputs: dict[str, Any], p: SynthParams) -> dict[str, A
             return classify(clf, clf_tokenizer, prompts, task.labels or [], clf_loaded.prompt)
 
     out = context.output_dir("dataset")
+    context.set_meta("dataset", layout=DATASET_LAYOUT)
     report: dict[str, Any] = {}
     for task in tasks:
         counts = {label: 0 for label in task.labels or []}
