@@ -146,13 +146,7 @@ class Plugins:
 
     def _register_tracker(self, name: str, options: type[BaseModel], provider: str,
                           plugin: str) -> None:
-        if not (isinstance(options, type) and issubclass(options, BaseModel)):
-            raise PluginError(f"{provider}: tracker {name!r}: options must be a params model "
-                              f"(a gptflow.Params subclass), got {options!r}")
-        taken = self.trackers.get(name)
-        if taken:
-            raise PluginError(f"tracker {name!r} is registered twice: by {taken.provider} "
-                              f"and by {provider}")
+        _check_named(self.trackers, "tracker", name, options, provider)
         self.trackers[name] = Tracker(name, options, provider)
 
     def _register_executor(self, factory: Any, provider: str, plugin: str) -> None:
@@ -162,14 +156,8 @@ class Plugins:
             raise PluginError(f"{provider}: register() takes a gptflow.executors.Executor "
                               f"subclass with a name, got {factory!r}"
                               + (f" (no {', '.join(missing)})" if missing else ""))
-        if not (isinstance(options, type) and issubclass(options, BaseModel)):
-            raise PluginError(f"{provider}: executor {name!r}: options must be a params model "
-                              f"(a gptflow.Params subclass), got {options!r}")
-        taken = self.executors.get(name)
-        if taken:
-            raise PluginError(f"executor {name!r} is registered twice: by {taken.provider} "
-                              f"and by {provider}")
-        self.executors[name] = RegisteredExecutor(name, factory, options, provider)
+        model = _check_named(self.executors, "executor", name, options, provider)
+        self.executors[name] = RegisteredExecutor(name, factory, model, provider)
 
     def versions(self, node_type: str) -> dict[str, str]:
         """What a worker must have to compute a node as the driver would: the
@@ -230,6 +218,18 @@ class Plugins:
                 self.hook_errors.append(f"plugin {_label(impl.plugin_name, impl.plugin)}: hook "
                                         f"{hook} raised "
                                         f"{one_line(e)}")
+
+
+def _check_named(taken: Mapping[str, Any], kind: str, name: str, options: Any,
+                 provider: str) -> type[BaseModel]:
+    """A tracker's or executor's options (a params model), its name not yet taken."""
+    if not (isinstance(options, type) and issubclass(options, BaseModel)):
+        raise PluginError(f"{provider}: {kind} {name!r}: options must be a params model "
+                          f"(a gptflow.Params subclass), got {options!r}")
+    if name in taken:
+        raise PluginError(f"{kind} {name!r} is registered twice: by {taken[name].provider} "
+                          f"and by {provider}")
+    return options
 
 
 def _module_provider(plugin: object) -> str:

@@ -38,6 +38,36 @@ def wait_for(predicate, timeout=30.0):
         time.sleep(0.05)
 
 
+def tiny_training(corpus: Path, steps: int = 20, **extra: str) -> str:
+    """tokenize -> pretrain of a tiny model on ``corpus``, ``extra`` trainer settings."""
+    trainer = ", ".join([f"max_steps: {steps}", *(f"{k}: {v}" for k, v in extra.items())])
+    return f"""\
+name: tiny
+nodes:
+  tok:
+    plugin: tokenize
+    params: {{corpus: ["{corpus}"], vocab_size: 320, val_fraction: 0.1}}
+  base:
+    plugin: pretrain
+    inputs: {{tokens: tok.tokens}}
+    params:
+      model: {{preset: tiny, context: 32}}
+      trainer: {{{trainer}}}
+      optim: {{lr: 3.0e-3, warmup_steps: 5}}
+      batch_size: 8
+"""
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """400 generated reviews, as JSONL."""
+    from gptflow.ml.corpora import reviews
+
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in reviews(400)))
+    return path
+
+
 TINY_BASE = """\
   tok: {{plugin: tokenize, params: {{corpus: ["{corpus}"], vocab_size: 400}}}}
   base:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TESTS, spawn, wait_for
+from conftest import TESTS, spawn, tiny_training, wait_for
 
 from gptflow.cli import main
 from gptflow.store import Store
@@ -68,8 +68,7 @@ def test_same_artifacts_as_local_and_a_second_run_submits_nothing(run_pipeline, 
     on_ray = run_pipeline(INDEPENDENT, *ray_args(cluster))
     assert on_ray.code == 0, on_ray.out + on_ray.err
     assert [n["status"] for n in on_ray.record["nodes"].values()] == ["ran"] * 3
-    local_record = Store(tmp_path / "local").load_run(Store(tmp_path / "local")
-                                                      .resolve_run("latest")).to_json()
+    local_record = latest(Store(tmp_path / "local")).to_json()
     assert files_of(on_ray.record, on_ray.store.root) == files_of(local_record, tmp_path)
     run_id = on_ray.record["run_id"]
     assert sorted(p.name for p in (on_ray.store.run_dir(run_id) / "jobs").iterdir()) == \
@@ -89,8 +88,7 @@ def test_without_an_address_a_ray_of_its_own_is_started(tmp_path):
                    "num_cpus=1")
     out, err = driver.communicate(timeout=240)
     assert driver.returncode == 0, out + err
-    record = Store(tmp_path / ".gptflow").load_run(Store(tmp_path / ".gptflow")
-                                                   .resolve_run("latest"))
+    record = latest(Store(tmp_path / ".gptflow"))
     assert [n.status for n in record.nodes.values()] == ["ran"] * 3
 
 
@@ -125,34 +123,6 @@ def test_nodes_too_big_for_one_ray_node_run_on_two(run_pipeline, cluster):
     assert max(x["started"], y["started"]) < min(x["ended"], y["ended"])
 
 
-def tiny_training(corpus: Path, steps: int, **trainer: str) -> str:
-    extra = "".join(f", {k}: {v}" for k, v in trainer.items())
-    return f"""\
-name: tiny
-nodes:
-  tok:
-    plugin: tokenize
-    params: {{corpus: ["{corpus}"], vocab_size: 320, val_fraction: 0.1}}
-  base:
-    plugin: pretrain
-    inputs: {{tokens: tok.tokens}}
-    params:
-      model: {{preset: tiny, context: 32}}
-      trainer: {{max_steps: {steps}{extra}}}
-      optim: {{lr: 3.0e-3, warmup_steps: 5}}
-      batch_size: 8
-"""
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    from gptflow.ml.corpora import reviews
-
-    path = tmp_path / "corpus.jsonl"
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in reviews(400)))
-    return path
-
-
 def exec_nodes(store: Path) -> list[int]:
     """The pids of the exec-node processes working on ``store``."""
     found = []
@@ -175,63 +145,62 @@ def checkpointed(store: Path) -> bool:
     return any(store.glob("work/*/checkpoints/last.ckpt"))
 
 
-def test_a_lost_worker_fails_the_node_and_the_next_run_resumes(tmp_path, corpus, cluster):
-    (tmp_path / "p.yaml").write_text(tiny_training(corpus, 200, checkpoint_every=10))
+def during_training(tmp_path: Path, corpus: Path, cluster, steps: int, act,
+                    *options: str) -> tuple[int, str, Store]:
+    """A tiny training run under Ray, ``act(driver, store)`` once it has a checkpoint;
+    the driver's exit code and output, and the store."""
+    (tmp_path / "p.yaml").write_text(tiny_training(corpus, steps, checkpoint_every=10))
     store = tmp_path / ".gptflow"
-    driver = spawn(tmp_path, "run", "p.yaml", *ray_args(cluster))
+    driver = spawn(tmp_path, "run", "p.yaml", *ray_args(cluster, *options))
     try:
         wait_for(lambda: checkpointed(store) and exec_nodes(store), timeout=240)
-        (worker,) = exec_nodes(store)
-        os.kill(parent_of(worker), signal.SIGKILL)  # the Ray worker that runs the task
-        out, err = driver.communicate(timeout=180)
+        act(driver, store)
+        out, err = driver.communicate(timeout=400)
     finally:
         driver.kill()
-    assert driver.returncode == 1, out + err
-    record = Store(store).load_run(Store(store).resolve_run("latest"))
-    base = record.nodes["base"]
+    return driver.returncode, out + err, Store(store)
+
+
+def kill_its_worker(driver, store: Path) -> None:
+    (worker,) = exec_nodes(store)
+    os.kill(parent_of(worker), signal.SIGKILL)  # the Ray worker that runs the task
+
+
+def latest(store: Store):
+    return store.load_run(store.resolve_run("latest"))
+
+
+def test_a_lost_worker_fails_the_node_and_the_next_run_resumes(tmp_path, corpus, cluster):
+    code, out, store = during_training(tmp_path, corpus, cluster, 200, kill_its_worker)
+    assert code == 1, out
+    base = latest(store).nodes["base"]
     assert base.status == "failed" and "lost its Ray worker" in base.error
-    assert not Store(store).has(base.fingerprint)  # nothing half-written is trusted
-    wait_for(lambda: not exec_nodes(store), timeout=120)  # it stopped with its worker
+    assert not store.has(base.fingerprint)  # nothing half-written is trusted
+    wait_for(lambda: not exec_nodes(store.root), timeout=120)  # it stopped with its worker
 
     rerun = spawn(tmp_path, "run", "p.yaml", *ray_args(cluster))
     out, err = rerun.communicate(timeout=400)
     assert rerun.returncode == 0, out + err
-    metrics = Store(store).load_run(Store(store).resolve_run("latest")).nodes["base"].metrics
+    metrics = latest(store).nodes["base"].metrics
     assert metrics["resumed_from_step"] >= 10 and metrics["steps"] == 200
 
 
 def test_with_retries_a_lost_worker_is_run_again_from_its_checkpoint(tmp_path, corpus,
                                                                      cluster):
-    (tmp_path / "p.yaml").write_text(tiny_training(corpus, 120, checkpoint_every=10))
-    store = tmp_path / ".gptflow"
-    driver = spawn(tmp_path, "run", "p.yaml", *ray_args(cluster, "--executor-opt",
-                                                        "retries=1"))
-    try:
-        wait_for(lambda: checkpointed(store) and exec_nodes(store), timeout=240)
-        (worker,) = exec_nodes(store)
-        os.kill(parent_of(worker), signal.SIGKILL)
-        out, err = driver.communicate(timeout=400)
-    finally:
-        driver.kill()
-    assert driver.returncode == 0, out + err
-    base = Store(store).load_run(Store(store).resolve_run("latest")).nodes["base"]
+    code, out, store = during_training(tmp_path, corpus, cluster, 120, kill_its_worker,
+                                       "--executor-opt", "retries=1")
+    assert code == 0, out
+    base = latest(store).nodes["base"]
     assert base.status == "ran" and base.metrics["resumed_from_step"] >= 10
 
 
 def test_ctrl_c_on_the_driver_cancels_the_tasks(tmp_path, corpus, cluster):
-    (tmp_path / "p.yaml").write_text(tiny_training(corpus, 400, checkpoint_every=10))
-    store = tmp_path / ".gptflow"
-    driver = spawn(tmp_path, "run", "p.yaml", *ray_args(cluster))
-    try:
-        wait_for(lambda: checkpointed(store) and exec_nodes(store), timeout=240)
-        driver.send_signal(signal.SIGINT)
-        out, err = driver.communicate(timeout=180)
-    finally:
-        driver.kill()
-    assert driver.returncode == 130, out + err
-    record = Store(store).load_run(Store(store).resolve_run("latest"))
+    code, out, store = during_training(tmp_path, corpus, cluster, 400,
+                                       lambda driver, _: driver.send_signal(signal.SIGINT))
+    assert code == 130, out
+    record = latest(store)
     assert record.status == "interrupted" and record.nodes["base"].status == "interrupted"
-    wait_for(lambda: not exec_nodes(store), timeout=120)  # the task is gone too
+    wait_for(lambda: not exec_nodes(store.root), timeout=120)  # the task is gone too
 
 
 SLOW_PAIR = """\
@@ -258,7 +227,7 @@ def test_two_drivers_on_one_store_compute_each_node_once(tmp_path, cluster):
 
 
 def model_sha(store: Path) -> str:
-    record = Store(store).load_run(Store(store).resolve_run("latest"))
+    record = latest(Store(store))
     folder = Path(record.nodes["base"].outputs["model"])
     return json.loads((folder / "artifact.json").read_text())["files"]["model.safetensors"][
         "sha256"]
@@ -272,8 +241,7 @@ def test_ddp_under_ray_gives_the_model_local_ddp_gives(tmp_path, corpus, cluster
                               store, *extra], cwd=tmp_path, capture_output=True, text=True,
                              timeout=400)
         assert run.returncode == 0, run.stdout + run.stderr
-    log = Path(Store(tmp_path / "ray").load_run(Store(tmp_path / "ray").resolve_run("latest"))
-               .nodes["base"].log).read_text()
+    log = Path(latest(Store(tmp_path / "ray")).nodes["base"].log).read_text()
     assert "Starting with 2 processes" in log
     assert model_sha(tmp_path / "ray") == model_sha(tmp_path / "local")
 

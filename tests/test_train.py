@@ -10,35 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
-from gptflow.ml.corpora import reviews
-
-
-def pipeline(corpus: Path, steps: int = 20, **extra: str) -> str:
-    trainer = ", ".join([f"max_steps: {steps}", *(f"{k}: {v}" for k, v in extra.items())])
-    return f"""\
-name: tiny
-nodes:
-  tok:
-    plugin: tokenize
-    params: {{corpus: ["{corpus}"], vocab_size: 320, val_fraction: 0.1}}
-  base:
-    plugin: pretrain
-    inputs: {{tokens: tok.tokens}}
-    params:
-      model: {{preset: tiny, context: 32}}
-      trainer: {{{trainer}}}
-      optim: {{lr: 3.0e-3, warmup_steps: 5}}
-      batch_size: 8
-"""
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.jsonl"
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in reviews(400)))
-    return path
+from conftest import tiny_training as pipeline
 
 
 def test_tokenize_pretrain_generate(run_pipeline, corpus, capfd):

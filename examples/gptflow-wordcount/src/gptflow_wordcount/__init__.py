@@ -15,12 +15,11 @@ import collections
 import json
 import os
 import re
-from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field
 
-from gptflow import Context, Input, NodeType, Params, PathRef, hookimpl
+from gptflow import Context, Input, NodeType, Params, PathRef, expand_path, hookimpl
 
 
 class WordCountParams(Params):
@@ -35,7 +34,7 @@ class WordCountParams(Params):
 def count_words(
     context: Context, inputs: dict[str, Any], params: WordCountParams
 ) -> dict[str, Any]:
-    paths = [p for pattern in params.files for p in sorted(Path().glob(pattern))]
+    paths = [p for pattern in params.files for p in expand_path(pattern)]
     if inputs["text"] is not None:
         paths += sorted(inputs["text"].path.glob("*.txt"))
     counts: collections.Counter[str] = collections.Counter()
