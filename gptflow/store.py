@@ -437,7 +437,8 @@ def _break_lock(path: Path) -> None:
 
 
 def _open_hashes(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, timeout=30, isolation_level=None)
+    # closed by a finalizer, which may run in any thread; used by its Store's alone
+    db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
     try:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")  # a cache: speed over durability
