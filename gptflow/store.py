@@ -270,8 +270,11 @@ class Store:
                         shutil.rmtree(path, ignore_errors=True)
 
     def _dead(self, run_id: str) -> bool:
-        if not (self.run_dir(run_id) / "run.json").exists():
-            return True  # a run's record is written before anything it stages
+        if not (self.run_dir(run_id) / "run.json").exists():  # not yet, or never, written:
+            try:  # its lease is taken before its record (see Runner.run)
+                return time.time() - self.heartbeat(run_id).stat().st_mtime > LEASE_S
+            except FileNotFoundError:
+                return True
         try:
             return self.load_run(run_id).status != RunStatus.RUNNING
         except CorruptRecord:

@@ -214,9 +214,8 @@ nodes:
 def test_two_drivers_on_one_store_compute_each_node_once(tmp_path, cluster):
     (tmp_path / "p.yaml").write_text(SLOW_PAIR)
     drivers = [spawn(tmp_path, "run", "p.yaml", *ray_args(cluster)) for _ in range(2)]
-    for driver in drivers:
-        out, err = driver.communicate(timeout=300)
-        assert driver.returncode == 0, out + err
+    outputs = [driver.communicate(timeout=300) for driver in drivers]
+    assert [d.returncode for d in drivers] == [0, 0], outputs
     store = Store(tmp_path / ".gptflow")
     records, problems = store.runs()
     assert len(records) == 2 and not problems
