@@ -170,7 +170,7 @@ def execute(job: Job, plugins: Plugins, store: Store, report: Report) -> None:
         staging = store.stage(job.fingerprint, job.run_id)
         for name in job.outputs:
             (staging / name).mkdir()
-        log_path = log_file(store, job)
+        log_path = store.node_log(job.run_id, job.node)
         log = node_logger(job, log_path)
         started = time.perf_counter()
         try:
@@ -224,10 +224,6 @@ def resolved_params(model: type[BaseModel], params: dict[str, Any], folder: Path
             target = target[key]
         target[loc[-1]] = resolve_path(value, folder.resolve())
     return model.model_validate(data)
-
-
-def log_file(store: Store, job: Job) -> Path:
-    return store.run_dir(job.run_id) / "logs" / f"{job.node}.log"
 
 
 def plain_metrics(result: Any, plugin: str) -> dict[str, Any]:

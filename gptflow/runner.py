@@ -52,7 +52,8 @@ class Runner:
                                   sha256=self.pipeline.sha256,
                                   overrides=list(self.pipeline.overrides)),
             nodes={s.node.name: NodeEntry(plugin=s.node.plugin, fingerprint=s.fingerprint,
-                                          reason=s.reason, log=str(logs / f"{s.node.name}.log"))
+                                          reason=s.reason,
+                                          log=str(store.node_log(run_id, s.node.name)))
                    for s in steps})
         logs.mkdir(parents=True)
         with Heartbeat(store.heartbeat(run_id)):  # the lease first: see gptflow.liveness

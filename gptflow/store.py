@@ -111,6 +111,10 @@ class Store:
     def run_dir(self, run_id: str) -> Path:
         return self.root / "runs" / run_id
 
+    def node_log(self, run_id: str, node: str) -> Path:
+        """A node's log file in a run (its output, tracebacks, an exec-node's own words)."""
+        return self.run_dir(run_id) / "logs" / f"{node}.log"
+
     def logger_dir(self, run_id: str, node: str) -> Path:
         """Where a node's tracker files (TensorBoard, W&B offline) outlive it."""
         return self.run_dir(run_id) / "loggers" / node

@@ -149,7 +149,7 @@ class Ray(Executor):
 def exec_node_task(store: str, run_id: str, node: str) -> int:
     """The Ray task: ``gptflow exec-node`` in a process of its own, its output appended
     to the node's log; cancelled, it passes SIGTERM on and waits for the checkpoint."""
-    log = os.path.join(store, "runs", run_id, "logs", f"{node}.log")
+    log = Store(store).node_log(run_id, node)
     command = [sys.executable, "-m", "gptflow.cli", "exec-node", run_id, node, "--store", store]
     with open(log, "a", encoding="utf-8") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)

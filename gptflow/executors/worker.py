@@ -36,9 +36,8 @@ def exec_node(store: Store, run_id: str, node: str) -> int:
     except (OSError, ValueError, TypeError) as e:
         print(f"error: {spec}: no readable job spec ({one_line(e)})", file=sys.stderr)
         return EXIT_INPUT
-    wanted = [m for m in job.plugins if m not in os.environ.get("GPTFLOW_PLUGINS", "")]
-    os.environ["GPTFLOW_PLUGINS"] = ",".join(
-        m for m in [os.environ.get("GPTFLOW_PLUGINS", ""), *wanted] if m)
+    here = [m for m in os.environ.get("GPTFLOW_PLUGINS", "").split(",") if m.strip()]
+    os.environ["GPTFLOW_PLUGINS"] = ",".join(dict.fromkeys([*here, *job.plugins]))
     plugins = load_plugins()
     rank = follower_rank()
     if rank:  # a rank that Lightning's launcher started beside this node's rank 0
