@@ -28,7 +28,8 @@ import torch
 from results import run_pipeline, table, write_section
 
 from gptflow.ml.config import preset_config
-from gptflow.ml.lm import lr_lambda, param_groups, token_loss
+from gptflow.ml.lm import lr_lambda, param_groups
+from gptflow.ml.loss import token_loss
 from gptflow.ml.model import GPT, KVCache
 from gptflow.ml.optim import Optim
 

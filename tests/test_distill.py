@@ -12,7 +12,7 @@ from conftest import TINY_BASE
 
 from gptflow.ml.config import preset_config
 from gptflow.ml.distill import DistillLM, kd_loss
-from gptflow.ml.lm import token_loss
+from gptflow.ml.loss import token_loss
 from gptflow.ml.model import GPT
 from gptflow.ml.optim import Optim
 

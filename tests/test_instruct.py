@@ -15,7 +15,7 @@ from gptflow.ml.evaluation import (
     generation_metrics,
     label_log_likelihoods,
 )
-from gptflow.ml.instruct import IGNORE, Example, collate, encode_examples
+from gptflow.ml.instruct import IGNORE, Example, collate, encode_examples, real_tokens
 from gptflow.ml.prompts import PromptFormat
 from gptflow.ml.tasks import load_task_files, sentiment4
 from gptflow.ml.tokenizer import Tokenizer
@@ -95,15 +95,17 @@ def test_encoded_examples_end_with_the_answer():
 
 
 class Favouring(torch.nn.Module):
-    """A stand-in model whose next-token distribution is fixed."""
+    """A stand-in model whose next-token distribution is fixed: a constant hidden
+    state read by a head whose one column is the logits."""
 
     def __init__(self, logits: torch.Tensor) -> None:
         super().__init__()
-        self.logits = logits
+        self.lm_head = torch.nn.Linear(1, len(logits), bias=False)
+        self.lm_head.weight.data = logits[:, None].clone()
         self.config = type("C", (), {"context": 64})()
 
-    def forward(self, x):
-        return self.logits.expand(x.size(0), x.size(1), -1)
+    def hidden(self, x):
+        return torch.ones(x.size(0), x.size(1), 1)
 
 
 def test_label_scoring_picks_the_most_likely_label():
@@ -166,3 +168,11 @@ def test_finetune_and_evaluate_end_to_end(run_pipeline, review_corpus):
     assert "| metric | majority | random | base | sft |" in md
     assert (result.output("eval") / "confusion-sft-sentiment4.png").stat().st_size > 1000
     assert (result.output("eval") / "macro_f1-sentiment4.png").is_file()
+
+
+def test_real_tokens_leave_out_padding_only():
+    examples = [Example(np.array([5, 6, 7]), np.array([8, 9])),
+                Example(np.array([5]), np.array([8]))]
+    _, y = collate(examples, pad_id=0)  # rows of 4: 4 real, then 1 real and 3 padding
+    assert real_tokens(y) == 4 + 1
+    assert real_tokens(torch.zeros(3, 7, dtype=torch.long)) == 21  # pretraining windows

@@ -2,8 +2,9 @@
 next-token distributions and from the true next tokens.
 
 loss = alpha · T² · KL(teacher_T || student_T) + (1 - alpha) · CE(student, targets),
-both over the positions whose target is not -100. The T² keeps the soft
-term's gradients on the scale of the hard one (Hinton et al.).
+both over the positions whose target is not -100 (the only positions where
+either head is computed). The T² keeps the soft term's gradients on the scale
+of the hard one (Hinton et al.).
 """
 
 from __future__ import annotations
@@ -12,21 +13,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gptflow.ml.lm import CausalLM, token_loss
+from gptflow.ml.instruct import IGNORE
+from gptflow.ml.lm import CausalLM
 from gptflow.ml.model import GPT
 from gptflow.ml.optim import Optim
 
 
 def kd_loss(student: Tensor, teacher: Tensor, targets: Tensor, alpha: float,
             temperature: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(total, soft KL term, hard CE term) for logits (B, T, V) and targets (B, T)."""
-    mask = (targets != -100).flatten()
-    s = student.flatten(0, 1)[mask].float()
-    t = teacher.flatten(0, 1)[mask].float()
+    """(total, soft KL term, hard CE term) for logits (..., V) and targets (...)."""
+    mask = targets != IGNORE
+    s, t = student[mask].float(), teacher[mask].float()
     soft = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
                     log_target=True, reduction="batchmean") * temperature**2
-    hard = token_loss(student, targets)
+    hard = F.cross_entropy(s, targets[mask])
     return alpha * soft + (1 - alpha) * hard, soft, hard
+
+
+def supervised_logits(model: GPT, x: Tensor, keep: Tensor) -> Tensor:
+    """The head's logits (N, V) at the N positions ``keep`` marks only."""
+    return model.lm_head(model.hidden(x)[keep])
 
 
 class DistillLM(CausalLM):
@@ -44,9 +50,10 @@ class DistillLM(CausalLM):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
+        keep = y != IGNORE
         with torch.no_grad():
-            teacher_logits = self.teacher[0](x)
-        loss, soft, hard = kd_loss(self.model(x), teacher_logits, y, self.alpha,
-                                   self.temperature)
+            teacher_logits = supervised_logits(self.teacher[0], x, keep)
+        loss, soft, hard = kd_loss(supervised_logits(self.model, x, keep), teacher_logits,
+                                   y[keep], self.alpha, self.temperature)
         self.log_dict({"train_loss": loss, "kd_loss": soft, "ce_loss": hard})
         return loss

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from gptflow.ml.generate import generate
 from gptflow.ml.instruct import IGNORE
+from gptflow.ml.loss import supervised_loss
 from gptflow.ml.model import GPT
 from gptflow.ml.prompts import PromptFormat
 from gptflow.ml.tasks import Task
@@ -48,10 +48,12 @@ def label_log_likelihoods(model: GPT, tokenizer: Tokenizer, prompts: Sequence[st
             t = torch.from_numpy(ids.astype(np.int64))
             x[r, : len(t) - 1] = t[:-1]
             y[r, len(t) - 1 - n_label: len(t) - 1] = t[len(t) - n_label:]
-        logp = F.log_softmax(model(x).float(), dim=-1)
-        picked = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (y != IGNORE)
+        nll = supervised_loss(model, x, y, reduction="none")  # label tokens, row by row
+        rows_of = (y != IGNORE).nonzero()[:, 0]
+        per_row = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, rows_of,
+                                                                        nll.double())
         for r, (n, k) in enumerate(chunk):
-            scores[n, k] = float(picked[r].sum())
+            scores[n, k] = -float(per_row[r])
     return scores
 
 

@@ -84,6 +84,14 @@ def collate(examples: Sequence[Example], pad_id: int) -> tuple[Tensor, Tensor]:
     return x, y
 
 
+def real_tokens(targets: Tensor) -> int:
+    """The tokens of a batch that are not padding: a row ends at its last target,
+    since :func:`collate` pads after it (every row of a pretraining window is real)."""
+    supervised = targets != IGNORE
+    from_end = supervised.flip(-1).int().argmax(dim=-1)  # padding after the last target
+    return int(torch.where(supervised.any(dim=-1), targets.size(-1) - from_end, 0).sum())
+
+
 class InstructionBatches(IterableDataset[tuple[Tensor, Tensor]]):
     """Endless shuffled batches; each pool of 50 batches is sorted by length.
 

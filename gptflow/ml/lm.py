@@ -2,7 +2,9 @@
 and cosine decay, exact validation loss over a whole split.
 
 Targets equal to -100 carry no loss (prompt tokens in instruction tuning,
-padding), so the same module trains pretraining and fine-tuning.
+padding), so the same module trains pretraining and fine-tuning. The output
+head is computed only at positions that have a target (on a classification
+prompt, a few of ~160; see :mod:`gptflow.ml.loss`).
 """
 
 from __future__ import annotations
@@ -12,16 +14,11 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from gptflow.ml.loss import supervised_loss
 from gptflow.ml.model import GPT
 from gptflow.ml.optim import Optim
-
-
-def token_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
-                           reduction=reduction)
 
 
 def lr_lambda(optim: Optim, max_steps: int) -> Any:
@@ -58,7 +55,7 @@ class CausalLM(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        loss = token_loss(self.model(x), y)
+        loss = supervised_loss(self.model, x, y)
         self.log("train_loss", loss, prog_bar=False)
         return loss
 
@@ -68,7 +65,7 @@ class CausalLM(L.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
-        self._val_sum += token_loss(self.model(x), y, reduction="sum").double()
+        self._val_sum += supervised_loss(self.model, x, y, reduction="sum").double()
         self._val_count += int((y != -100).sum())
 
     def on_validation_epoch_end(self) -> None:

@@ -224,6 +224,12 @@ class GPT(nn.Module):
     def forward(self, idx: Tensor, cache: KVCache | None = None, start: int = 0,
                 last_only: bool = False) -> Tensor:
         """idx (B, T) token ids at positions start..start+T -> logits (B, T or 1, V)."""
+        x = self.hidden(idx, cache, start)
+        return self.lm_head(x[:, -1:] if last_only else x)  # (B, T, V)
+
+    def hidden(self, idx: Tensor, cache: KVCache | None = None, start: int = 0) -> Tensor:
+        """The final normalised hidden states (B, T, C) that the head reads: a loss
+        that needs the head at a few positions only computes it there."""
         T = idx.size(1)
         if start + T > self.config.context:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context "
@@ -238,10 +244,7 @@ class GPT(nn.Module):
         x = self.dropout(x)
         for block in self.blocks:
             x = block(x, rope, cache, start)
-        x = self.norm(x)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(x)  # (B, T, V)
+        return self.norm(x)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token: 6N for the weights plus 12·L·C·T for attention (PaLM)."""

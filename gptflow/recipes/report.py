@@ -17,7 +17,8 @@ CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal at ~20
 GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
              "L4": 121e12, "RTX 4090": 165e12, "V100": 125e12, "T4": 65e12}
 
-REPORT_KEYS = ("params", "trainable_params", "steps", "tokens", "tokens_per_s", "step_ms",
+REPORT_KEYS = ("params", "trainable_params", "steps", "tokens", "tokens_per_s",
+               "padding_share", "step_ms",
                "flops", "chinchilla_tokens", "mfu", "peak_flops", "peak_source",
                "resumed_from_step", "train_peak_rss_bytes")
 """What every training node's metrics hold (train_peak_cuda_bytes too, on a GPU)."""
@@ -45,11 +46,12 @@ def peak_flops(accelerator: str, stated_tflops: float | None = None) -> tuple[fl
     return 2 * n**3 / best, f"measured fp32 matmul, {torch.get_num_threads()} threads"
 
 
-def training_report(model: GPT, steps: int, tokens: int, tokens_per_s: float, step_s: float,
-                    peak: tuple[float, str], resumed_from_step: int,
-                    peak_memory: dict[str, int]) -> dict[str, Any]:
-    """The report: ``tokens`` trained in ``steps`` optimizer steps in all (resumed
-    steps included), at the measured ``tokens_per_s`` (training steps only)."""
+def training_report(model: GPT, steps: int, tokens: int, tokens_per_s: float,
+                    padding_share: float, step_s: float, peak: tuple[float, str],
+                    resumed_from_step: int, peak_memory: dict[str, int]) -> dict[str, Any]:
+    """The report: ``tokens`` (real ones, not padding) trained in ``steps``
+    optimizer steps in all (resumed steps included), at the measured
+    ``tokens_per_s`` (training steps only)."""
     n_params = logical_params(model)
     flops, source = peak
     return {
@@ -58,6 +60,7 @@ def training_report(model: GPT, steps: int, tokens: int, tokens_per_s: float, st
         "steps": steps,
         "tokens": tokens,
         "tokens_per_s": tokens_per_s,
+        "padding_share": padding_share,
         "step_ms": 1000 * step_s,
         "flops": 6 * n_params * tokens,
         "chinchilla_tokens": CHINCHILLA_TOKENS_PER_PARAM * n_params,

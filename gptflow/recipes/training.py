@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from gptflow import signals
 from gptflow.errors import NodeError, one_line
 from gptflow.memory import PeakMemory
+from gptflow.ml.instruct import real_tokens
 from gptflow.ml.model import GPT
 from gptflow.nodes import Context
 from gptflow.recipes.params import TrainerParams
@@ -74,12 +75,13 @@ def seed(value: int) -> None:
 
 class Throughput(Callback):
     """Tokens/s over training steps only (validation and warm-up excluded), the
-    tokens of every batch, and progress."""
+    tokens of every batch, and progress. Tokens are real ones: padding is
+    computed but not counted, and its share of what was computed reported."""
 
     def __init__(self, context: Context, max_steps: int) -> None:
         self.context, self.max_steps = context, max_steps
         self.train_time, self.tokens, self._start, self._batch_tokens = 0.0, 0, 0.0, 0
-        self.timed_batches, self.seen = 0, 0
+        self.timed_batches, self.seen, self.computed, self._batch_computed = 0, 0, 0, 0
         self.logged: dict[str, float] = {}  # what the module logged, as of the checkpoint
         self._trainer: L.Trainer | None = None
 
@@ -91,21 +93,25 @@ class Throughput(Callback):
         logged = {k: float(v) for k, v in self._trainer.callback_metrics.items()} \
             if self._trainer else {}
         return {"train_time": self.train_time, "tokens": self.tokens, "seen": self.seen,
-                "timed_batches": self.timed_batches, "logged": logged}
+                "computed": self.computed, "timed_batches": self.timed_batches,
+                "logged": logged}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.train_time, self.tokens = state["train_time"], state["tokens"]
         self.seen, self.timed_batches = state["seen"], state["timed_batches"]
+        self.computed = state.get("computed", self.seen)  # checkpoints before it was kept
         self.logged = dict(state["logged"])
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any,
                              *args: Any) -> None:
         self._start = time.perf_counter()
-        self._batch_tokens = int(batch[0].numel()) * trainer.world_size
+        self._batch_tokens = real_tokens(batch[1]) * trainer.world_size
+        self._batch_computed = int(batch[0].numel()) * trainer.world_size
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any,
                            *args: Any) -> None:
         self.seen += self._batch_tokens
+        self.computed += self._batch_computed
         if trainer.global_step > 2 or self.max_steps <= 10:  # skip warm-up steps
             self.train_time += time.perf_counter() - self._start
             self.tokens += self._batch_tokens
@@ -118,6 +124,10 @@ class Throughput(Callback):
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.train_time if self.train_time else 0.0
+
+    @property
+    def padding_share(self) -> float:
+        return 1 - self.seen / self.computed if self.computed else 0.0
 
     @property
     def seconds_per_batch(self) -> float:
@@ -304,7 +314,7 @@ def _fit(context: Context, module: L.LightningModule, train: IterableDataset[Any
     trainer.limit_val_batches = 1.0  # the final validation covers the whole split
     (final,) = trainer.validate(module, dataloaders=val_loader, verbose=False)
     report = training_report(model, trainer.global_step, throughput.seen,
-                             throughput.tokens_per_s,
+                             throughput.tokens_per_s, throughput.padding_share,
                              throughput.seconds_per_batch * tp.accumulate_grad_batches,
                              peak_flops(tp.accelerator, tp.peak_tflops), start_step, memory)
     return Fitted(trainer, {**metrics, **{k: float(v) for k, v in final.items()}, **report})

@@ -1,0 +1,96 @@
+"""The next-token loss with the output head computed only where it counts.
+
+Instruction tuning puts loss on the output tokens, a few of ~160 on a
+classification prompt: the head (C x V, V = 49k-150k for today's models) and
+the cross-entropy run only at those positions, and in chunks of rows whose
+gradients are taken as they go (softmax - one-hot), so a (B, T, V) float
+tensor never exists, in pretraining either.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gptflow.ml.instruct import IGNORE
+from gptflow.ml.model import GPT
+
+CHUNK_ELEMENTS = 2**23  # logits per chunk of rows in the head's loss (32 MB in fp32)
+
+
+def token_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                           ignore_index=IGNORE, reduction=reduction)
+
+
+def supervised_loss(model: GPT, x: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
+    """Next-token NLL of ``model`` on inputs ``x`` and targets ``y`` (B, T), with
+    the head computed only where a target is not IGNORE; ``reduction="none"``
+    gives each such target's NLL, in row-major order."""
+    keep = y != IGNORE
+    h = model.hidden(x)[keep]  # (N, C)
+    return head_loss(model.lm_head, h, y[keep], reduction)
+
+
+def head_loss(head: torch.nn.Module, h: Tensor, targets: Tensor, reduction: str) -> Tensor:
+    """Cross-entropy of ``head(h)`` (N, V) against ``targets`` (N,), ``CHUNK_ELEMENTS``
+    logits at a time."""
+    vocab: int = getattr(head, "out_features")  # noqa: B009 (linear, quantized or adapted)
+    rows = max(1, CHUNK_ELEMENTS // vocab)
+    plain_linear = type(head) is torch.nn.Linear and head.bias is None
+    if torch.is_grad_enabled() and plain_linear and (h.requires_grad or head.weight.requires_grad):
+        total = _LinearCrossEntropy.apply(h, head.weight, targets, rows)  # type: ignore[no-untyped-call]
+        if reduction == "none":
+            raise ValueError("reduction='none' is for scoring, without gradients")
+    elif torch.is_grad_enabled():  # a quantized or adapted head: its own backward
+        losses = F.cross_entropy(head(h).float(), targets, reduction="none")
+        total = losses if reduction == "none" else losses.sum()
+    else:
+        losses = torch.cat([F.cross_entropy(head(h[s:s + rows]).float(), targets[s:s + rows],
+                                            reduction="none")
+                            for s in range(0, len(h), rows)] or [h.new_zeros(0)])
+        total = losses if reduction == "none" else losses.sum()
+    if reduction == "mean":
+        return total / len(targets)  # nan when nothing is supervised, as F.cross_entropy
+    return total
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum of CE(h @ W^T, targets), its gradients computed chunk by chunk in the
+    forward pass (softmax - one-hot), so no chunk's logits outlive it."""
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, weight: Tensor, targets: Tensor, rows: int) -> Tensor:
+        device = h.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) \
+            else weight.dtype
+        with torch.autocast(device, enabled=False):
+            w = weight.to(dtype)
+            grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+            grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            for s in range(0, len(h), rows):
+                hc, t = h[s:s + rows].to(dtype), targets[s:s + rows]
+                logits = (hc @ w.T).float()  # (rows, V)
+                lse = logits.logsumexp(dim=-1)
+                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                grad[torch.arange(len(t), device=h.device), t] -= 1
+                grad = grad.to(dtype)
+                if grad_h is not None:
+                    grad_h[s:s + rows] = grad @ w
+                if grad_w is not None and dtype == weight.dtype:
+                    grad_w.addmm_(grad.T, hc)
+                elif grad_w is not None:
+                    grad_w += (grad.T @ hc).to(weight.dtype)
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_out,
+                None if grad_w is None else grad_w * grad_out, None, None)

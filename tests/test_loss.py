@@ -1,0 +1,81 @@
+"""The supervised-positions loss equals cross-entropy over full logits: values
+and gradients, in chunks, tied or not, under bf16 autocast, adapted heads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptflow.ml import loss
+from gptflow.ml.adapter import LoraConfig
+from gptflow.ml.config import GPTConfig
+from gptflow.ml.lora import prepare
+from gptflow.ml.model import GPT
+
+pytestmark = pytest.mark.torch
+VOCAB = 3000
+
+
+def model_and_batch(tie: bool) -> tuple[GPT, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=VOCAB, context=64, n_layer=2, n_head=2, d_model=32,
+                          tie_embeddings=tie))
+    x, y = torch.randint(0, VOCAB, (3, 40)), torch.randint(0, VOCAB, (3, 40))
+    y[:, :30] = -100  # a prompt
+    y[1, 35:] = -100  # padding
+    return model, x, y
+
+
+def grads(model: torch.nn.Module, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    value.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_equals_full_logits_cross_entropy_in_chunks(tie, monkeypatch):
+    model, x, y = model_and_batch(tie)
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", VOCAB * 4)  # 4 rows a chunk: 6 chunks
+    reference = loss.token_loss(model(x), y)
+    expected = grads(model, reference)
+    ours = loss.supervised_loss(model, x, y)
+    got = grads(model, ours)
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-6)
+    assert got.keys() == expected.keys()
+    for name, g in expected.items():
+        assert torch.allclose(got[name], g, atol=1e-6), name
+
+
+def test_sums_scores_and_bf16_autocast():
+    model, x, y = model_and_batch(tie=True)
+    with torch.no_grad():
+        summed = loss.supervised_loss(model, x, y, reduction="sum")
+        each = loss.supervised_loss(model, x, y, reduction="none")
+        full = torch.nn.functional.cross_entropy(model(x)[y != -100], y[y != -100],
+                                                 reduction="none")
+    assert torch.allclose(each, full, atol=1e-5)
+    assert summed.item() == pytest.approx(float(full.sum()), rel=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference, ours = loss.token_loss(model(x), y), loss.supervised_loss(model, x, y)
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-3)
+    assert all(g.dtype == torch.float32 for g in grads(model, ours).values())
+
+
+def test_a_quantized_head_trains_through_its_own_backward():
+    model, x, y = model_and_batch(tie=False)  # QLoRA puts an untied head in NF4
+    prepare(model, LoraConfig(base_path="", base_fingerprint="", rank=2,
+                              layers=("*.q_proj",), quantize_base="nf4"))
+    for block in model.blocks:
+        torch.nn.init.normal_(block.attn.q_proj.lora_B)
+    reference = loss.token_loss(model(x), y)
+    expected = grads(model, reference)
+    got = grads(model, loss.supervised_loss(model, x, y))
+    assert got.keys() == expected.keys() and "blocks.0.attn.q_proj.lora_B" in got
+    for name, g in expected.items():
+        assert torch.allclose(got[name], g, atol=1e-5), name
+
+
+def test_nothing_supervised_is_nan_as_cross_entropy():
+    model, x, y = model_and_batch(tie=True)
+    y[:] = -100
+    assert torch.isnan(loss.supervised_loss(model, x, y))
