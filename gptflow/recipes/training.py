@@ -209,6 +209,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 PREVIOUS = "previous.ckpt"
 
 
+def place_weights(model: GPT, precision: str) -> None:
+    """Each parameter in the dtype training wants it in: trainable ones in float32
+    (the optimizer's master copy; Lightning's bf16-true casts them itself), frozen
+    ones in bfloat16 under a bf16 precision (LoRA's base: half the memory, and
+    matmuls that take bf16 kernels without a cast each step), else in float32. One
+    parameter at a time, so no second copy of the model exists."""
+    frozen = torch.bfloat16 if precision.startswith("bf16") else torch.float32
+    for param in model.parameters():
+        param.data = param.data.to(torch.float32 if param.requires_grad else frozen)
+    for name, buffer in model.named_buffers():  # RoPE tables: float32, as at init
+        if buffer.is_floating_point():
+            module, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module), attr, buffer.float())
+
+
 def resume_point(context: Context) -> tuple[Path | None, int]:
     """The newest checkpoint of this fingerprint that loads, and its step. One
     that does not (a full disk, a damaged file) is set aside, and the user told."""
@@ -287,6 +302,7 @@ def _fit(context: Context, module: L.LightningModule, train: IterableDataset[Any
          val_loader: DataLoader[Any], tp: TrainerParams, max_steps: int) -> Fitted:
     model = module.model
     assert isinstance(model, GPT), "a training module keeps its GPT as .model"
+    place_weights(model, tp.precision)
     checkpoint, start_step = resume_point(context)
     if checkpoint:
         context.log.info("resuming from %s (step %d)", checkpoint, start_step)

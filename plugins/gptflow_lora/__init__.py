@@ -2,7 +2,9 @@
 
 The base model is frozen (and, for QLoRA, stored in 4-bit NF4 and dequantized on
 the fly); low-rank adapters on the chosen linear layers are the only weights in
-the optimizer. The output is an adapter: its weights, its config and the
+the optimizer. With ``trainer.precision: bf16-mixed`` the frozen base is held in
+bf16 (half the memory; bf16 matmul kernels, 3x fp32's on CPUs with AMX) and the
+adapters in fp32. The output is an adapter: its weights, its config and the
 fingerprint of the base it belongs to (a few KB to MB).
 
 YAML keys (``params``): everything ``instruction-finetune`` takes (``tasks``,
