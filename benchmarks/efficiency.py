@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from results import run_pipeline, table, write_section
 
-from gptflow.ml.checkpoint import load_model, save_model
+from gptflow.ml.checkpoint import load_any, load_model, save_model
 from gptflow.ml.config import preset_config
 from gptflow.ml.data import SequentialWindows, TokenShards
 from gptflow.ml.evaluation import perplexity
@@ -73,8 +73,13 @@ def main() -> None:
         sizes, speeds, ppl = {}, {}, {}
         for precision in PRECISIONS:
             torch.manual_seed(0)
-            big = variant(GPT(config).eval(), precision)
-            sizes[precision] = save_model(Path(tmp) / precision.replace(" ", ""), big, tokenizer)
+            folder = Path(tmp) / precision.replace(" ", "")
+            method, _, embeddings = precision.partition(" + ")
+            quantization = {} if precision in ("fp32", "bf16") else {"quantization": {
+                "method": method, "group_size": 64, "embeddings": bool(embeddings)}}
+            sizes[precision] = save_model(folder, variant(GPT(config).eval(), precision),
+                                          tokenizer, **quantization)
+            big = load_any(folder, inference=True)[0]  # as evaluate and generate load it
             speeds[precision] = tokens_per_s(big, args.new_tokens)
             del big
             small, _ = load_model(trained)

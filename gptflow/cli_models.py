@@ -48,7 +48,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from gptflow.recipes.sources import model_path
 
     try:
-        model, tokenizer, _ = load_any(model_path(args.model))
+        model, tokenizer, _ = load_any(model_path(args.model), inference=True)
         prompt = (tokenizer.render_chat([{"role": "user", "content": args.prompt}])
                   if args.chat else args.prompt)
     except ValueError as e:  # ModelLoadError, HFError, GGUFError, no chat template

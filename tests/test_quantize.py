@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_BASE
 
-from gptflow.ml.checkpoint import load_model, save_model
+from gptflow.ml import quant
+from gptflow.ml.checkpoint import load_any, load_model, save_model
 from gptflow.ml.config import preset_config
 from gptflow.ml.model import GPT
-from gptflow.ml.quant import Int4Linear, Int8Linear, quantize_model
+from gptflow.ml.quant import Int4Linear, Int8Linear, NF4Linear, quantize_model
 from gptflow.ml.tokenizer import Tokenizer
 
 
@@ -69,6 +70,21 @@ def test_quantized_artifact_round_trips(tmp_path, method, embeddings, tied):
     x = torch.randint(0, tokenizer.vocab_size, (2, 16))
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+        served = load_any(tmp_path / "q", inference=True)[0]  # as evaluate and generate
+        assert not any(isinstance(m, NF4Linear) for m in served.modules())
+        assert torch.allclose(served(x), model(x), atol=1e-5)
+
+
+def test_dynamic_int8_quantizes_a_shared_input_once(linear):
+    """q/k/v (and gate/up) read one input: it is quantized once, and a new input
+    (even one in the same memory) is quantized anew."""
+    first, second = Int8Linear(linear, dynamic=True), Int8Linear(linear, dynamic=True)
+    x = torch.randn(3, 256)
+    assert torch.equal(first(x), second(x))
+    assert quant._last_input is not None and quant._last_input[0]() is x
+    y = x * 2
+    expected = F.linear(y, first.weight())
+    assert torch.allclose(second(y), expected, atol=0.05 * float(expected.abs().max()))
 
 
 def test_quantize_node_then_evaluate_and_generate(run_pipeline, review_corpus, capfd):

@@ -20,7 +20,7 @@ from gptflow.ml.config import GPTConfig
 from gptflow.ml.lora import adapter_state_dict, load_adapter, merge_lora, prepare
 from gptflow.ml.model import GPT, shape_problems
 from gptflow.ml.prompts import PromptFormat
-from gptflow.ml.quant import quantize_model
+from gptflow.ml.quant import dequantize_model, for_inference, quantize_model
 from gptflow.ml.tokenizer import Tokenizer
 
 FORMAT = "gptflow-gpt"
@@ -122,14 +122,20 @@ class Loaded:
     prompt: PromptFormat = field(default_factory=PromptFormat)  # how it was tuned
 
 
-def load_any(folder: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, Loaded]:
+def load_any(folder: str | Path, device: str = "cpu", inference: bool = False
+             ) -> tuple[GPT, Tokenizer, Loaded]:
     """A model artifact, an adapter artifact applied to its base (which must be
     the very artifact it was trained on), a Hugging Face folder or a GGUF file.
-    Returns the model, its tokenizer and the artifact's config."""
+    Returns the model, its tokenizer and the artifact's config; with ``inference``,
+    in the form inference runs (:func:`~gptflow.ml.quant.for_inference`)."""
+    model, tokenizer, loaded = _load_any(Path(folder), device)
+    return (for_inference(model) if inference else model), tokenizer, loaded
+
+
+def _load_any(folder: Path, device: str) -> tuple[GPT, Tokenizer, Loaded]:
     from gptflow.ml.gguf_io import is_gguf, load_gguf
     from gptflow.ml.hf import is_hf_folder, load_hf
 
-    folder = Path(folder)
     if is_gguf(folder):
         model, tokenizer = load_gguf(folder)
         return model.to(device), tokenizer, Loaded({})
@@ -165,8 +171,6 @@ def load_any(folder: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, L
 def load_plain(folder: str | Path) -> tuple[GPT, Tokenizer, Loaded]:
     """Any model or adapter artifact as a plain full-precision GPT: quantized layers
     dequantized, adapters merged into their (dequantized) base."""
-    from gptflow.ml.quant import dequantize_model
-
     model, tokenizer, loaded = load_any(folder)
     dequantize_model(model)
     merge_lora(model)

@@ -9,8 +9,9 @@ outlives one layer's computation.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ NF4_LEVELS = torch.tensor([
     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0])
+M = TypeVar("M", bound=nn.Module)
 SCALE_BLOCK = 256  # block scales per second-level scale in double quantization
 
 
@@ -119,12 +121,14 @@ def quantize_linears_nf4(model: nn.Module, block: int = 64, double: bool = True)
     return _replace_linears(model, lambda linear: NF4Linear(linear, block, double))
 
 
-def dequantize_model(model: nn.Module) -> int:
+def dequantize_model(model: nn.Module, kinds: tuple[type[nn.Module], ...] | None = None
+                     ) -> int:
     """Put full-precision nn.Linear / nn.Embedding layers back in place of every
-    quantized one (a tied head follows its embedding); returns how many."""
-    quantized = (NF4Linear, Int8Linear, Int4Linear)
-    found = [(name, m) for name, m in model.named_modules()
-             if isinstance(m, (*quantized, QuantEmbedding)) and ".table" not in f".{name}"]
+    quantized one (of ``kinds`` only, if given; a tied head follows its
+    embedding); returns how many."""
+    kinds = kinds or (NF4Linear, Int8Linear, Int4Linear, QuantEmbedding)
+    found: list[tuple[str, Any]] = [(name, m) for name, m in model.named_modules()
+                                    if isinstance(m, kinds) and ".table" not in f".{name}"]
     for name, module in found:
         plain: nn.Module
         if isinstance(module, QuantEmbedding):
@@ -139,12 +143,21 @@ def dequantize_model(model: nn.Module) -> int:
                 plain.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, plain)
-    if getattr(getattr(model, "config", None), "tie_embeddings", False):
+    if QuantEmbedding in kinds and getattr(getattr(model, "config", None), "tie_embeddings",
+                                           False):
         embed: nn.Embedding = getattr(model, "embed")  # noqa: B009
         head = nn.Linear(embed.embedding_dim, embed.num_embeddings, bias=False)
         head.weight = embed.weight
         model.lm_head = head
     return len(found)
+
+
+def for_inference(model: M) -> M:
+    """``model`` as inference runs it: NF4 layers de-quantized once (the same
+    weights; no NF4 kernel is as fast as a dense matmul, and de-quantizing at
+    every token generated 25x slower). int8 and int4 layers keep their kernels."""
+    dequantize_model(model, (NF4Linear,))
+    return model
 
 
 def _replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> int:
@@ -160,6 +173,23 @@ def _replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -
 
 def _as_2d(x: Tensor) -> Tensor:
     return x.reshape(-1, x.size(-1))
+
+
+_last_input: tuple[Any, Tensor, Tensor] | None = None  # (weakref to x, its int8 rows, scales)
+
+
+def _quantized_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x as int8, symmetric per row, and the row scales. The layers that read the
+    same input one after the other (q/k/v, gate/up) quantize it once: the last
+    input is remembered while it lives (blocks never modify it in place)."""
+    global _last_input
+    if _last_input is not None and _last_input[0]() is x:
+        return _last_input[1], _last_input[2]
+    x2 = _as_2d(x).float()
+    scales = (x2.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
+    xq = torch.round(x2 / scales).to(torch.int8)
+    _last_input = (weakref.ref(x), xq, scales)
+    return xq, scales
 
 
 class Int8Linear(nn.Module):
@@ -193,9 +223,7 @@ class Int8Linear(nn.Module):
         if x.device.type != "cpu":
             y = F.linear(x, self.weight(x.dtype))
         elif self.dynamic:  # int8 x int8 -> int32, then both scales
-            x2 = _as_2d(x).float()
-            x_scales = (x2.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
-            xq = torch.round(x2 / x_scales).to(torch.int8)
+            xq, x_scales = _quantized_rows(x)
             y = torch._int_mm(xq, self.qweight.t()) * x_scales * self.scales
             y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         else:

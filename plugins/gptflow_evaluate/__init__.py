@@ -77,7 +77,7 @@ def run(context: Context, inputs: dict[str, Any], p: EvaluateParams) -> dict[str
                 add(name, task.name, metrics)
     for n, artifact in enumerate(inputs["models"]):
         name = artifact.producer
-        model, tokenizer, loaded = load_any(artifact.path)
+        model, tokenizer, loaded = load_any(artifact.path, inference=True)
         add(name, "-", {"params": logical_params(model),
                         "trainable_params": sum(q.numel() for q in model.parameters()
                                                 if q.requires_grad),

@@ -43,7 +43,7 @@ class QuantizeParams(Params):
 def run(context: Context, inputs: dict[str, Any], p: QuantizeParams) -> dict[str, Any]:
     from gptflow.ml.checkpoint import folder_bytes, load_model, read_config, save_model
     from gptflow.ml.evaluation import generation_speed
-    from gptflow.ml.quant import quantize_model
+    from gptflow.ml.quant import for_inference, quantize_model
 
     source = inputs["model"].path
     if read_config(source)[1].get("quantization"):
@@ -63,7 +63,7 @@ def run(context: Context, inputs: dict[str, Any], p: QuantizeParams) -> dict[str
     return {"quantized_layers": layers, "bytes_on_disk": size,
             "bytes_ratio": size / original, "bytes_in_memory": in_memory,
             "gen_tokens_per_s_before": before,
-            "gen_tokens_per_s": generation_speed(model, tokenizer)}
+            "gen_tokens_per_s": generation_speed(for_inference(model), tokenizer)}
 
 
 @hookimpl

@@ -78,13 +78,13 @@ def run(context: Context, inputs: dict[str, Any], p: SynthParams) -> dict[str, A
         if unknown:
             raise NodeError(f"params.counts: {', '.join(sorted(unknown))} not a label of "
                             f"{task.name!r} ({', '.join(task.labels)})")
-    generator, tokenizer, loaded = load_any(inputs["generator"].path)
+    generator, tokenizer, loaded = load_any(inputs["generator"].path, inference=True)
     if not loaded.prompt.reverse:
         context.log.warning("the generator was not tuned with reverse: true; it may not "
                             "write texts for labels")
     checker = None
     if inputs.get("classifier") is not None:
-        clf, clf_tokenizer, clf_loaded = load_any(inputs["classifier"].path)
+        clf, clf_tokenizer, clf_loaded = load_any(inputs["classifier"].path, inference=True)
 
         def checker(task: Task, texts: Any) -> list[str]:
             prompts = prompts_for(task, texts, clf_loaded.prompt, clf_tokenizer)
