@@ -102,7 +102,7 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = RMSNorm(hs, config.norm_eps), RMSNorm(hs, config.norm_eps)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None,
-                start: int) -> Tensor:
+                start: int, mask: Tensor | None) -> Tensor:
         B, T, _ = x.shape
         cfg = self.config
         q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -115,29 +115,29 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)  # (B, nkv, start+T, hs)
         dropout = cfg.dropout if self.training else 0.0
-        # causal over the whole cache: query i (at start+i) sees keys 0..start+i
-        mask = None if start == 0 else torch.ones(T, k.size(2), dtype=torch.bool,
-                                                   device=x.device).tril(start)
         if cfg.attention == "sdpa":
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                               is_causal=mask is None and T > 1,
+                                               is_causal=mask is None and start == 0 and T > 1,
                                                enable_gqa=cfg.kv_heads != cfg.n_head)
         else:
-            y = naive_attention(q, k, v, mask, dropout)
+            y = naive_attention(q, k, v, mask, dropout, causal=start == 0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))  # (B, T, C)
 
 
-def naive_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float
-                    ) -> Tensor:
-    """softmax(QK^T / sqrt(hs) + causal mask) V, written out; the reference for sdpa."""
+def naive_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float,
+                    causal: bool = True) -> Tensor:
+    """softmax(QK^T / sqrt(hs) + causal mask) V, written out; the reference for sdpa.
+    No mask and not ``causal``: every query sees every key (one new token)."""
     T, S = q.size(2), k.size(2)
     if k.size(1) != q.size(1):  # grouped-query: each K/V head serves n_head/nkv query heads
         k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
         v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
     att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, S)
-    if mask is None:
+    if mask is None and causal:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-    att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))
+    att = att.softmax(dim=-1)
     att = F.dropout(att, p=dropout, training=dropout > 0)
     return att @ v  # (B, nh, T, hs)
 
@@ -167,8 +167,8 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None,
-                start: int) -> Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache, start))
+                start: int, mask: Tensor | None) -> Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache, start, mask))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -242,8 +242,12 @@ class GPT(nn.Module):
             cos, sin = self.get_buffer("rope_cos"), self.get_buffer("rope_sin")
             rope = (cos[start:start + T], sin[start:start + T])
         x = self.dropout(x)
+        # causal over the whole cache: query i (at start+i) sees keys 0..start+i; from
+        # the start (is_causal) or one new token (sees them all) need no mask
+        mask = None if start == 0 or T == 1 else torch.ones(
+            T, start + T, dtype=torch.bool, device=idx.device).tril(start)
         for block in self.blocks:
-            x = block(x, rope, cache, start)
+            x = block(x, rope, cache, start, mask)
         return self.norm(x)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:

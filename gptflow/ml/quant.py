@@ -9,7 +9,7 @@ outlives one layer's computation.
 
 from __future__ import annotations
 
-import weakref
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -175,31 +175,15 @@ def _as_2d(x: Tensor) -> Tensor:
     return x.reshape(-1, x.size(-1))
 
 
-_last_input: tuple[Any, Tensor, Tensor] | None = None  # (weakref to x, its int8 rows, scales)
-
-
-def _quantized_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x as int8, symmetric per row, and the row scales. The layers that read the
-    same input one after the other (q/k/v, gate/up) quantize it once: the last
-    input is remembered while it lives (blocks never modify it in place)."""
-    global _last_input
-    if _last_input is not None and _last_input[0]() is x:
-        return _last_input[1], _last_input[2]
-    x2 = _as_2d(x).float()
-    scales = (x2.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
-    xq = torch.round(x2 / scales).to(torch.int8)
-    _last_input = (weakref.ref(x), xq, scales)
-    return xq, scales
-
-
 class Int8Linear(nn.Module):
     """Int8 weights, symmetric per output channel: w = q · scale.
 
     On CPU the matmul runs in one of PyTorch's int8 kernels: weight-only
     (``_weight_int8pack_mm``, bf16 activations), or with ``dynamic`` the
-    activations are quantized too, symmetric per row at each call, and
-    ``_int_mm`` multiplies int8 by int8 into int32: several times faster at
-    batch 1, at a small cost in accuracy. Both read the same stored weights."""
+    activations are quantized too, per tensor at each call, in the quantized
+    engine's dynamic linear (fbgemm / oneDNN on x86: 3.5x fp32 at batch 1, where
+    ``_int_mm`` plus a quantization step was 1.1x), at a small cost in accuracy.
+    Both read the same stored weights."""
 
     qweight: Tensor
     scales: Tensor
@@ -222,9 +206,17 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu":
             y = F.linear(x, self.weight(x.dtype))
-        elif self.dynamic:  # int8 x int8 -> int32, then both scales
-            xq, x_scales = _quantized_rows(x)
-            y = torch._int_mm(xq, self.qweight.t()) * x_scales * self.scales
+        elif self.dynamic:
+            if self._packed is None:  # quantized tensors: deprecated upstream, in 2.13 still
+                zeros = torch.zeros(self.out_features, dtype=torch.long)  # the fast path
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*quantized tensor creation")
+                    weight = torch._make_per_channel_quantized_tensor(
+                        self.qweight, self.scales.double(), zeros, 0)
+                self._packed = torch.ops.quantized.linear_prepack(weight, None)
+            # 7-bit activations (reduce_range): no int16 overflow in the kernels of CPUs
+            # without VNNI
+            y = torch.ops.quantized.linear_dynamic(_as_2d(x).float(), self._packed, True)
             y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         else:
             if self._packed is None:
