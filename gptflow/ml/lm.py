@@ -78,8 +78,11 @@ class CausalLM(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         groups = param_groups(self.model, self.optim.weight_decay)
-        fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
-        opt = torch.optim.AdamW(groups, lr=self.optim.lr, fused=fused,  # one kernel, not
-                                betas=(self.optim.beta1, self.optim.beta2))  # one per tensor
+        # fused: one kernel, not one per tensor; Lightning's mixed precision refuses to
+        # clip the gradients of a fused optimizer
+        fused = "mixed" not in str(self._trainer.precision if self._trainer else "") and all(
+            p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+        opt = torch.optim.AdamW(groups, lr=self.optim.lr, fused=fused,
+                                betas=(self.optim.beta1, self.optim.beta2))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.optim, self.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
