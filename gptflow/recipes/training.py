@@ -165,7 +165,7 @@ class ExactResume(Callback):
         # not torch.manual_seed: its calls queued for uninitialised CUDA, XPU and MTIA
         # format a stack trace each, 2.6 ms of a 50 ms step
         torch.default_generator.manual_seed(seed)
-        if torch.cuda.is_initialized():
+        if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
             torch.cuda.manual_seed_all(seed)
         self._batch += 1
 
