@@ -42,16 +42,14 @@ def head_loss(head: torch.nn.Module, h: Tensor, targets: Tensor, reduction: str)
     rows = max(1, CHUNK_ELEMENTS // vocab)
     plain_linear = type(head) is torch.nn.Linear and head.bias is None
     if torch.is_grad_enabled() and plain_linear and (h.requires_grad or head.weight.requires_grad):
-        total = _LinearCrossEntropy.apply(h, head.weight, targets, rows)  # type: ignore[no-untyped-call]
         if reduction == "none":
             raise ValueError("reduction='none' is for scoring, without gradients")
-    elif torch.is_grad_enabled():  # a quantized or adapted head: its own backward
-        losses = F.cross_entropy(head(h).float(), targets, reduction="none")
-        total = losses if reduction == "none" else losses.sum()
-    else:
-        losses = torch.cat([F.cross_entropy(head(h[s:s + rows]).float(), targets[s:s + rows],
+        total = _LinearCrossEntropy.apply(h, head.weight, targets, rows)  # type: ignore[no-untyped-call]
+    else:  # scoring in chunks; a quantized or adapted head trains through its own backward
+        step = max(1, len(h)) if torch.is_grad_enabled() else rows
+        losses = torch.cat([F.cross_entropy(head(h[s:s + step]).float(), targets[s:s + step],
                                             reduction="none")
-                            for s in range(0, len(h), rows)] or [h.new_zeros(0)])
+                            for s in range(0, len(h), step)] or [h.new_zeros(0)])
         total = losses if reduction == "none" else losses.sum()
     if reduction == "mean":
         return total / len(targets)  # nan when nothing is supervised, as F.cross_entropy
