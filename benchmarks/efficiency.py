@@ -76,7 +76,7 @@ def main() -> None:
             folder = Path(tmp) / precision.replace(" ", "")
             method, _, embeddings = precision.partition(" + ")
             quantization = {} if precision in ("fp32", "bf16") else {"quantization": {
-                "method": method, "group_size": 64, "embeddings": bool(embeddings)}}
+                "method": method, "group_size": 32, "embeddings": bool(embeddings)}}
             sizes[precision] = save_model(folder, variant(GPT(config).eval(), precision),
                                           tokenizer, **quantization)
             big = load_any(folder, inference=True)[0]  # as evaluate and generate load it

@@ -31,9 +31,10 @@ def test_int8_error_is_at_most_half_a_step_per_channel(linear):
 
 
 def test_int4_error_is_at_most_half_a_step_per_group(linear):
+    """An asymmetric grid over each group's [min, max], as GGUF's Q4_1."""
     q = Int4Linear(linear, group_size=64)
     err = (q.weight() - linear.weight).abs().view(96, -1, 64)
-    assert (err <= q.scales[..., None] / 2 + 1e-7).all()
+    assert (err <= q.scales.float()[..., None] * 0.52).all()  # fp16 scales and lows
     assert q.qweight.numel() == linear.weight.numel() // 2  # two codes per byte
 
 
@@ -88,7 +89,7 @@ def test_quantize_node_then_evaluate_and_generate(run_pipeline, review_corpus, c
     metrics = result.record["nodes"]["int4"]["metrics"]
     assert metrics["bytes_ratio"] < 0.6 and metrics["quantized_layers"] == 14
     config = json.loads((result.output("int4") / "config.json").read_text())
-    assert config["quantization"] == {"method": "int4", "group_size": 64, "embeddings": False}
+    assert config["quantization"] == {"method": "int4", "group_size": 32, "embeddings": False}
     rows = json.loads((result.output("eval") / "report.json").read_text())["rows"]
     ppl = {r["model"]: r["value"] for r in rows if r["metric"] == "perplexity"}
     assert ppl["int4"] < ppl["base"] * 1.2  # close to the model it came from
@@ -98,3 +99,17 @@ def test_quantize_node_then_evaluate_and_generate(run_pipeline, review_corpus, c
     capfd.readouterr()
     assert main(["generate", str(result.output("int4")), "--prompt", "The",
                  "--max-new-tokens", "5"]) == 0
+
+
+def test_int4_at_group_32_keeps_a_q4_1_grid_exactly():
+    """A model read from a Q4_1 GGUF (16 levels over each block of 32's own range,
+    fp16 scale and low) is quantized to int4 without a second rounding."""
+    torch.manual_seed(0)
+    scale = (torch.rand(64, 8, 1) / 10).half().float()
+    low = (-torch.rand(64, 8, 1) / 2).half().float()
+    codes = torch.randint(0, 16, (64, 8, 32)).float()
+    codes[..., 0], codes[..., 1] = 0, 15  # each block spans its whole grid, as Q4_1's do
+    linear = torch.nn.Linear(256, 64, bias=False)
+    linear.weight.data = (codes * scale + low).view(64, 256)
+    q = Int4Linear(linear, group_size=32)
+    assert torch.equal(q.weight(), linear.weight.data)

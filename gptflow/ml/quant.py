@@ -180,10 +180,12 @@ class Int8Linear(nn.Module):
 
     On CPU the matmul runs in one of PyTorch's int8 kernels: weight-only
     (``_weight_int8pack_mm``, bf16 activations), or with ``dynamic`` the
-    activations are quantized too, per tensor at each call, in the quantized
-    engine's dynamic linear (fbgemm / oneDNN on x86: 3.5x fp32 at batch 1, where
-    ``_int_mm`` plus a quantization step was 1.1x), at a small cost in accuracy.
-    Both read the same stored weights."""
+    activations are quantized too, per token at each call (a per-tensor scale
+    lets one outlier channel flatten every other: SmolLM2's perplexity tripled).
+    One token at a time (generation) runs the quantized engine's dynamic linear,
+    where a tensor is a token (fbgemm / oneDNN: 1.8-3x fp32); more rows run
+    ``_int_mm`` on int8 rows, each with its own scale. Both read the same
+    stored weights."""
 
     qweight: Tensor
     scales: Tensor
@@ -207,17 +209,7 @@ class Int8Linear(nn.Module):
         if x.device.type != "cpu":
             y = F.linear(x, self.weight(x.dtype))
         elif self.dynamic:
-            if self._packed is None:  # quantized tensors: deprecated upstream, in 2.13 still
-                zeros = torch.zeros(self.out_features, dtype=torch.long)  # the fast path
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=".*quantized tensor creation")
-                    weight = torch._make_per_channel_quantized_tensor(
-                        self.qweight, self.scales.double(), zeros, 0)
-                self._packed = torch.ops.quantized.linear_prepack(weight, None)
-            # 7-bit activations (reduce_range): no int16 overflow in the kernels of CPUs
-            # without VNNI
-            y = torch.ops.quantized.linear_dynamic(_as_2d(x).float(), self._packed, True)
-            y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+            y = self._dynamic(_as_2d(x).float()).to(x.dtype).view(*x.shape[:-1], -1)
         else:
             if self._packed is None:
                 self._packed = self.scales.to(torch.bfloat16)
@@ -226,14 +218,34 @@ class Int8Linear(nn.Module):
             y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
+    def _dynamic(self, x: Tensor) -> Tensor:
+        if len(x) > 1:  # int8 rows, one scale per token; _int_mm wants more than 16 rows
+            scales = (x.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
+            q = torch.round(x / scales).to(torch.int8)
+            rows = F.pad(q, (0, 0, 0, max(17 - len(q), 0)))
+            return torch._int_mm(rows, self.qweight.T)[:len(q)] * scales * self.scales
+        if self._packed is None:  # quantized tensors: deprecated upstream, in 2.13 still
+            zeros = torch.zeros(self.out_features, dtype=torch.long)  # the fast path
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*quantized tensor creation")
+                weight = torch._make_per_channel_quantized_tensor(
+                    self.qweight, self.scales.double(), zeros, 0)
+            self._packed = torch.ops.quantized.linear_prepack(weight, None)
+        # 7-bit activations (reduce_range): no int16 overflow in the kernels of CPUs
+        # without VNNI
+        return torch.ops.quantized.linear_dynamic(x, self._packed, True)  # type: ignore[no-any-return]
+
 
 class Int4Linear(nn.Module):
-    """Weight-only int4, group-wise: w = (q - 8) · scale per group of input
-    columns, two codes per byte. On CPU the matmul runs in PyTorch's int4 kernel
+    """Weight-only int4, group-wise and asymmetric: w = q · scale + low for
+    q in 0..15 over each group's [min, max], two codes per byte (GGUF's Q4_1;
+    a Q4_1 model at group 32 round-trips exactly, where a symmetric grid added
+    30% to SmolLM2's perplexity). On CPU the matmul runs in PyTorch's int4 kernel
     (the weight is repacked into its layout once, in memory)."""
 
     qweight: Tensor
     scales: Tensor
+    lows: Tensor
 
     def __init__(self, linear: nn.Linear, group_size: int = 64) -> None:
         super().__init__()
@@ -243,28 +255,37 @@ class Int4Linear(nn.Module):
                              f"group_size {group_size}")
         self.group_size = group_size
         w = linear.weight.detach().float().view(self.out_features, -1, group_size)
-        scales = (w.abs().amax(dim=-1) / 7.5).clamp(min=1e-12)  # (out, groups)
-        q = torch.clamp(torch.round(w / scales[..., None] + 8), 0, 15).to(torch.uint8)
-        self.register_buffer("qweight", pack4(q.flatten()).view(self.out_features, -1))
-        self.register_buffer("scales", scales)
+        low = w.amin(dim=-1).half()  # fp16, as GGUF stores them; codes are rounded
+        scales = ((w.amax(dim=-1) - low) / 15).clamp(min=2**-24).half()  # against these
+        q = torch.round((w - low[..., None].float()) / scales[..., None].float())
+        self.register_buffer("qweight", pack4(q.clamp(0, 15).to(torch.uint8).flatten())
+                             .view(self.out_features, -1))
+        self.register_buffer("scales", scales)  # (out, groups)
+        self.register_buffer("lows", low)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
                                                                   requires_grad=False)
         self._packed: Tensor | None = None
 
-    def codes(self) -> Tensor:
-        return unpack4(self.qweight.flatten()).view(self.out_features, self.in_features)
+    def rows(self, index: Tensor | slice = slice(None)) -> Tensor:
+        """Some rows of the weight (all by default), de-quantized."""
+        codes = unpack4(self.qweight[index].flatten()).float()
+        codes = codes.view(*self.scales[index].shape, self.group_size)
+        scales, lows = self.scales[index].float(), self.lows[index].float()
+        return (codes * scales[..., None] + lows[..., None]).flatten(-2)
 
     def weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        q = self.codes().float().view(self.out_features, -1, self.group_size) - 8
-        return (q * self.scales[..., None]).view(self.out_features, -1).to(dtype)
+        return self.rows().to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type == "cpu" and self.out_features % 16 == 0:  # the kernel's layout
             if self._packed is None:
+                codes = unpack4(self.qweight.flatten()).view(self.out_features, -1)
                 self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                    self.codes().to(torch.int32), 1)
-                scales = self.scales.T
-                self._scales_zeros = torch.stack([scales, torch.zeros_like(scales)], -1) \
+                    codes.to(torch.int32), 1)
+                # the kernel computes (q - 8) · scale + zero
+                scales = self.scales.float()
+                zeros = self.lows.float() + 8 * scales
+                self._scales_zeros = torch.stack([scales.T, zeros.T], -1) \
                     .contiguous().to(torch.bfloat16)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 _as_2d(x).to(torch.bfloat16), self._packed, self.group_size, self._scales_zeros)
@@ -286,8 +307,7 @@ class QuantEmbedding(nn.Module):
         t = self.table
         if isinstance(t, Int8Linear):
             return t.qweight[idx].float() * t.scales[idx][..., None]
-        codes = unpack4(t.qweight[idx].flatten()).view(*idx.shape, -1, t.group_size).float()
-        return ((codes - 8) * t.scales[idx][..., None]).flatten(-2)
+        return t.rows(idx)
 
 
 def quantize_model(model: nn.Module, method: str, group_size: int = 64,

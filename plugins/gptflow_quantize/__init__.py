@@ -3,19 +3,20 @@
 YAML keys (``params``):
 
 * ``method``: ``int8`` (symmetric, per output channel, weight-only),
-  ``int8-dynamic`` (the same stored weights; activations quantized per call, as
-  torch's dynamic quantization / torchao's int8 dynamic-activation config),
-  ``int4`` (group-wise, two values per byte) or ``nf4`` (4-bit NormalFloat,
-  double-quantized scales);
-* ``group_size``: input columns per int4 scale, or weights per NF4 block.
+  ``int8-dynamic`` (the same stored weights; activations quantized per token at
+  each call, as torchao's int8 dynamic-activation config),
+  ``int4`` (group-wise, asymmetric: a scale and a low per group, two values per
+  byte, GGUF's Q4_1) or ``nf4`` (4-bit NormalFloat, double-quantized scales);
+* ``group_size``: input columns per int4 group, or weights per NF4 block; 32 by
+  default, GGUF's block, so that a model read from a 4-bit GGUF keeps its grid.
 
 * ``embeddings``: quantize the token embedding too (int8/int4). An untied output
   head is always quantized; a head tied to the embedding follows it, sharing
   its quantized table.
 
 On CPU, int8 and int4 layers run PyTorch's packed kernels with bf16
-activations, int8-dynamic fbgemm's dynamic int8 linear; NF4 is dequantized on
-the fly. Input: ``model``. Output: ``model`` (loadable by
+activations, int8-dynamic int8 kernels on both sides; NF4 is dequantized once
+when loaded for inference. Input: ``model``. Output: ``model`` (loadable by
 ``evaluate``, ``gptflow generate`` and every node).
 """
 
@@ -34,7 +35,7 @@ class QuantizeParams(Params):
     """int8: per-channel symmetric, weight-only; int8-dynamic: the same weights with
     activations quantized per call (faster on CPU); int4: group-wise; nf4: QLoRA's
     NormalFloat."""
-    group_size: int = Field(64, ge=16)
+    group_size: int = Field(32, ge=16)
     """Input columns per int4 scale, or weights per NF4 block."""
     embeddings: bool = False
     """Quantize the token embedding too (int8/int4); a tied output head shares it."""
