@@ -34,12 +34,13 @@ import torch
 import yaml
 from results import run_pipeline, smollm2, table, write_section
 
-from gptflow.ml.instruct import Batches, InstructionBatches, encode_examples, real_tokens
+from gptflow.ml.instruct import Batches, InstructionBatches, real_tokens
 from gptflow.ml.lm import lr_lambda, param_groups
 from gptflow.ml.loss import token_loss
 from gptflow.ml.tokenizer import Tokenizer
 from gptflow.recipes import sources
 from gptflow.recipes.params import InstructionParams
+from gptflow.recipes.tuning import encode_splits
 
 TASK = (Path(__file__).resolve().parents[2] / "shared" / "data" / "natural-instructions"
         / "task823_peixian-rtgender_sentiment_analysis.json")
@@ -79,9 +80,7 @@ def reference(gguf: Path, model_folder: Path, spec: dict[str, Any], lora: bool
                                           if k in InstructionParams.model_fields})
     tokenizer = Tokenizer.load(model_folder / "tokenizer.json")
     tasks = [t for source in p.tasks for t in sources.tasks(source)]
-    train, val = (encode_examples(tasks, tokenizer, split, p.max_len or 320, p.prompt(),
-                                  p.max_per_task if split == "train" else None, p.seed)
-                  for split in ("train", "val"))
+    train, val = encode_splits(tasks, tokenizer, p, p.max_len or 320)
     torch.manual_seed(p.seed)
     bf16 = p.trainer.precision == "bf16-mixed"
     model = transformers.AutoModelForCausalLM.from_pretrained(

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 from conftest import SHARED_DATA, TINY_BASE
 
+from gptflow.ml.config import preset_config
 from gptflow.ml.evaluation import (
     baselines,
     classification_metrics,
     generation_metrics,
     label_log_likelihoods,
+    perplexity,
 )
 from gptflow.ml.instruct import IGNORE, Example, collate, encode_examples, real_tokens
+from gptflow.ml.model import GPT
 from gptflow.ml.prompts import PromptFormat
-from gptflow.ml.tasks import load_task_files, sentiment4
+from gptflow.ml.tasks import Instance, load_task_files, oversampled, sentiment4
 from gptflow.ml.tokenizer import Tokenizer
 
 NI = SHARED_DATA / "natural-instructions"
@@ -149,15 +153,22 @@ def test_finetune_and_evaluate_end_to_end(run_pipeline, review_corpus):
     plugin: instruction-finetune
     inputs: {model: base.model}
     params:
-      tasks: ["builtin:sentiment4?n=200&test=40"]
+      tasks: ["builtin:sentiment4?n=200&test=40&Mixed=0.05"]
+      oversample: true
       trainer: {max_steps: 10}
       batch_size: 8
+  heldout:                # held-out text in the tuned model's own tokens
+    plugin: tokenize
+    inputs: {model: sft}
+    params: {corpus: ["REVIEWS"], val_fraction: 0.5}
   eval:
     plugin: evaluate
-    inputs: {models: [base, sft], tokens: tok.tokens}
-    params: {tasks: ["builtin:sentiment4?n=200&test=40"], max_instances: 20}
-""")
+    inputs: {models: [base, sft], tokens: heldout.tokens}
+    params: {tasks: ["builtin:sentiment4?n=200&test=40"], max_instances: 20, context: 16}
+""".replace("REVIEWS", str(review_corpus)))
     assert result.code == 0, result.out + result.err
+    sft = result.record["nodes"]["sft"]["metrics"]
+    assert sft["train_examples"] > 200 * 0.7  # the 5% Mixed class repeated
     report = json.loads((result.output("eval") / "report.json").read_text())
     models = {r["model"] for r in report["rows"]}
     assert models == {"base", "sft", "majority", "random"}
@@ -176,3 +187,24 @@ def test_real_tokens_leave_out_padding_only():
     _, y = collate(examples, pad_id=0)  # rows of 4: 4 real, then 1 real and 3 padding
     assert real_tokens(y) == 4 + 1
     assert real_tokens(torch.zeros(3, 7, dtype=torch.long)) == 21  # pretraining windows
+
+
+def test_oversampling_repeats_the_small_classes_up_to_the_largest():
+    instances = [Instance(str(i), f"text {i}", (label,))
+                 for i, label in enumerate("PPPPPPNNM")]
+    counts = Counter(i.outputs[0] for i in oversampled(instances, seed=0))
+    assert counts == {"P": 6, "N": 6, "M": 6}
+    assert set(oversampled(instances, seed=0)) == set(instances)  # repeats, nothing new
+
+
+def test_perplexity_is_exp_of_the_mean_next_token_loss():
+    torch.manual_seed(0)
+    model = GPT(preset_config("tiny", vocab_size=50, context=16)).eval()
+    x = torch.randint(0, 50, (3, 16))
+    y = torch.randint(0, 50, (3, 16))
+    y[0, :4] = IGNORE
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(),
+                                                     ignore_index=IGNORE).exp()
+    windows = list(zip(x, y, strict=True))
+    assert perplexity(model, windows, batch_size=2) == pytest.approx(float(expected), rel=1e-5)

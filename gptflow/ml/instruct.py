@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset
 
 from gptflow.ml.prompts import PromptFormat
-from gptflow.ml.tasks import Task
+from gptflow.ml.tasks import Task, oversampled
 from gptflow.ml.tokenizer import Tokenizer
 
 IGNORE = -100
@@ -34,15 +34,18 @@ class Example:
 
 def encode_examples(tasks: Sequence[Task], tokenizer: Tokenizer, split: str, max_len: int,
                     prompt: PromptFormat | None = None, max_per_task: int | None = None,
-                    seed: int = 0) -> list[Example]:
-    """Every instance of ``split`` as an Example; prompts lose their oldest
-    tokens when prompt + target exceed ``max_len``."""
+                    seed: int = 0, oversample: bool = False) -> list[Example]:
+    """Every instance of ``split`` as an Example (with ``oversample``, a
+    classification task's smaller classes repeated up to its largest); prompts
+    lose their oldest tokens when prompt + target exceed ``max_len``."""
     prompt = prompt or PromptFormat()
     examples = []
     for task in tasks:
         instances = task.split(split)
         if max_per_task is not None and len(instances) > max_per_task:
             instances = random.Random(f"{seed}/{task.name}").sample(instances, max_per_task)
+        if oversample and task.labels is not None:
+            instances = oversampled(instances, f"{seed}/{task.name}")
         prompts = tokenizer.encode_batch([prompt.render(task, i.input, tokenizer=tokenizer)
                                           for i in instances])
         targets = tokenizer.encode_batch([prompt.answer_prefix + i.outputs[0]

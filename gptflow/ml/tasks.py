@@ -68,6 +68,19 @@ class Task:
                 if (i.split or _bucket(i.input, val_fraction, test_fraction)) == name]
 
 
+def oversampled(instances: list[Instance], seed: int | str = 0) -> list[Instance]:
+    """Classification instances with the smaller classes' repeated, drawn at random,
+    until every class is as large as the largest: the baseline synthetic
+    balancing has to beat."""
+    by_label: dict[str, list[Instance]] = {}
+    for instance in instances:
+        by_label.setdefault(instance.outputs[0], []).append(instance)
+    largest = max((len(group) for group in by_label.values()), default=0)
+    rng = random.Random(seed)
+    return instances + [rng.choice(group) for _, group in sorted(by_label.items())
+                        for _ in range(largest - len(group))]
+
+
 def default_split(instance: Instance) -> str:
     """The split an instance is in under the default fractions."""
     return split_of(instance.input, instance.split)

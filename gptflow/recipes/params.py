@@ -201,6 +201,9 @@ class InstructionParams(Params):
     """Cap on training instances per task, so that big tasks do not drown small ones."""
     max_len: int | None = Field(None, ge=8)
     """Longest prompt + output in tokens; default: the model's context."""
+    oversample: bool = False
+    """Repeat the training instances of each classification task's smaller classes
+    (drawn at random) until every class is as large as its largest."""
     reverse: bool = False
     """Train the tasks backwards — write an input given its output (a review given
     its label): the generator that generate-synthetic-data samples from."""

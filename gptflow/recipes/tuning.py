@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from gptflow.errors import NodeError
 from gptflow.ml.instruct import (
     Batches,
+    Example,
     InstructionBatches,
     encode_conversations,
     encode_examples,
@@ -19,7 +20,7 @@ from gptflow.ml.lm import CausalLM
 from gptflow.ml.model import GPT
 from gptflow.ml.optim import Optim
 from gptflow.ml.quant import logical_params
-from gptflow.ml.tasks import load_dataset_tasks, reversed_task
+from gptflow.ml.tasks import Task, load_dataset_tasks, reversed_task
 from gptflow.ml.tokenizer import Tokenizer
 from gptflow.nodes import Artifact, Context
 from gptflow.recipes import sources
@@ -43,13 +44,8 @@ def tune(context: Context, model: GPT, tokenizer: Tokenizer, p: InstructionParam
                         "or GGUF metadata holds it)")
     if p.reverse:
         tasks = [reversed_task(t) for t in tasks]
-    max_len = min(p.max_len or model.config.context, model.config.context)
-    train, val = (encode_examples(tasks, tokenizer, split, max_len, p.prompt(),
-                                  p.max_per_task if split == "train" else None, p.seed)
-                  + encode_conversations(
-                      [c for source in p.chats for c in sources.conversations(source, split)],
-                      tokenizer, max_len)
-                  for split in ("train", "val"))
+    train, val = encode_splits(tasks, tokenizer, p, min(p.max_len or model.config.context,
+                                                        model.config.context))
     if not val:
         raise NodeError("the tasks have no validation instances")
     context.log.info("%d training and %d validation examples from %d tasks and %d chat "
@@ -61,6 +57,22 @@ def tune(context: Context, model: GPT, tokenizer: Tokenizer, p: InstructionParam
     fitted.metrics.update(train_examples=len(train), val_examples=len(val), tasks=len(tasks),
                           **tuning_footprint(model))
     return fitted
+
+
+def encode_splits(tasks: Sequence[Task], tokenizer: Tokenizer, p: InstructionParams,
+                  max_len: int) -> tuple[list[Example], list[Example]]:
+    """The training and validation examples of the tasks and chat sources; caps
+    and oversampling shape the training split only."""
+    def encoded(split: str) -> list[Example]:
+        train = split == "train"
+        return (encode_examples(tasks, tokenizer, split, max_len, p.prompt(),
+                                p.max_per_task if train else None, p.seed,
+                                p.oversample and train)
+                + encode_conversations(
+                    [c for source in p.chats for c in sources.conversations(source, split)],
+                    tokenizer, max_len))
+
+    return encoded("train"), encoded("val")
 
 
 def tuning_footprint(model: GPT) -> dict[str, Any]:

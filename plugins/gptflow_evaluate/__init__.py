@@ -12,7 +12,8 @@ YAML keys (``params``):
 * ``k_examples``: demonstrations in prompts (default: what the model was tuned with).
 
 Inputs: ``models`` (a list of model artifacts); optional ``tokens`` for
-perplexity on their validation split. Output: ``report`` — ``report.json``
+perplexity on their validation split, in windows of ``context`` tokens (at most
+each model's own context). Output: ``report`` — ``report.json``
 (flat rows of model, task, metric, value), ``report.md`` (models side by side),
 PNG confusion matrices and a bar chart of each task's headline metric.
 """
@@ -40,6 +41,8 @@ class EvaluateParams(Params):
     """Demonstrations per prompt; default: the model's own setting, else 0."""
     max_new_tokens: int = Field(48, ge=1)
     """Generation length for generation tasks."""
+    context: int = Field(1024, ge=2)
+    """Perplexity window in tokens (at most each model's context)."""
     seed: int = 0
 
 
@@ -85,7 +88,7 @@ def run(context: Context, inputs: dict[str, Any], p: EvaluateParams) -> dict[str
                         "gen_tokens_per_s": generation_speed(model, tokenizer)})
         if inputs.get("tokens") is not None:
             windows = SequentialWindows(TokenShards(inputs["tokens"].path, "val"),
-                                        model.config.context)
+                                        min(p.context, model.config.context))
             add(name, "-", {"perplexity": perplexity(model, windows)})
         for t, task in enumerate(tasks):
             context.progress(n * len(tasks) + t, len(tasks) * len(inputs["models"]),

@@ -12,7 +12,9 @@ YAML keys (``params``):
 
 Inputs: optional ``data``, ``dataset`` artifacts from upstream nodes (a cleaning
 node, synthetic data): each record's ``text_field``, or a task dataset's
-definitions and inputs (never its outputs), read after ``corpus``.
+definitions and inputs (never its outputs), read after ``corpus``; optional
+``model``: encode with that model's tokenizer (held-out text for a pretrained
+model's perplexity), instead of ``tokenizer``.
 
 Outputs: ``tokenizer`` (``tokenizer.json``) and ``tokens`` (shards, ``meta.json``).
 """
@@ -78,7 +80,12 @@ def run(context: Context, inputs: dict[str, Any], p: TokenizeParams) -> dict[str
             f.write(json.dumps(doc, ensure_ascii=False) + "\n")
     context.log.info("read the corpus in %.1f s", time.perf_counter() - started)
 
-    if p.tokenizer == "builtin:bpe":
+    if inputs.get("model") is not None:
+        if p.tokenizer != "builtin:bpe":
+            raise NodeError("params.tokenizer and a model input both name a tokenizer; "
+                            "give one")
+        tokenizer = Tokenizer.load(inputs["model"].path / "tokenizer.json")
+    elif p.tokenizer == "builtin:bpe":
         tokenizer = Tokenizer.train_bpe(_head(spool, p.tokenizer_train_chars), p.vocab_size,
                                         p.min_frequency)
     elif p.tokenizer == "builtin:char":
@@ -133,7 +140,8 @@ def register_node_types(register: Any) -> None:
     register(NodeType(
         name="tokenize", run=run, params=TokenizeParams, version="1",
         inputs={"data": Input("dataset", optional=True, many=True,
-                              doc="datasets whose texts join the corpus")},
+                              doc="datasets whose texts join the corpus"),
+                "model": Input("model", optional=True, doc="encode with its tokenizer")},
         outputs={"tokenizer": "tokenizer", "tokens": "tokens"},
         headline=("train_tokens", "val_tokens", "vocab_size", "chars_per_token"),
         description="Train or load a tokenizer; encode a corpus into train/val token shards."))
