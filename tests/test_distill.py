@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import TINY_BASE
 
 from gptflow.ml.config import preset_config
-from gptflow.ml.distill import DistillLM, kd_loss
+from gptflow.ml.distill import DistillLM, kd_loss, layers_kept, student_from_teacher
 from gptflow.ml.loss import token_loss
 from gptflow.ml.model import GPT
 from gptflow.ml.optim import Optim
@@ -118,6 +118,29 @@ def test_distill_on_task_data_stores_its_prompt_format(run_pipeline,
     config = json.loads((result.output("student") / "config.json").read_text())
     assert config["prompt"]["k_examples"] == 1  # evaluate prompts it as it was trained
 
+    kept = run_pipeline(text.replace("model: {preset: tiny, d_model: 32, n_head: 2, context: 96}",
+                                     "keep_layers: 1"))
+    assert kept.code == 0, kept.out + kept.err
+    assert json.loads((kept.output("student") / "config.json").read_text())["n_layer"] == 1
+
     both = text.replace("inputs: {teacher: base}", "inputs: {teacher: base, tokens: tok.tokens}")
     failed = run_pipeline(both)
     assert failed.code == 1 and "one kind of data" in failed.out
+
+
+def test_a_student_from_the_teacher_keeps_evenly_spaced_blocks():
+    torch.manual_seed(0)
+    teacher = GPT(preset_config("tiny", vocab_size=50, n_layer=6)).eval()
+    assert layers_kept(6, 3) == [0, 2, 5] and layers_kept(30, 8)[-1] == 29
+    student = student_from_teacher(teacher, 3)
+    assert student.config.n_layer == 3 and len(student.blocks) == 3
+    for mine, theirs in zip(student.blocks, [teacher.blocks[i] for i in (0, 2, 5)], strict=True):
+        for a, b in zip(mine.parameters(), theirs.parameters(), strict=True):
+            assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()  # copies
+    assert torch.equal(student.embed.weight, teacher.embed.weight)
+    whole = student_from_teacher(teacher, 6)
+    x = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(whole(x), teacher(x))  # every block kept: the teacher itself
+    with pytest.raises(ValueError, match="keep_layers 7"):
+        student_from_teacher(teacher, 7)

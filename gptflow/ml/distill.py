@@ -9,6 +9,8 @@ of the hard one (Hinton et al.).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -17,6 +19,32 @@ from gptflow.ml.instruct import IGNORE
 from gptflow.ml.lm import CausalLM
 from gptflow.ml.model import GPT
 from gptflow.ml.optim import Optim
+
+
+def layers_kept(n_layer: int, keep: int) -> list[int]:
+    """``keep`` block indices spread evenly over ``n_layer``, first and last included."""
+    if not 1 <= keep <= n_layer:
+        raise ValueError(f"keep_layers {keep} is not between 1 and the teacher's {n_layer}")
+    if keep == 1:
+        return [n_layer - 1]
+    return sorted({round(i * (n_layer - 1) / (keep - 1)) for i in range(keep)})
+
+
+def student_from_teacher(teacher: GPT, keep: int) -> GPT:
+    """A student that starts as the teacher with only ``keep`` of its blocks
+    (embeddings, final norm and head shared by copy): DistilBERT's
+    initialisation, so that distillation refines a model that already speaks
+    rather than teaching one from nothing."""
+    kept = layers_kept(teacher.config.n_layer, keep)
+    state = {}
+    for key, tensor in teacher.state_dict().items():
+        if key.startswith("blocks."):
+            _, index, rest = key.split(".", 2)
+            if int(index) not in kept:
+                continue
+            key = f"blocks.{kept.index(int(index))}.{rest}"
+        state[key] = tensor.detach().clone()
+    return GPT.from_state_dict(replace(teacher.config, n_layer=len(kept)), state)
 
 
 def kd_loss(student: Tensor, teacher: Tensor, targets: Tensor, alpha: float,

@@ -10,9 +10,11 @@ sources and/or ``data`` datasets, prompted as in instruction-finetune with both
 loss terms on the output tokens only.
 
 YAML keys (``params``): ``model`` (the student's config, when no ``student``
-input is given), ``alpha``, ``temperature``, ``trainer``, ``optim``,
-``batch_size``, ``seed``, and for task data the instruction-finetune keys
-(``tasks``, ``k_examples``, ``template``, ``max_per_task``, ``max_len``).
+input is given), ``keep_layers`` (instead: the student is the teacher with that
+many of its blocks, evenly spaced, as DistilBERT starts), ``alpha``,
+``temperature``, ``trainer``, ``optim``, ``batch_size``, ``seed``, and for task
+data the instruction-finetune keys (``tasks``, ``k_examples``, ``template``,
+``max_per_task``, ``max_len``).
 
 Inputs: ``teacher`` (model), ``tokens`` or task data, optional ``student`` (a
 model to start from). Output: ``model`` (the student).
@@ -31,6 +33,9 @@ from gptflow.recipes.params import InstructionParams, ModelParams, OptimParams, 
 class DistillParams(InstructionParams):
     model: ModelParams = Field(default_factory=lambda: ModelParams(preset="tiny"))
     """The student to build (ignored when a student input is given)."""
+    keep_layers: int | None = Field(None, ge=1)
+    """Start the student as the teacher with this many of its blocks, evenly spaced
+    (first and last kept), instead of building params.model."""
     alpha: float = Field(0.5, ge=0, le=1)
     """Weight of the soft (teacher) term; 0 is plain training on the data."""
     temperature: float = Field(2.0, gt=0)
@@ -45,7 +50,7 @@ def run(context: Context, inputs: dict[str, Any], p: DistillParams) -> dict[str,
 
     from gptflow.ml.checkpoint import load_model, save_model
     from gptflow.ml.data import RandomWindows, SequentialWindows, TokenShards
-    from gptflow.ml.distill import DistillLM
+    from gptflow.ml.distill import DistillLM, student_from_teacher
     from gptflow.ml.evaluation import generation_speed
     from gptflow.ml.model import GPT
     from gptflow.ml.optim import Optim
@@ -60,8 +65,17 @@ def run(context: Context, inputs: dict[str, Any], p: DistillParams) -> dict[str,
         raise NodeError("give the student one kind of data: a tokens input, or task data "
                         "(params.tasks / a data input)")
     tokenizer = teacher_tok if tokens is None else Tokenizer.load(tokens.path / "tokenizer.json")
+    if inputs.get("student") is not None and p.keep_layers is not None:
+        raise NodeError("a student input and params.keep_layers both give the student; "
+                        "give one")
     if inputs.get("student") is not None:
         student, student_tok = load_model(inputs["student"].path)
+        student.train()
+    elif p.keep_layers is not None:
+        try:
+            student, student_tok = student_from_teacher(teacher, p.keep_layers), teacher_tok
+        except ValueError as e:
+            raise NodeError(f"params.keep_layers: {e}") from None
         student.train()
     else:
         seed(p.seed)  # the student's initial weights depend on the seed alone
