@@ -145,6 +145,15 @@ nodes:
     assert plain.code == 1
     assert "chat data needs a model with a chat template" in plain.out
 
+    as_chat = ("name: as-chat\nnodes:\n  base: {plugin: load-model, params: {path: 'MODEL', "
+               "format: chat}}\n  eval: {plugin: evaluate, inputs: {models: [base]}, "
+               f"params: {{tasks: {tasks}, max_instances: 4}}}}\n")
+    loaded = run_pipeline(as_chat.replace("MODEL", str(tmp_path / "m")))
+    assert loaded.code == 0, loaded.out + loaded.err
+    assert '"chat": true' in (loaded.output("base") / "config.json").read_text()
+    refused = run_pipeline(as_chat.replace("MODEL", str(tmp_path / "plain")))
+    assert refused.code == 1 and "format: chat needs a chat template" in refused.out
+
 
 def test_chat_data_puts_the_loss_on_assistant_turns(tmp_path):
     """messages JSONL: one example per assistant turn, its history (through the

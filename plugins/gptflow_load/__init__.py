@@ -11,7 +11,11 @@ YAML keys (``params``):
   Llama architecture, any quantization the ``gguf`` package de-quantizes: the
   ``gguf`` extra), or a gptflow model folder. Its files' content is part of the
   fingerprint: editing them re-runs the node. The tokenizer keeps its special
-  tokens, BOS/EOS and chat template.
+  tokens, BOS/EOS and chat template;
+* ``format``: how nodes that prompt the model as it is (evaluate, synthetic
+  data, ``gptflow generate``) render a task for it: ``ni`` (plain text, the
+  default) or ``chat`` (a user message through its chat template, for instruct
+  models). Tuning nodes store their own.
 
 The weights keep their stored dtype on disk (bf16 stays bf16); nodes compute in
 float32. No inputs. Output: ``model``.
@@ -19,7 +23,7 @@ float32. No inputs. Output: ``model``.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from gptflow import Context, NodeError, NodeType, Params, PathRef, hookimpl
 
@@ -29,6 +33,9 @@ class LoadParams(Params):
     """A Hugging Face model folder, a Hub id (hf:ORG/NAME@REVISION; fingerprinted by
     the commit it resolves to, offline from the cache with HF_HUB_OFFLINE=1), a GGUF
     file, or a gptflow model folder."""
+    format: Literal["ni", "chat"] = "ni"
+    """How a task is prompted for this model as it is: plain text, or through its
+    chat template."""
 
 
 def run(context: Context, inputs: dict[str, Any], p: LoadParams) -> dict[str, Any]:
@@ -36,6 +43,7 @@ def run(context: Context, inputs: dict[str, Any], p: LoadParams) -> dict[str, An
     from gptflow.ml.families import family_of
     from gptflow.ml.gguf_io import is_gguf, load_gguf
     from gptflow.ml.hf import is_hf_folder, load_hf
+    from gptflow.ml.prompts import PromptFormat
     from gptflow.recipes.sources import model_path
 
     try:
@@ -51,8 +59,10 @@ def run(context: Context, inputs: dict[str, Any], p: LoadParams) -> dict[str, An
             family = source_format = "gptflow"
     except (ValueError, OSError) as e:  # HFError, GGUFError, ModelLoadError, unreadable files
         raise NodeError(f"params.path: {e}") from None
+    if p.format == "chat" and not tokenizer.config.chat_template:
+        raise NodeError(f"params.format: chat needs a chat template, and {p.path} has none")
     size = save_model(context.output_dir("model"), model, tokenizer, source_format=source_format,
-                      family=family)
+                      family=family, prompt=PromptFormat(chat=p.format == "chat").to_dict())
     return {"family": family, "source_format": source_format, "params": model.num_params(),
             "bytes_on_disk": size}
 
