@@ -27,7 +27,8 @@ class LoraConfig:
     dropout: float = 0.0
     layers: tuple[str, ...] = DEFAULT_TARGETS  # name patterns; once applied, exact names
     also_train: tuple[str, ...] = ()  # trained in full, saved with the adapter
-    quantize_base: Literal["none", "nf4"] = "none"  # nf4: the frozen base in 4 bits (QLoRA)
+    # the frozen base in 4 bits (QLoRA): NF4, or int4 (GGUF's own grid, at GGUF_BLOCK)
+    quantize_base: Literal["none", "nf4", "int4"] = "none"
     nf4_block: int = 64
     double_quant: bool = True  # the NF4 block scales quantized to int8 too
     prompt: PromptFormat = field(default_factory=PromptFormat)

@@ -48,8 +48,8 @@ def _write_gguf(source: Path, path: Path, kind: str | None) -> str:
 
     model, tokenizer, loaded = load_any(source)
     method = (loaded.config.get("quantization") or {}).get("method")
-    if loaded.adapter is not None and loaded.adapter.quantize_base == "nf4":
-        method = "nf4"
+    if loaded.adapter is not None and loaded.adapter.quantize_base != "none":
+        method = loaded.adapter.quantize_base
     nearest = {"int8": "q8_0", "int8-dynamic": "q8_0", "int4": "q4_0", "nf4": "q4_0"}
     kind = kind or nearest.get(str(method), "f16")
     dequantize_model(model)

@@ -3,7 +3,8 @@
 y = W x + (alpha / r) · B A dropout(x), with A (r, in) random and B (out, r)
 zero, so an adapted model starts exactly equal to its base. Only A and B
 train; adapters save alone (a few KB to MB) and merge into W exactly.
-The base layer may be an :class:`~gptflow.ml.quant.NF4Linear` (QLoRA).
+The base layer may be an :class:`~gptflow.ml.quant.NF4Linear` or an
+:class:`~gptflow.ml.quant.Int4Linear` (QLoRA).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gptflow.ml.adapter import LoraConfig
-from gptflow.ml.quant import quantize_linears_nf4
+from gptflow.ml.quant import GGUF_BLOCK, quantize_linears_nf4, quantize_model
 
 ADAPTER_KEYS = ("lora_A", "lora_B")
 
@@ -84,10 +85,12 @@ def apply_lora(model: nn.Module, targets: Sequence[str], rank: int, alpha: float
 
 def prepare(model: nn.Module, config: LoraConfig) -> LoraConfig:
     """Turn a base model into the adapted one ``config`` describes: the linear layers
-    in NF4 first for QLoRA, then LoRA on the chosen layers. Returns the config with
+    in 4 bits first for QLoRA, then LoRA on the chosen layers. Returns the config with
     the exact names of the adapted layers, which is what an adapter saves."""
     if config.quantize_base == "nf4":
         quantize_linears_nf4(model, config.nf4_block, config.double_quant)
+    elif config.quantize_base == "int4":
+        quantize_model(model, "int4", GGUF_BLOCK)
     names = apply_lora(model, config.layers, config.rank, config.alpha, config.dropout,
                        config.also_train)
     return replace(config, layers=tuple(names))

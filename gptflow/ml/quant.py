@@ -26,6 +26,7 @@ NF4_LEVELS = torch.tensor([
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0])
 M = TypeVar("M", bound=nn.Module)
 SCALE_BLOCK = 256  # block scales per second-level scale in double quantization
+GGUF_BLOCK = 32  # weights per block in GGUF's 4- and 8-bit types: int4's default group
 
 
 def pack4(codes: Tensor) -> Tensor:
@@ -74,8 +75,10 @@ def dequantize_nf4(state: dict[str, Tensor], dtype: torch.dtype = torch.float32)
     return (values * absmax[:, None]).flatten()[:numel].view(shape).to(dtype)
 
 
-class _NF4Matmul(torch.autograd.Function):
-    """x @ W^T with W dequantized in forward and again in backward (never saved)."""
+class _FrozenMatmul(torch.autograd.Function):
+    """x @ W^T for a frozen quantized layer, W de-quantized in forward and again
+    in backward (never saved): gradients reach the layers below, none is kept
+    for W."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, layer: NF4Linear) -> Tensor:
@@ -105,7 +108,7 @@ class NF4Linear(nn.Module):
         return dequantize_nf4(self.state(), dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = _NF4Matmul.apply(x, self)  # type: ignore[no-untyped-call]
+        y = _FrozenMatmul.apply(x, self)  # type: ignore[no-untyped-call]
         return y if self.bias is None else y + self.bias
 
 
@@ -247,7 +250,7 @@ class Int4Linear(nn.Module):
     scales: Tensor
     lows: Tensor
 
-    def __init__(self, linear: nn.Linear, group_size: int = 64) -> None:
+    def __init__(self, linear: nn.Linear, group_size: int = GGUF_BLOCK) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         if self.in_features % group_size:
@@ -277,7 +280,9 @@ class Int4Linear(nn.Module):
         return self.rows().to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu" and self.out_features % 16 == 0:  # the kernel's layout
+        if x.requires_grad and torch.is_grad_enabled():  # a QLoRA base: the kernel has no
+            y = _FrozenMatmul.apply(x, self)  # type: ignore[no-untyped-call]  # backward
+        elif x.device.type == "cpu" and self.out_features % 16 == 0:  # the kernel's layout
             if self._packed is None:
                 codes = unpack4(self.qweight.flatten()).view(self.out_features, -1)
                 self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(

@@ -15,7 +15,7 @@ YAML keys (``params``): everything ``instruction-finetune`` takes (``tasks``,
 * ``layers``: name patterns of the layers to adapt (``*.q_proj``, ``*.up_proj``, ...);
 * ``also_train``: parameters trained in full and saved with the adapter (peft's
   ``modules_to_save``), e.g. ``embed.weight``;
-* ``quantize_base``: ``none`` or ``nf4``; ``nf4_block``, ``double_quant``.
+* ``quantize_base``: ``none``, ``nf4`` or ``int4``; ``nf4_block``, ``double_quant``.
 
 Inputs: ``model``; optional ``data`` datasets. Output: ``adapter``.
 """
@@ -45,8 +45,10 @@ class LoraParams(InstructionParams):
     also_train: list[str] = Field(default_factory=list)
     """Parameter names (patterns) trained in full and saved with the adapter, as peft's
     modules_to_save; e.g. embed.weight when new output tokens must be learned."""
-    quantize_base: Literal["none", "nf4"] = DEFAULTS.quantize_base
-    """nf4: keep the frozen base in 4-bit NormalFloat (QLoRA)."""
+    quantize_base: Literal["none", "nf4", "int4"] = DEFAULTS.quantize_base
+    """Keep the frozen base in 4 bits (QLoRA): nf4 (4-bit NormalFloat), or int4
+    (asymmetric, groups of 32: GGUF's own grid, so a base read from a Q4_0 / Q4_1
+    GGUF keeps its exact weights where NF4 would round them a second time)."""
     nf4_block: int = Field(DEFAULTS.nf4_block, ge=16)
     """Weights per NF4 absmax block."""
     double_quant: bool = DEFAULTS.double_quant
