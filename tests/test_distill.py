@@ -42,6 +42,21 @@ def test_alpha_zero_is_plain_cross_entropy():
     assert torch.allclose(total, token_loss(student, targets))
 
 
+def test_alpha_zero_trains_without_running_the_teacher():
+    torch.manual_seed(0)
+    student = GPT(preset_config("tiny", vocab_size=50, d_model=32, n_head=2))
+
+    class Absent(torch.nn.Module):
+        def forward(self, *args):
+            raise AssertionError("the teacher ran")
+
+    module = DistillLM(student, Absent(), Optim(lr=1e-2, warmup_steps=0), 5, 0.0, 2.0)
+    module.log = lambda *a, **k: None  # no trainer attached in this unit test
+    x = torch.randint(0, 50, (4, 17))
+    loss = module.training_step((x[:, :-1], x[:, 1:]), 0)
+    assert torch.allclose(loss, token_loss(student(x[:, :-1]), x[:, 1:]))
+
+
 def test_only_the_student_learns():
     torch.manual_seed(0)
     teacher = GPT(preset_config("tiny", vocab_size=50))

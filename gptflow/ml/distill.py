@@ -77,6 +77,8 @@ class DistillLM(CausalLM):
         self.teacher[0].to(self.device)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        if self.alpha == 0:  # plain training on the data: the teacher need not run
+            return super().training_step(batch, batch_idx)
         x, y = batch
         keep = y != IGNORE
         with torch.no_grad():
