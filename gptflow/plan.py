@@ -21,7 +21,15 @@ from typing import Any, Literal
 from gptflow.dag import Node, Pipeline, Ref
 from gptflow.errors import InputError, Problem, did_you_mean
 from gptflow.nodes import path_refs, split_observed
-from gptflow.sources import builtin_version, expand_path, hub_commit, is_builtin, is_hub
+from gptflow.sources import (
+    PACKAGE,
+    builtin_version,
+    expand_path,
+    hub_commit,
+    is_builtin,
+    is_hub,
+    package_path,
+)
 from gptflow.store import CorruptArtifact, Store, canonical_json
 
 FINGERPRINT_CHARS = 32
@@ -63,7 +71,12 @@ def manifest(node: Node, upstream: Callable[[Ref], str], store: Store) -> dict[s
 
 def _named(path: Path, folder: Path, value: str) -> str:
     """A file as the fingerprint names it: relative to the pipeline's folder when the
-    value is, so the same project elsewhere has the same fingerprints."""
+    value is, or to its package's, so the same project elsewhere has the same
+    fingerprints."""
+    if value.startswith(PACKAGE):
+        package = value.removeprefix(PACKAGE).partition("/")[0]
+        root = package_path(f"{PACKAGE}{package}/")
+        return f"{PACKAGE}{package}/{path.relative_to(root).as_posix()}"
     return (path if Path(value).is_absolute() else path.relative_to(folder)).as_posix()
 
 

@@ -235,3 +235,15 @@ def test_relative_paths_start_at_the_pipeline_files_folder(tmp_path, monkeypatch
     assert main(["validate", "demo/clean.yaml"]) == 2
     assert f"no such file or folder: 'corpus.txt' in {tmp_path / 'one' / 'demo'}" in \
         capfd.readouterr().err
+
+
+def test_package_files_are_fingerprinted_by_content_under_their_package_name(tmp_path):
+    """package:NAME/PATH: the same file in another environment is the same input."""
+    from gptflow.session import Session
+
+    path = tmp_path / "p.yaml"
+    path.write_text("name: p\nnodes:\n  t: {plugin: tokenize, params: "
+                    "{corpus: ['package:gptflow/errors.py'], vocab_size: 300}}\n")
+    (step,) = Session.load(path, store=tmp_path / "s").plan()
+    (named,) = step.manifest["files"]["package:gptflow/errors.py"]
+    assert named == "package:gptflow/errors.py"
