@@ -94,6 +94,18 @@ def test_batched_samples_and_long_prompts():
     assert len(generate(model, long_prompt, 500, temperature=0)) == 32  # at most half
 
 
+def test_end_tokens_stop_a_row_and_stay_in_it():
+    model = tiny().eval()
+    free = generate(model, [3, 4, 5], 12, temperature=0)
+    end = free[5]
+    cut = generate(model, [3, 4, 5], 12, temperature=0, ends={end})
+    assert cut == free[:free.index(end) + 1]  # kept: it may hold the answer's last characters
+    stopped = generate(model, [3, 4, 5], 12, temperature=0, stop_id=end, ends={end})
+    assert stopped == free[:free.index(end)]  # a stop token is never kept
+    tokenizer = Tokenizer.train_char(["one line\nanother"])
+    assert {tokenizer.decode([i]) for i in tokenizer.line_breaks} == {"\n"}
+
+
 def test_scaled_residual_init_and_tied_head():
     model = GPT(preset_config("nano", vocab_size=300, n_layer=8))
     std = model.blocks[0].attn.o_proj.weight.std().item()

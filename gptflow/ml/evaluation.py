@@ -74,11 +74,11 @@ def classify(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str], labels: S
 
 def generate_answers(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str],
                      max_new_tokens: int) -> list[str]:
-    """Greedy continuations, cut at the first newline."""
+    """Greedy continuations, cut at the first newline (decoding stops there)."""
     out = []
     for prompt in prompts:
         ids = generate(model, tokenizer.encode(prompt), max_new_tokens, temperature=0,
-                       stop_id=tokenizer.eot_id)
+                       stop_id=tokenizer.eot_id, ends=tokenizer.line_breaks)
         out.append(tokenizer.decode(ids).strip().split("\n")[0].strip())
     return out
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 from torch import Tensor
@@ -34,20 +34,24 @@ def draw(probs: Tensor, generator: torch.Generator) -> Tensor:
 
 def generate(model: GPT, prompt: Sequence[int], max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             stop_id: int | None = None) -> list[int]:
-    """Continue ``prompt``; returns only the new tokens (without the stop token).
+             stop_id: int | None = None, ends: Collection[int] = ()) -> list[int]:
+    """Continue ``prompt``; returns only the new tokens (without the stop token;
+    with a token of ``ends``, which also stops it).
 
     ``temperature=0`` is greedy decoding.
     """
-    return sample(model, prompt, 1, max_new_tokens, temperature, top_k, top_p, seed, stop_id)[0]
+    return sample(model, prompt, 1, max_new_tokens, temperature, top_k, top_p, seed, stop_id,
+                  ends)[0]
 
 
 @torch.inference_mode()
 def sample(model: GPT, prompt: Sequence[int], n: int, max_new_tokens: int,
            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-           seed: int | None = None, stop_id: int | None = None) -> list[list[int]]:
+           seed: int | None = None, stop_id: int | None = None, ends: Collection[int] = ()
+           ) -> list[list[int]]:
     """``n`` continuations of one prompt, decoded together as a batch (the prompt
-    is encoded once per row); each ends at its stop token."""
+    is encoded once per row); each ends at its stop token, or after a token of
+    ``ends`` (kept: a newline token may hold the answer's last characters)."""
     cfg = model.config
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
@@ -64,6 +68,7 @@ def sample(model: GPT, prompt: Sequence[int], n: int, max_new_tokens: int,
     logits = model(idx, cache=cache, start=0, last_only=True)[:, -1]  # (n, V)
     tokens = torch.empty(n, 0, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
+    end_ids = torch.tensor(sorted(ends), dtype=torch.long, device=device)
     for step in range(max_new_tokens):
         if temperature == 0:
             token = logits.argmax(dim=-1)
@@ -72,8 +77,19 @@ def sample(model: GPT, prompt: Sequence[int], n: int, max_new_tokens: int,
             token = draw(probs, generator)
         tokens = torch.cat([tokens, token[:, None]], dim=1)
         done |= token == stop_id
+        if ends:
+            done |= torch.isin(token, end_ids)
         if bool(done.all()) or step + 1 == max_new_tokens:
             break
         logits = model(token[:, None], cache=cache, start=len(prompt) + step)[:, -1]
-    rows = tokens.tolist()
-    return [row[:row.index(stop_id)] if stop_id in row else row for row in rows]
+    return [_until(row, stop_id, ends) for row in tokens.tolist()]
+
+
+def _until(row: list[int], stop_id: int | None, ends: Collection[int]) -> list[int]:
+    """A row up to its stop token (left out) or its first end token (kept)."""
+    for i, token in enumerate(row):
+        if token == stop_id:
+            return row[:i]
+        if token in ends:
+            return row[:i + 1]
+    return row

@@ -222,6 +222,12 @@ class Tokenizer:
         return str(self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special))
 
     @cached_property
+    def line_breaks(self) -> frozenset[int]:
+        """The ids whose text holds a newline: where a one-line answer is complete."""
+        return frozenset(i for i in range(self.hf.get_vocab_size())
+                         if "\n" in self.hf.decode([i], skip_special_tokens=False))
+
+    @cached_property
     def _char_table(self) -> np.ndarray:
         vocab = self.hf.get_vocab()
         chars = {c: i for c, i in vocab.items() if len(c) == 1}
