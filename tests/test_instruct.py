@@ -14,6 +14,7 @@ from gptflow.ml.config import preset_config
 from gptflow.ml.evaluation import (
     baselines,
     classification_metrics,
+    classify,
     generation_metrics,
     label_log_likelihoods,
     perplexity,
@@ -98,30 +99,25 @@ def test_encoded_examples_end_with_the_answer():
         assert tok.decode(e.prompt).endswith("Output:")
 
 
-class Favouring(torch.nn.Module):
-    """A stand-in model whose next-token distribution is fixed: a constant hidden
-    state read by a head whose one column is the logits."""
-
-    def __init__(self, logits: torch.Tensor) -> None:
-        super().__init__()
-        self.lm_head = torch.nn.Linear(1, len(logits), bias=False)
-        self.lm_head.weight.data = logits[:, None].clone()
-        self.config = type("C", (), {"context": 64})()
-
-    def hidden(self, x):
-        return torch.ones(x.size(0), x.size(1), 1)
-
-
-def test_label_scoring_picks_the_most_likely_label():
-    tok = Tokenizer.train_char(["abc xyz"])
-    logits = torch.zeros(tok.vocab_size)
-    logits[tok.encode("y")[0]] = 3.0  # the model loves "y"
-    scores = label_log_likelihoods(Favouring(logits), tok, ["p"], ["ab", "xy", "yy"])
-    assert scores.argmax() == 2
-    logp = torch.log_softmax(logits, 0)
-    expected = [sum(float(logp[i]) for i in tok.encode(" " + label)) for label in
-                ("ab", "xy", "yy")]
-    assert np.allclose(scores[0], expected, atol=1e-5)
+def test_label_scoring_equals_the_full_forward_of_prompt_and_label():
+    """Labels continue the prompt's KV cache together: the same log-likelihoods as
+    running prompt + label whole, for labels of different lengths."""
+    tok = Tokenizer.train_char(["abc xyz pq"])
+    torch.manual_seed(0)
+    model = GPT(preset_config("tiny", vocab_size=tok.vocab_size, context=32)).eval()
+    prompts, labels = ["pq abc", "x", "abcabcabc"], ["ab", "xyz", "y"]
+    scores = label_log_likelihoods(model, tok, prompts, labels)
+    for n, prompt in enumerate(prompts):
+        for k, label in enumerate(labels):
+            ids = tok.encode(prompt + " " + label)
+            n_label = len(tok.encode(" " + label))
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0], -1)
+            expected = sum(float(logp[t - 1, ids[t]]) for t in range(len(ids) - n_label,
+                                                                     len(ids)))
+            assert scores[n, k] == pytest.approx(expected, abs=1e-4)
+    assert (classify(model, tok, prompts, labels) ==
+            [labels[j] for j in scores.argmax(axis=1)])
 
 
 def test_classification_metrics_by_hand():

@@ -17,8 +17,8 @@ import torch
 
 from gptflow.ml.generate import generate
 from gptflow.ml.instruct import IGNORE
-from gptflow.ml.loss import supervised_loss
-from gptflow.ml.model import GPT
+from gptflow.ml.loss import head_loss, supervised_loss
+from gptflow.ml.model import GPT, KVCache
 from gptflow.ml.prompts import PromptFormat
 from gptflow.ml.tasks import Task
 from gptflow.ml.tokenizer import Tokenizer
@@ -26,34 +26,34 @@ from gptflow.ml.tokenizer import Tokenizer
 
 @torch.inference_mode()
 def label_log_likelihoods(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str],
-                          labels: Sequence[str], batch_size: int = 32, prefix: str = " "
-                          ) -> np.ndarray:
-    """(N prompts, K labels): log p(prefix + label | prompt), summed over label tokens."""
-    context = model.config.context
-    prompt_ids = tokenizer.encode_batch(list(prompts))
-    label_ids = tokenizer.encode_batch([prefix + label for label in labels])
-    pairs = [(n, k) for n in range(len(prompts)) for k in range(len(labels))]
+                          labels: Sequence[str], prefix: str = " ") -> np.ndarray:
+    """(N prompts, K labels): log p(prefix + label | prompt), summed over label tokens.
+
+    Each prompt runs once, into a KV cache that its K labels then continue
+    together: a prompt of P tokens costs P + K·(label length), not K·P."""
+    label_ids = [torch.from_numpy(ids.astype(np.int64))
+                 for ids in tokenizer.encode_batch([prefix + label for label in labels])]
+    longest = max(len(ids) for ids in label_ids)
+    targets = torch.full((len(labels), longest), IGNORE, dtype=torch.long)
+    for k, ids in enumerate(label_ids):
+        targets[k, :len(ids)] = ids
+    follow = targets[:, :-1].clamp(min=0)  # what the labels feed in after their first token
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
     scores = np.zeros((len(prompts), len(labels)))
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        rows = []
-        for n, k in chunk:
-            label = label_ids[k]
-            prompt = prompt_ids[n][-(context - len(label)):]
-            rows.append((np.concatenate([prompt, label]), len(label)))
-        length = max(len(ids) for ids, _ in rows) - 1
-        x = torch.full((len(rows), length), tokenizer.pad_id, dtype=torch.long)
-        y = torch.full((len(rows), length), IGNORE, dtype=torch.long)
-        for r, (ids, n_label) in enumerate(rows):
-            t = torch.from_numpy(ids.astype(np.int64))
-            x[r, : len(t) - 1] = t[:-1]
-            y[r, len(t) - 1 - n_label: len(t) - 1] = t[len(t) - n_label:]
-        nll = supervised_loss(model, x, y, reduction="none")  # label tokens, row by row
-        rows_of = (y != IGNORE).nonzero()[:, 0]
-        per_row = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, rows_of,
-                                                                        nll.double())
-        for r, (n, k) in enumerate(chunk):
-            scores[n, k] = -float(per_row[r])
+    for n, ids in enumerate(tokenizer.encode_batch(list(prompts))):
+        prompt = torch.from_numpy(ids[-(model.config.context - longest):].astype(np.int64))
+        cache = KVCache(model.config, 1, len(prompt) + longest, device, dtype)
+        last = model.hidden(prompt[None].to(device), cache)[:, -1]  # (1, C)
+        h = last.expand(len(labels), -1)[:, None]  # (K, 1, C): predicts each first token
+        if longest > 1:
+            h = torch.cat([h, model.hidden(follow.to(device), cache.repeat(len(labels)),
+                                           len(prompt))], dim=1)
+        keep = targets != IGNORE
+        nll = head_loss(model.lm_head, h[keep.to(device)], targets[keep].to(device), "none")
+        per_label = torch.zeros(len(labels), dtype=torch.float64).index_add_(
+            0, keep.nonzero()[:, 0], nll.double().cpu())
+        scores[n] = -per_label.numpy()
     return scores
 
 

@@ -80,6 +80,14 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.length = length
 
+    def repeat(self, batch: int) -> KVCache:
+        """This cache's first row as ``batch`` rows: one prompt, several continuations."""
+        copy = object.__new__(KVCache)
+        copy.k = [t[:1].repeat(batch, 1, 1, 1) for t in self.k]
+        copy.v = [t[:1].repeat(batch, 1, 1, 1) for t in self.v]
+        copy.length = self.length
+        return copy
+
     def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         end = start + k.size(2)
         self.k[layer][:, :, start:end] = k
