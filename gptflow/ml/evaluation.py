@@ -41,8 +41,8 @@ def label_log_likelihoods(model: GPT, tokenizer: Tokenizer, prompts: Sequence[st
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     scores = np.zeros((len(prompts), len(labels)))
-    for n, ids in enumerate(tokenizer.encode_batch(list(prompts))):
-        prompt = torch.from_numpy(ids[-(model.config.context - longest):].astype(np.int64))
+    for n, encoded in enumerate(tokenizer.encode_batch(list(prompts))):
+        prompt = torch.from_numpy(encoded[-(model.config.context - longest):].astype(np.int64))
         cache = KVCache(model.config, 1, len(prompt) + longest, device, dtype)
         last = model.hidden(prompt[None].to(device), cache)[:, -1]  # (1, C)
         h = last.expand(len(labels), -1)[:, None]  # (K, 1, C): predicts each first token
