@@ -91,7 +91,7 @@ def main() -> None:
         "process's during fit (torch, data and the model included). Means over the three "
         "classification and the three generation tasks."), peft_table(main_eval, nodes))
     write_section("SmolLM2: quantization", command, setup + (
-        " Quantized versions of the full fine-tune; perplexity on the last 2% of "
+        " Quantized versions of the full fine-tune; perplexity on the last 1% of "
         "tinyshakespeare (text no node trained on), 1024-token windows."),
         quant_table(main_eval))
     write_section("SmolLM2: distillation", command, setup + (
