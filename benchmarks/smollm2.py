@@ -74,7 +74,7 @@ def main() -> None:
     overrides = [f"vars.model={smollm2()}", *args.overrides]
     os.environ["OMP_NUM_THREADS"] = str(len(os.sched_getaffinity(0)))  # a lone worker: all
     for node in TUNING:
-        run_pipeline(PIPELINE, overrides, store, only=(node,), jobs=2)
+        run_pipeline(PIPELINE, overrides, store, only=("base", node), jobs=2)
     record = run_pipeline(PIPELINE, overrides, store)
     nodes = record["nodes"]
     main_eval, balance = Report(record, "eval"), Report(record, "eval-balance")
