@@ -26,16 +26,15 @@ def run_record(store_root: str | None, run: str) -> Any:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from gptflow.sources import PACKAGE, check_source, is_hub, package_path
+    from gptflow.sources import check_source, is_hub, resolve_path
 
     problem = check_source(args.model, ("hub",)) if is_hub(args.model) else None
     if problem:
         raise InputError(problem)
-    if args.model.startswith(PACKAGE):  # a file a Python package ships
-        try:
-            args.model = str(package_path(args.model))
-        except FileNotFoundError as e:
-            raise InputError(str(e)) from None
+    try:  # a package: file as the file it names, anything else as given
+        args.model = resolve_path(args.model, Path())
+    except FileNotFoundError as e:
+        raise InputError(str(e)) from None
     folder = Path(args.model)
     if not is_hub(args.model) and not folder.is_file() and not any(
             (folder / f).is_file() for f in ("config.json", "adapter_config.json")):

@@ -28,6 +28,7 @@ from gptflow.sources import (
     hub_commit,
     is_builtin,
     is_hub,
+    is_package,
     package_path,
 )
 from gptflow.store import CorruptArtifact, Store, canonical_json
@@ -73,7 +74,7 @@ def _named(path: Path, folder: Path, value: str) -> str:
     """A file as the fingerprint names it: relative to the pipeline's folder when the
     value is, or to its package's, so the same project elsewhere has the same
     fingerprints."""
-    if value.startswith(PACKAGE):
+    if is_package(value):
         package = value.removeprefix(PACKAGE).partition("/")[0]
         root = package_path(f"{PACKAGE}{package}/")
         return f"{PACKAGE}{package}/{path.relative_to(root).as_posix()}"

@@ -87,7 +87,7 @@ def expand_path(value: str, folder: Path | None = None) -> list[Path]:
     if is_builtin(value) or is_hub(value):  # fingerprinted by version / commit instead
         return []
     named = value
-    if value.startswith(PACKAGE):
+    if is_package(value):
         value = str(package_path(value))
         named = f"{named} ({value})"
     base = Path("/") if Path(value).is_absolute() else (folder or Path())
@@ -105,7 +105,7 @@ def expand_path(value: str, folder: Path | None = None) -> list[Path]:
 
 def resolve_path(value: str, folder: Path) -> str:
     """A params value as a node opens it: a relative path taken from ``folder``."""
-    if value.startswith(PACKAGE):
+    if is_package(value):
         return str(package_path(value))
     if is_builtin(value) or is_hub(value) or Path(value).is_absolute():
         return value
@@ -126,6 +126,10 @@ def package_path(value: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"{value!r}: no installed Python package {name!r}")
     return Path(spec.submodule_search_locations[0]) / inner
+
+
+def is_package(value: str) -> bool:
+    return value.startswith(PACKAGE)
 
 
 def is_hub(value: str) -> bool:

@@ -37,9 +37,12 @@ def label_log_likelihoods(model: GPT, tokenizer: Tokenizer, prompts: Sequence[st
     targets = torch.full((len(labels), longest), IGNORE, dtype=torch.long)
     for k, ids in enumerate(label_ids):
         targets[k, :len(ids)] = ids
-    follow = targets[:, :-1].clamp(min=0)  # what the labels feed in after their first token
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
+    follow = targets[:, :-1].clamp(min=0).to(device)  # fed in after each first token
+    keep = targets != IGNORE
+    label_of = keep.nonzero()[:, 0]  # the label of each kept target
+    kept_targets, keep = targets[keep].to(device), keep.to(device)
     scores = np.zeros((len(prompts), len(labels)))
     for n, encoded in enumerate(tokenizer.encode_batch(list(prompts))):
         prompt = torch.from_numpy(encoded[-(model.config.context - longest):].astype(np.int64))
@@ -47,12 +50,11 @@ def label_log_likelihoods(model: GPT, tokenizer: Tokenizer, prompts: Sequence[st
         last = model.hidden(prompt[None].to(device), cache)[:, -1]  # (1, C)
         h = last.expand(len(labels), -1)[:, None]  # (K, 1, C): predicts each first token
         if longest > 1:
-            h = torch.cat([h, model.hidden(follow.to(device), cache.repeat(len(labels)),
-                                           len(prompt))], dim=1)
-        keep = targets != IGNORE
-        nll = head_loss(model.lm_head, h[keep.to(device)], targets[keep].to(device), "none")
+            h = torch.cat([h, model.hidden(follow, cache.repeat(len(labels)), len(prompt))],
+                          dim=1)
+        nll = head_loss(model.lm_head, h[keep], kept_targets, "none")
         per_label = torch.zeros(len(labels), dtype=torch.float64).index_add_(
-            0, keep.nonzero()[:, 0], nll.double().cpu())
+            0, label_of, nll.double().cpu())
         scores[n] = -per_label.numpy()
     return scores
 
