@@ -68,6 +68,14 @@ def run_shipped(name: str, defaults: list[str] | tuple[str, ...] = (), jobs: int
     """Run ``pipelines/<name>.yaml`` with ``defaults`` then the command line's
     ``--set`` overrides, in ``--store`` (reused: cached nodes do not re-run) or a
     temporary store; returns run.json and the overrides applied."""
+    pipeline, store, overrides = shipped(name, defaults)
+    return run_pipeline(pipeline, overrides, store, jobs=jobs), overrides
+
+
+def shipped(name: str, defaults: list[str] | tuple[str, ...] = ()
+            ) -> tuple[Path, Path, list[str]]:
+    """``pipelines/<name>.yaml``, the store (``--store`` or a temporary one) and the
+    overrides (``defaults``, then the command line's ``--set``s) a benchmark runs it with."""
     parser = argparse.ArgumentParser(description=f"benchmark on pipelines/{name}.yaml")
     parser.add_argument("--store", type=Path, default=None,
                         help="a store to reuse (default: a temporary one)")
@@ -79,8 +87,7 @@ def run_shipped(name: str, defaults: list[str] | tuple[str, ...] = (), jobs: int
         store = Path(tempfile.mkdtemp(prefix="gptflow-bench-"))
         atexit.register(shutil.rmtree, store, True)
     overrides = [*defaults, *args.overrides]
-    pipeline = Path(__file__).resolve().parents[1] / "pipelines" / f"{name}.yaml"
-    return run_pipeline(pipeline, overrides, store, jobs=jobs), overrides
+    return Path(__file__).resolve().parents[1] / "pipelines" / f"{name}.yaml", store, overrides
 
 
 def report_rows(record: dict[str, Any], node: str = "eval") -> list[dict[str, Any]]:

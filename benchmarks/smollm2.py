@@ -12,19 +12,14 @@ own (so that its peak resident memory is its own); the rest in this process.
 
 from __future__ import annotations
 
-import argparse
-import atexit
 import json
 import os
-import shutil
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from results import run_pipeline, smollm2, table, write_section
+from results import run_pipeline, shipped, smollm2, table, write_section
 
-PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "smollm2.yaml"
 TUNING = ("full", "lora", "qlora", "qlora-nf4")
 MB = 1e6
 NAMES = {"base": "zero-shot (chat)", "base-ni": "zero-shot (plain)", "full": "full FT",
@@ -62,23 +57,14 @@ def fmt(value: float | None, spec: str = ".3f") -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--store", type=Path, default=None)
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="PATH=VALUE")
-    args = parser.parse_args()
-    store = args.store
-    if store is None:
-        store = Path(tempfile.mkdtemp(prefix="gptflow-smollm2-"))
-        atexit.register(shutil.rmtree, store, True)
-    overrides = [f"vars.model={smollm2()}", *args.overrides]
+    pipeline, store, overrides = shipped("smollm2", [f"vars.model={smollm2()}"])
     os.environ["OMP_NUM_THREADS"] = str(len(os.sched_getaffinity(0)))  # a lone worker: all
     for node in TUNING:
-        run_pipeline(PIPELINE, overrides, store, only=("base", node), jobs=2)
-    record = run_pipeline(PIPELINE, overrides, store)
+        run_pipeline(pipeline, overrides, store, only=("base", node), jobs=2)
+    record = run_pipeline(pipeline, overrides, store)
     nodes = record["nodes"]
     main_eval, balance = Report(record, "eval"), Report(record, "eval-balance")
-    setup = (f"pipelines/smollm2.yaml with {', '.join(args.overrides) or 'its defaults'} "
+    setup = (f"pipelines/smollm2.yaml with {', '.join(overrides[1:]) or 'its defaults'} "
              f"(run {record['run_id']}): SmolLM2-135M-Instruct (GGUF, Q4_1) tuned on the "
              "training splits of the six Natural Instructions tasks of ../shared/data, "
              "scored on their test splits (classification by label likelihood, generation "
