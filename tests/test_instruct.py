@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 
 import numpy as np
@@ -175,6 +176,28 @@ def test_finetune_and_evaluate_end_to_end(run_pipeline, review_corpus):
     assert "| metric | majority | random | base | sft |" in md
     assert (result.output("eval") / "confusion-sft-sentiment4.png").stat().st_size > 1000
     assert (result.output("eval") / "macro_f1-sentiment4.png").is_file()
+
+
+def test_bf16_true_full_finetune_trains_in_bf16(run_pipeline, review_corpus):
+    """bf16-true holds weights, gradients and optimizer state in bf16 (half of fp32's
+    memory; the model is never put in fp32 first) and saves a bf16 artifact;
+    activation checkpointing trains alongside."""
+    from safetensors import safe_open
+
+    result = run_pipeline("name: ft\nnodes:\n" + TINY_BASE.format(corpus=review_corpus) + """\
+  sft:
+    plugin: instruction-finetune
+    inputs: {model: base.model}
+    params:
+      tasks: ["builtin:sentiment4?n=60&test=10"]
+      trainer: {max_steps: 4, precision: bf16-true, activation_checkpointing: true}
+      batch_size: 4
+""")
+    assert result.code == 0, result.out + result.err
+    metrics = result.record["nodes"]["sft"]["metrics"]
+    assert math.isfinite(metrics["val_loss"]) and metrics["val_loss"] < 10
+    with safe_open(str(result.output("sft") / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # noqa: SIM118
 
 
 def test_real_tokens_leave_out_padding_only():

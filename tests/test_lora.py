@@ -189,7 +189,8 @@ def test_also_train_parameters_are_saved_with_the_adapter():
 
 def test_weights_take_the_dtype_training_wants():
     """bf16 precision keeps a frozen base in bf16 (half the memory, bf16 kernels) and
-    the adapters in fp32 for the optimizer; 32-true puts a bf16-stored model in fp32."""
+    the adapters in fp32 for the optimizer; 32-true puts a bf16-stored model in fp32,
+    bf16-true everything in bf16."""
     from gptflow.ml.loss import supervised_loss
     from gptflow.recipes.training import place_weights
 
@@ -209,3 +210,5 @@ def test_weights_take_the_dtype_training_wants():
                for p in model.parameters() if p.requires_grad)
     place_weights(model.to(torch.bfloat16), "32-true")
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+    place_weights(model, "bf16-true")  # trainable ones too: never an fp32 copy first
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

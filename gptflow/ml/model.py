@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from gptflow.ml.config import GPTConfig
 
@@ -198,6 +199,10 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init)
+        self.recompute_blocks = False
+        """Activation checkpointing: keep only each block's input for the backward pass
+        and run the block again there (a third more compute, a fraction of the
+        activation memory). A training switch, never saved with the model."""
 
     def _init(self, module: nn.Module) -> None:
         std = self.config.init_std
@@ -254,8 +259,10 @@ class GPT(nn.Module):
         # the start (is_causal) or one new token (sees them all) need no mask
         mask = None if start == 0 or T == 1 else torch.ones(
             T, start + T, dtype=torch.bool, device=idx.device).tril(start)
+        recompute = self.recompute_blocks and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, rope, cache, start, mask)
+            x = checkpoint(block, x, rope, cache, start, mask, use_reentrant=False) \
+                if recompute else block(x, rope, cache, start, mask)
         return self.norm(x)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:

@@ -108,6 +108,10 @@ class TrainerParams(Params):
     num_nodes: int = Field(1, ge=1)
     accumulate_grad_batches: int = Field(1, ge=1)
     gradient_clip_val: float | None = 1.0
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping
+    them: about a third more compute for a fraction of the activation memory (long
+    sequences, big batches, models that barely fit)."""
     # observe-only: what is watched, not what is computed (never in the fingerprint)
     val_check_interval: Annotated[int | None, ObserveOnly()] = None
     """Steps between validations (a sample of limit_val_batches); None: only at the end."""

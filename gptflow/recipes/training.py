@@ -216,13 +216,15 @@ PREVIOUS = "previous.ckpt"
 
 def place_weights(model: GPT, precision: str) -> None:
     """Each parameter in the dtype training wants it in: trainable ones in float32
-    (the optimizer's master copy; Lightning's bf16-true casts them itself), frozen
-    ones in bfloat16 under a bf16 precision (LoRA's base: half the memory, and
-    matmuls that take bf16 kernels without a cast each step), else in float32. One
-    parameter at a time, so no second copy of the model exists."""
+    (the optimizer's master copy) but under bf16-true, where everything is bf16;
+    frozen ones in bfloat16 under a bf16 precision (LoRA's base: half the memory,
+    and matmuls that take bf16 kernels without a cast each step), else in float32.
+    One parameter at a time, and in the dtype Lightning would cast to, so no second
+    copy of the model exists."""
     frozen = torch.bfloat16 if precision.startswith("bf16") else torch.float32
+    trainable = torch.bfloat16 if precision == "bf16-true" else torch.float32
     for param in model.parameters():
-        param.data = param.data.to(torch.float32 if param.requires_grad else frozen)
+        param.data = param.data.to(trainable if param.requires_grad else frozen)
     for name, buffer in model.named_buffers():  # RoPE tables: float32, as at init
         if buffer.is_floating_point():
             module, _, attr = name.rpartition(".")
@@ -308,6 +310,7 @@ def _fit(context: Context, module: L.LightningModule, train: IterableDataset[Any
     model = module.model
     assert isinstance(model, GPT), "a training module keeps its GPT as .model"
     place_weights(model, tp.precision)
+    model.recompute_blocks = tp.activation_checkpointing
     checkpoint, start_step = resume_point(context)
     if checkpoint:
         context.log.info("resuming from %s (step %d)", checkpoint, start_step)
