@@ -119,6 +119,61 @@ def test_qlora_base_trains_adapters_through_4_bits(kind):
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.parametrize("quantize", ["nf4", "int4"])
+def test_qlora_base_is_quantized_layer_by_layer_as_it_loads(tmp_path, quantize):
+    """Loading a QLoRA base never holds its full-precision weights together: when a
+    layer's weight arrives, every earlier one has been quantized and freed. The
+    result equals quantizing the fully loaded model."""
+    import weakref
+
+    from gptflow.ml.adapter import LoraConfig
+    from gptflow.ml.checkpoint import load_adapted, save_model
+    from gptflow.ml.lora import base_layer, prepare
+    from gptflow.ml.tokenizer import Tokenizer
+
+    model = tiny()
+    save_model(tmp_path, model.to(torch.bfloat16), Tokenizer.train_char(["abc"]))
+    config = LoraConfig(str(tmp_path), "", layers=tuple(TARGETS), quantize_base=quantize)
+    quantize_layer = base_layer(config)
+    assert quantize_layer is not None
+    seen: list[weakref.ref[torch.Tensor]] = []
+
+    def layer(linear: torch.nn.Linear) -> torch.nn.Module:
+        assert linear.weight.dtype == torch.bfloat16  # as stored: never widened to fp32
+        assert all(ref() is None for ref in seen), "an earlier layer's weight is alive"
+        seen.append(weakref.ref(linear.weight))
+        return quantize_layer(linear)
+
+    streamed, _ = load_model(tmp_path, linear=layer)
+    assert len(seen) == 7 * model.config.n_layer  # q k v o gate up down
+    torch.manual_seed(1)
+    prepare(streamed, config)
+    torch.manual_seed(1)
+    whole, _, _ = load_adapted(tmp_path, config)
+    reference, _ = load_model(tmp_path)
+    torch.manual_seed(1)
+    prepare(reference, config)
+    expected = reference.state_dict()
+    for loaded in (streamed, whole):
+        state = loaded.state_dict()
+        assert state.keys() == expected.keys()
+        assert all(torch.equal(state[k], expected[k]) for k in state)
+
+
+def test_safetensors_read_one_by_one_equals_the_library(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from gptflow.ml.checkpoint import read_one_by_one
+
+    state = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.arange(7),
+             "c": torch.zeros(0, 4), "d": torch.tensor([True, False]), "e": torch.tensor(2.5)}
+    save_file(state, str(tmp_path / "x.safetensors"), metadata={"format": "pt"})
+    ours = dict(read_one_by_one(tmp_path / "x.safetensors"))
+    theirs = load_file(str(tmp_path / "x.safetensors"))
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 LORA_PIPELINE = "name: lora\nnodes:\n" + TINY_BASE + """\
   lora:
     plugin: lora

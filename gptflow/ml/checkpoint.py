@@ -7,6 +7,8 @@ and names what does not match.
 from __future__ import annotations
 
 import json
+import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,10 +16,11 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from gptflow.ml.adapter import LoraConfig
 from gptflow.ml.config import GPTConfig
-from gptflow.ml.lora import adapter_state_dict, load_adapter, merge_lora, prepare
+from gptflow.ml.lora import adapter_state_dict, base_layer, load_adapter, merge_lora, prepare
 from gptflow.ml.model import GPT, shape_problems
 from gptflow.ml.prompts import PromptFormat
 from gptflow.ml.quant import dequantize_model, for_inference, quantize_model
@@ -71,7 +74,10 @@ def read_config(folder: Path) -> tuple[GPTConfig, dict[str, Any]]:
     return GPTConfig.from_dict({k: v for k, v in data.items() if k in fields}), data
 
 
-def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
+def load_model(folder: str | Path, device: str | torch.device = "cpu",
+               linear: Callable[[nn.Linear], nn.Module] | None = None) -> tuple[GPT, Tokenizer]:
+    """A model artifact; ``linear`` converts each full-precision linear layer as it
+    is read (see :meth:`GPT.from_state_dict`: QLoRA's base is quantized layer by layer)."""
     folder = Path(folder)
     config, data = read_config(folder)
     quant = data.get("quantization")
@@ -82,24 +88,45 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
                            quant.get("embeddings", False))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()
                 if not (config.tie_embeddings and k.startswith("lm_head."))}
-    state: dict[str, torch.Tensor] = {}
-    with safe_open(str(folder / "model.safetensors"), framework="pt", device=str(device)) as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            state[key] = f.get_tensor(key)
-    problem = shape_problems(expected, {k: tuple(v.shape) for k, v in state.items()},
-                             "config.json")
+    path = folder / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    problem = shape_problems(expected, found, "config.json")
     if problem:
-        raise ModelLoadError(f"{folder}/model.safetensors does not match config.json: "
-                             f"{problem}")
+        raise ModelLoadError(f"{path} does not match config.json: {problem}")
+    tensors = ((k, t.to(device)) for k, t in read_one_by_one(path))
     if quant:  # quantized layers are built from a full-precision model first
         model = GPT(config)
         quantize_model(model, quant["method"], quant["group_size"],
                        quant.get("embeddings", False))
         model = model.to(device)
-        model.load_state_dict(state, strict=not config.tie_embeddings)
+        model.load_state_dict(dict(tensors), strict=not config.tie_embeddings)
     else:  # no initialisation, no second copy: the model takes the tensors read
-        model = GPT.from_state_dict(config, state)
+        model = GPT.from_state_dict(config, tensors, linear)
     return model.eval(), Tokenizer.load(folder / "tokenizer.json")
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_one_by_one(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """A safetensors file's tensors in file order, each read into memory of its own.
+    Not memory-mapped on purpose: a map stays resident for as long as any tensor
+    of it lives, so a loader that converts each tensor and drops it (QLoRA) would
+    still hold the whole file."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        for key, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            begin, end = info["data_offsets"]
+            tensor = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+            f.seek(8 + size + begin)
+            if f.readinto(tensor.reshape(-1).view(torch.uint8).numpy().data) != end - begin:
+                raise ModelLoadError(f"{path}: {key} is cut short (the file is truncated)")
+            yield key, tensor
 
 
 def save_adapter(folder: Path, model: GPT, config: LoraConfig) -> int:
@@ -157,8 +184,7 @@ def _load_any(folder: Path, device: str) -> tuple[GPT, Tokenizer, Loaded]:
         raise ModelLoadError(f"{folder}: this adapter was trained on base "
                              f"{adapter.base_fingerprint}, but {base} is "
                              f"{found or 'not a stored artifact'}")
-    model, tokenizer = load_model(base, device)
-    prepare(model, adapter)
+    model, tokenizer, _ = load_adapted(base, adapter, device)
     state: dict[str, torch.Tensor] = {}
     with safe_open(str(folder / "adapter.safetensors"), framework="pt", device=device) as f:
         for key in f.keys():  # noqa: SIM118
@@ -166,6 +192,15 @@ def _load_any(folder: Path, device: str) -> tuple[GPT, Tokenizer, Loaded]:
     load_adapter(model, state)
     model.eval()
     return model, tokenizer, Loaded(read_config(base)[1], adapter, adapter.prompt)
+
+
+def load_adapted(base: str | Path, adapter: LoraConfig, device: str = "cpu"
+                 ) -> tuple[GPT, Tokenizer, LoraConfig]:
+    """A base artifact with the (fresh) adapters ``adapter`` describes on it; a QLoRA
+    base is quantized as it loads, so no full-precision copy of it ever exists.
+    Returns the config with the adapted layers' exact names."""
+    model, tokenizer = load_model(base, device, base_layer(adapter))
+    return model, tokenizer, prepare(model, adapter)
 
 
 def load_plain(folder: str | Path) -> tuple[GPT, Tokenizer, Loaded]:

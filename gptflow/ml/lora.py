@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gptflow.ml.adapter import LoraConfig
-from gptflow.ml.quant import GGUF_BLOCK, quantize_linears_nf4, quantize_model
+from gptflow.ml.quant import GGUF_BLOCK, Int4Linear, NF4Linear, replace_linears
 
 ADAPTER_KEYS = ("lora_A", "lora_B")
 
@@ -83,14 +83,24 @@ def apply_lora(model: nn.Module, targets: Sequence[str], rank: int, alpha: float
     return names
 
 
+def base_layer(config: LoraConfig) -> Callable[[nn.Linear], nn.Module] | None:
+    """How each frozen linear layer of the base is kept: in 4 bits for QLoRA
+    (None: as it is). Passed to the loader, it quantizes the base layer by layer."""
+    if config.quantize_base == "nf4":
+        return lambda linear: NF4Linear(linear, config.nf4_block, config.double_quant)
+    if config.quantize_base == "int4":
+        return lambda linear: Int4Linear(linear, GGUF_BLOCK)
+    return None
+
+
 def prepare(model: nn.Module, config: LoraConfig) -> LoraConfig:
     """Turn a base model into the adapted one ``config`` describes: the linear layers
-    in 4 bits first for QLoRA, then LoRA on the chosen layers. Returns the config with
-    the exact names of the adapted layers, which is what an adapter saves."""
-    if config.quantize_base == "nf4":
-        quantize_linears_nf4(model, config.nf4_block, config.double_quant)
-    elif config.quantize_base == "int4":
-        quantize_model(model, "int4", GGUF_BLOCK)
+    not yet in their QLoRA form converted first (:func:`base_layer`), then LoRA on
+    the chosen layers. Returns the config with the exact names of the adapted
+    layers, which is what an adapter saves."""
+    make = base_layer(config)
+    if make is not None:
+        replace_linears(model, make)
     names = apply_lora(model, config.layers, config.rank, config.alpha, config.dropout,
                        config.also_train)
     return replace(config, layers=tuple(names))

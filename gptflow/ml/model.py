@@ -9,7 +9,7 @@ nkv key/value heads, hs head size, V vocabulary.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -215,17 +215,35 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
     @classmethod
-    def from_state_dict(cls, config: GPTConfig, state: dict[str, Tensor]) -> GPT:
+    def from_state_dict(cls, config: GPTConfig,
+                        state: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]],
+                        linear: Callable[[nn.Linear], nn.Module] | None = None) -> GPT:
         """A model that takes ``state``'s tensors as they are (their dtype and device):
         built on the meta device, so no weights are initialised only to be
-        overwritten, and no second copy of them is made."""
+        overwritten, and no second copy of them is made. ``state`` may arrive one
+        tensor at a time, and ``linear`` turn each linear layer into the form it is
+        kept in as soon as its weight arrives (QLoRA's 4-bit base): then the
+        full-precision weights never all exist at once."""
         with torch.device("meta"):
             model = cls(config)
-        model.load_state_dict(state, strict=not config.tie_embeddings, assign=True)
+        modules = dict(model.named_modules())
+        tensors: dict[str, Tensor] = {}
+        for key, tensor in state.items() if isinstance(state, Mapping) else state:
+            name = key.removesuffix(".weight")
+            layer = modules.pop(name, None) if name != key else None  # not kept: freed
+            if linear is None or not isinstance(layer, nn.Linear):
+                tensors[key] = tensor
+                continue
+            layer.weight = nn.Parameter(tensor, requires_grad=False)
+            kept = linear(layer)  # its bias, if any, is assigned with the rest below
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, kept)
+            tensors.update({f"{name}.{k}": v for k, v in kept.named_buffers()})
+        model.load_state_dict(tensors, strict=not config.tie_embeddings, assign=True)
         if config.tie_embeddings:
             model.lm_head.weight = model.embed.weight
         if config.position == "rope":  # in the weights' dtype, as .to(dtype) would leave it
-            embed = state["embed.weight"]
+            embed = tensors["embed.weight"]
             cos, sin = rope_cache(config, config.context, embed.device)
             model.register_buffer("rope_cos", cos.to(embed.dtype), persistent=False)
             model.register_buffer("rope_sin", sin.to(embed.dtype), persistent=False)

@@ -121,7 +121,7 @@ def logical_params(model: nn.Module) -> int:
 
 def quantize_linears_nf4(model: nn.Module, block: int = 64, double: bool = True) -> int:
     """Replace the quantizable linear layers with NF4Linear; returns how many."""
-    return _replace_linears(model, lambda linear: NF4Linear(linear, block, double))
+    return replace_linears(model, lambda linear: NF4Linear(linear, block, double))
 
 
 def dequantize_model(model: nn.Module, kinds: tuple[type[nn.Module], ...] | None = None
@@ -163,7 +163,7 @@ def for_inference(model: M) -> M:
     return model
 
 
-def _replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> int:
+def replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> int:
     """Swap every linear layer (but a head tied to the embedding) for ``make(layer)``."""
     tied = getattr(getattr(model, "config", None), "tie_embeddings", True)
     targets = [(name, m) for name, m in model.named_modules()
@@ -342,7 +342,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 64,
         if getattr(model, "config").tie_embeddings:  # noqa: B009
             model.lm_head = table  # type: ignore[assignment]
             count += 1
-    return count + _replace_linears(model, make)
+    return count + replace_linears(model, make)
 
 
 def _as_linear(weight: Tensor) -> nn.Linear:

@@ -1,11 +1,12 @@
 """lora: parameter-efficient instruction tuning; with ``quantize_base: nf4``, QLoRA.
 
-The base model is frozen (and, for QLoRA, stored in 4-bit NF4 and dequantized on
-the fly); low-rank adapters on the chosen linear layers are the only weights in
-the optimizer. With ``trainer.precision: bf16-mixed`` the frozen base is held in
-bf16 (half the memory; bf16 matmul kernels, 3x fp32's on CPUs with AMX) and the
-adapters in fp32. The output is an adapter: its weights, its config and the
-fingerprint of the base it belongs to (a few KB to MB).
+The base model is frozen (and, for QLoRA, stored in 4 bits: quantized layer by
+layer as it loads, dequantized on the fly); low-rank adapters on the chosen
+linear layers are the only weights in the optimizer. With ``trainer.precision:
+bf16-mixed`` the frozen base is held in bf16 (half the memory; bf16 matmul
+kernels, 3x fp32's on CPUs with AMX) and the adapters in fp32. The output is an
+adapter: its weights, its config and the fingerprint of the base it belongs to
+(a few KB to MB).
 
 YAML keys (``params``): everything ``instruction-finetune`` takes (``tasks``,
 ``k_examples``, ``template``, ``max_per_task``, ``max_len``, ``trainer``,
@@ -56,15 +57,13 @@ class LoraParams(InstructionParams):
 
 
 def run(context: Context, inputs: dict[str, Any], p: LoraParams) -> dict[str, Any]:
-    from gptflow.ml.checkpoint import load_model, save_adapter
-    from gptflow.ml.lora import prepare
+    from gptflow.ml.checkpoint import load_adapted, save_adapter
     from gptflow.recipes.training import loss_curve, seed
     from gptflow.recipes.tuning import tune
 
     base = inputs["model"]
-    model, tokenizer = load_model(base.path)
     seed(p.seed)  # the adapters' initial weights depend on the seed alone
-    config = prepare(model, LoraConfig(
+    model, tokenizer, config = load_adapted(base.path, LoraConfig(
         str(base.path), base.fingerprint, p.rank, p.alpha, p.dropout, tuple(p.layers),
         tuple(p.also_train), p.quantize_base, p.nf4_block, p.double_quant, p.prompt()))
     model.train()
