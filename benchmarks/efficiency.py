@@ -28,7 +28,7 @@ from gptflow.ml.data import SequentialWindows, TokenShards
 from gptflow.ml.evaluation import perplexity
 from gptflow.ml.generate import generate
 from gptflow.ml.model import GPT
-from gptflow.ml.quant import quantize_model
+from gptflow.ml.quant import for_inference, quantize_model
 from gptflow.ml.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def variant(model: GPT, precision: str) -> GPT:
     if precision != "fp32":
         method, _, embeddings = precision.partition(" + ")
         quantize_model(model, method, embeddings=bool(embeddings))
-    return model
+    return for_inference(model)
 
 
 def tokens_per_s(model: GPT, new_tokens: int, repeats: int = 3) -> float:

@@ -37,7 +37,7 @@ def main() -> None:
 
     from gptflow.ml.generate import generate
     from gptflow.ml.gguf_io import load_gguf
-    from gptflow.ml.quant import quantize_model
+    from gptflow.ml.quant import for_inference, quantize_model
 
     path = smollm2()
     ours, tokenizer = load_gguf(path)
@@ -48,6 +48,7 @@ def main() -> None:
     variants = {"int8-dynamic": load_gguf(path)[0], "int4": load_gguf(path)[0]}
     for method, model in variants.items():
         quantize_model(model, method)
+        for_inference(model)
 
     def hf() -> list[int]:
         with torch.inference_mode():

@@ -15,6 +15,7 @@ from conftest import SMOLLM2_TEMPLATE
 
 from gptflow.ml.config import preset_config
 from gptflow.ml.model import GPT
+from gptflow.ml.tasks import sentiment4
 from gptflow.ml.tokenizer import Tokenizer, TokenizerConfig
 
 gguf = pytest.importorskip("gguf", reason="gguf is not installed (the gguf extra)")
@@ -326,3 +327,74 @@ def test_qwen2_and_llama3_style_ggufs_round_trip_through_transformers(tmp_path, 
         expected = tok.encode(text)
         assert read_back.encode(text) == expected
         assert their_tok.encode(text, add_special_tokens=False) == expected
+
+
+SPM_TEXTS = ["  Two spaces, then a tab\tand a newline\n", "café naïve façade, 日本語 😀",
+             "What is the capital of France?", "numbers 12345 and symbols <>&%$"]
+
+
+def test_sentencepiece_vocabulary_encodes_as_sentencepiece_does(tmp_path):
+    """A GGUF SentencePiece vocabulary (tokenizer.ggml.model: llama, Llama 2 / Mistral /
+    Gemma) encodes real text to the ids sentencepiece itself gives (a model trained
+    here, identity normalization as Llama's, byte fallback for characters it lacks)
+    and decodes back to the text."""
+    import io
+
+    spm = pytest.importorskip("sentencepiece")
+    from gptflow.ml.gguf_io import load_gguf
+
+    texts = [i.input for i in sentiment4(n=300, test=10).instances]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=600, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        character_coverage=0.98, user_defined_symbols=["<|im_start|>"], minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    n = sp.get_piece_size()
+    kinds = [3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 6 if sp.is_byte(i)
+             else 4 if sp.piece_to_id("<|im_start|>") == i else 1 for i in range(n)]
+    path = tmp_path / "spm.gguf"
+    write_llama_gguf(path, tiny_llama(n), {
+        "tokenizer.ggml.model": "llama", "tokens": [sp.id_to_piece(i) for i in range(n)],
+        "scores": [sp.get_score(i) for i in range(n)], "types": kinds,
+        "bos": sp.bos_id(), "eos": sp.eos_id()})
+    _, tok = load_gguf(path)
+    assert (tok.bos_id, tok.eot_id) == (sp.bos_id(), sp.eos_id())
+    for text in [*texts[-10:], *SPM_TEXTS]:
+        assert tok.encode(text) == sp.encode(text), text
+        assert tok.decode(tok.encode(text)) == text
+    assert any(sp.is_byte(i) for i in tok.encode(SPM_TEXTS[1]))  # fallback was exercised
+    # a user-defined token is its id, and the text after it starts a new piece with
+    # the space prefix, as llama.cpp splits it (sentencepiece alone would not)
+    assert tok.encode("<|im_start|>user") == [sp.piece_to_id("<|im_start|>"), *sp.encode("user")]
+
+
+def write_llama_gguf(path: Path, model: GPT, vocab: dict) -> None:
+    """A Llama GGUF file with the model's F32 tensors (q/k rows interleaved, as
+    llama.cpp's converter writes them) and the tokenizer ``vocab`` gives."""
+    from gptflow.ml.gguf_io import gguf_name, permute
+
+    c = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(c.n_layer)
+    writer.add_context_length(c.context)
+    writer.add_embedding_length(c.d_model)
+    writer.add_feed_forward_length(c.ff_dim)
+    writer.add_head_count(c.n_head)
+    writer.add_head_count_kv(c.kv_heads)
+    writer.add_layer_norm_rms_eps(c.norm_eps)
+    writer.add_tokenizer_model(vocab["tokenizer.ggml.model"])
+    writer.add_token_list(vocab["tokens"])
+    writer.add_token_scores(vocab["scores"])
+    writer.add_token_types(vocab["types"])
+    writer.add_bos_token_id(vocab["bos"])
+    writer.add_eos_token_id(vocab["eos"])
+    for name, tensor in model.state_dict().items():
+        heads = c.n_head if "q_proj" in name else c.kv_heads if "k_proj" in name else None
+        if not (name == "lm_head.weight" and c.tie_embeddings):
+            writer.add_tensor(gguf_name(name), (tensor if heads is None else
+                                                permute(tensor, heads)).float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

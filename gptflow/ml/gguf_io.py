@@ -45,7 +45,9 @@ QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # digits one by one
 SPLITS: dict[str, str | None] = {"default": None, "gpt2": None, "smollm": None,
                                  "llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT,
                                  "qwen2": QWEN2_SPLIT}
-TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
+# tokenizer.ggml.token_type values (llama.cpp's); 5 is unused, 6 a <0xNN> byte piece
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 2, 3, 4
+SPACE = "\u2581"  # SentencePiece's visible space
 
 # llama.cpp tensor names -> gptflow's, per block
 BLOCK = {"attn_norm": "attn_norm", "attn_q": "attn.q_proj", "attn_k": "attn.k_proj",
@@ -245,26 +247,22 @@ def _merge(text: str) -> tuple[str, str]:
 
 
 def tokenizer_from_gguf(meta: _Metadata) -> Tokenizer:
-    """The BPE tokenizer a GGUF file describes (``tokenizer.ggml.model: gpt2``)."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizer
+    """The tokenizer a GGUF file describes: byte-level BPE (``tokenizer.ggml.model:
+    gpt2``: GPT-2, Llama 3, Qwen, SmolLM) or SentencePiece (``llama``: Llama 2,
+    Mistral, Gemma), with its special tokens, BOS/EOS and chat template."""
+    from tokenizers import AddedToken
 
     kind = meta.get("tokenizer.ggml.model")
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    if kind != "gpt2" or pre not in SPLITS:
-        raise GGUFError(f"{meta.path}: tokenizer.ggml.model {kind!r} with tokenizer.ggml.pre "
-                        f"{pre!r} is not supported (byte-level BPE, pre: "
-                        f"{', '.join(SPLITS)})")
     tokens = [str(t) for t in meta.get("tokenizer.ggml.tokens")]
-    types = list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
-    merges = [_merge(str(m)) for m in meta.get("tokenizer.ggml.merges")]
-    hf = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
-    split = SPLITS[pre]
-    hf.pre_tokenizer = (pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-                        if split is None else pre_tokenizers.Sequence([
-                            pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))
-    hf.decoder = decoders.ByteLevel()
+    types = list(meta.get("tokenizer.ggml.token_type", [TOKEN_NORMAL] * len(tokens)))
+    if kind == "gpt2":
+        hf = _byte_level_bpe(meta, tokens)
+    elif kind == "llama":
+        hf = _sentencepiece(tokens, list(meta.get("tokenizer.ggml.scores")), types,
+                            bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
+    else:
+        raise GGUFError(f"{meta.path}: tokenizer.ggml.model {kind!r} is not supported "
+                        "(gpt2: byte-level BPE; llama: SentencePiece)")
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
                            for t, kind_ in zip(tokens, types, strict=True)
                            if kind_ == TOKEN_CONTROL])
@@ -280,6 +278,55 @@ def tokenizer_from_gguf(meta: _Metadata) -> Tokenizer:
         pad_token=token("padding_token_id"),
         add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         chat_template=meta.get("tokenizer.chat_template", None)))
+
+
+def _byte_level_bpe(meta: _Metadata, tokens: list[str]) -> Any:
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in SPLITS:
+        raise GGUFError(f"{meta.path}: tokenizer.ggml.pre {pre!r} is not supported "
+                        f"(byte-level BPE splits: {', '.join(SPLITS)})")
+    merges = [_merge(str(m)) for m in meta.get("tokenizer.ggml.merges")]
+    hf = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+    split = SPLITS[pre]
+    hf.pre_tokenizer = (pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+                        if split is None else pre_tokenizers.Sequence([
+                            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))
+    hf.decoder = decoders.ByteLevel()
+    return hf
+
+
+def _sentencepiece(tokens: list[str], scores: list[float], types: list[int],
+                   space_prefix: bool) -> Any:
+    """SentencePiece's BPE as a tokenizers BPE. SentencePiece merges, of the pairs of
+    neighbours whose concatenation is a piece, the one whose piece scores highest;
+    that is BPE with every way of splitting each piece in two as a merge, ranked by
+    the piece's score. Spaces are written as U+2581, text gets one in front (unless
+    the model says not), and characters outside the vocabulary fall back to its
+    ``<0xNN>`` byte pieces."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges: list[tuple[str, str]] = []
+    for i in sorted((i for i, k in enumerate(types) if k == TOKEN_NORMAL),
+                    key=lambda i: -scores[i]):
+        piece = tokens[i]
+        merges += sorted(((piece[:j], piece[j:]) for j in range(1, len(piece))
+                          if piece[:j] in vocab and piece[j:] in vocab),
+                         key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+    unknown = next((t for t, k in zip(tokens, types, strict=True) if k == TOKEN_UNKNOWN), None)
+    hf = HFTokenizer(models.BPE(vocab, merges, unk_token=unknown, fuse_unk=True,
+                                byte_fallback=True))
+    prefix = [normalizers.Prepend(SPACE)] if space_prefix else []
+    hf.normalizer = normalizers.Sequence([*prefix, normalizers.Replace(" ", SPACE)])
+    strip = [decoders.Strip(" ", 1, 0)] if space_prefix else []
+    hf.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(),
+                                    decoders.Fuse(), *strip])
+    return hf
 
 
 # -- out ---------------------------------------------------------------------------

@@ -24,6 +24,10 @@ NF4_LEVELS = torch.tensor([
     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0])
+_BYTES = torch.arange(256)
+_CODE_PAIRS = torch.stack([_BYTES & 0xF, _BYTES >> 4], dim=-1)  # a byte's two codes, low first
+_NF4_PAIRS = NF4_LEVELS[_CODE_PAIRS]  # (256, 2): the levels of a byte's two codes
+_INT4_PAIRS = _CODE_PAIRS.float()
 M = TypeVar("M", bound=nn.Module)
 SCALE_BLOCK = 256  # block scales per second-level scale in double quantization
 GGUF_BLOCK = 32  # weights per block in GGUF's 4- and 8-bit types: int4's default group
@@ -68,11 +72,14 @@ def dequantize_nf4(state: dict[str, Tensor], dtype: torch.dtype = torch.float32)
         n = int(state["n_blocks"])
         absmax = (state["absmax_q"].float() * state["absmax_scale"][:, None]).flatten()[:n] \
             + state["absmax_offset"]
-    values = NF4_LEVELS.to(absmax.device)[unpack4(state["codes"]).long()].view(len(absmax), -1)
+    # each byte holds two codes: look both levels up at once, by 32-bit index (a
+    # 64-bit index of every code would be the largest temporary by far)
+    values = _NF4_PAIRS.to(absmax.device).index_select(0, state["codes"].int())
     numel = 1
     for s in shape:
         numel *= s
-    return (values * absmax[:, None]).flatten()[:numel].view(shape).to(dtype)
+    return values.view(len(absmax), -1).mul_(absmax[:, None]).flatten()[:numel] \
+        .view(shape).to(dtype)
 
 
 class _FrozenMatmul(torch.autograd.Function):
@@ -158,8 +165,12 @@ def dequantize_model(model: nn.Module, kinds: tuple[type[nn.Module], ...] | None
 def for_inference(model: M) -> M:
     """``model`` as inference runs it: NF4 layers de-quantized once (the same
     weights; no NF4 kernel is as fast as a dense matmul, and de-quantizing at
-    every token generated 25x slower). int8 and int4 layers keep their kernels."""
+    every token generated 25x slower). int8 and int4 layers keep their kernels,
+    int4 its weights in the kernel's layout too."""
     dequantize_model(model, (NF4Linear,))
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            module.keep_packed = True
     return model
 
 
@@ -267,14 +278,28 @@ class Int4Linear(nn.Module):
         self.register_buffer("lows", low)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
                                                                   requires_grad=False)
-        self._packed: Tensor | None = None
+        self._packed: tuple[Tensor, Tensor] | None = None
+        self.keep_packed = False
+        """Keep the kernel's layout once made (as much memory again; repacking at each
+        call takes half as long again): :func:`for_inference` turns it on, a QLoRA
+        base, whose point is memory, never."""
+
+    def _pack(self) -> tuple[Tensor, Tensor]:
+        """The weight in the CPU kernel's layout, and its scales and zero points as
+        the kernel takes them: it computes (q - 8) · scale + zero."""
+        codes = unpack4(self.qweight.flatten()).view(self.out_features, -1)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        scales = self.scales.float()
+        zeros = self.lows.float() + 8 * scales
+        return packed, torch.stack([scales.T, zeros.T], -1).contiguous().to(torch.bfloat16)
 
     def rows(self, index: Tensor | slice = slice(None)) -> Tensor:
         """Some rows of the weight (all by default), de-quantized."""
-        codes = unpack4(self.qweight[index].flatten()).float()
-        codes = codes.view(*self.scales[index].shape, self.group_size)
+        codes = _INT4_PAIRS.to(self.qweight.device).index_select(  # as NF4's: 32-bit index
+            0, self.qweight[index].flatten().int())
         scales, lows = self.scales[index].float(), self.lows[index].float()
-        return (codes * scales[..., None] + lows[..., None]).flatten(-2)
+        return codes.view(*scales.shape, self.group_size).mul_(scales[..., None]) \
+            .add_(lows[..., None]).flatten(-2)
 
     def weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return self.rows().to(dtype)
@@ -283,17 +308,11 @@ class Int4Linear(nn.Module):
         if x.requires_grad and torch.is_grad_enabled():  # a QLoRA base: the kernel has no
             y = _FrozenMatmul.apply(x, self)  # type: ignore[no-untyped-call]  # backward
         elif x.device.type == "cpu" and self.out_features % 16 == 0:  # the kernel's layout
-            if self._packed is None:
-                codes = unpack4(self.qweight.flatten()).view(self.out_features, -1)
-                self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                    codes.to(torch.int32), 1)
-                # the kernel computes (q - 8) · scale + zero
-                scales = self.scales.float()
-                zeros = self.lows.float() + 8 * scales
-                self._scales_zeros = torch.stack([scales.T, zeros.T], -1) \
-                    .contiguous().to(torch.bfloat16)
+            packed, scales_zeros = self._packed or self._pack()
+            if self.keep_packed:
+                self._packed = packed, scales_zeros
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                _as_2d(x).to(torch.bfloat16), self._packed, self.group_size, self._scales_zeros)
+                _as_2d(x).to(torch.bfloat16), packed, self.group_size, scales_zeros)
             y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.weight(x.dtype))
