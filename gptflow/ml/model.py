@@ -8,8 +8,6 @@ nkv key/value heads, hs head size, V vocabulary.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -241,8 +239,6 @@ class GPT(nn.Module):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, kept)
             tensors.update({f"{name}.{k}": v for k, v in kept.named_buffers()})
-            del layer, tensor
-            _give_back_freed_memory()
         model.load_state_dict(tensors, strict=not config.tie_embeddings, assign=True)
         if config.tie_embeddings:
             model.lm_head.weight = model.embed.weight
@@ -292,23 +288,6 @@ class GPT(nn.Module):
         cfg = self.config
         n = self.num_params() - (self.pos_embed.weight.numel() if self.pos_embed is not None else 0)
         return 6 * n + 12 * cfg.n_layer * cfg.d_model * (seq_len or cfg.context)
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL(None).malloc_trim  # type: ignore[no-any-return]
-    except AttributeError:  # not glibc
-        return None
-
-
-def _give_back_freed_memory() -> None:
-    """Hand the heap's free pages back to the OS (glibc's malloc_trim). Converting
-    a model layer by layer frees a full-precision weight per layer, and glibc keeps
-    such holes resident otherwise: 160 MB of a 0.5B QLoRA base's load."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def state_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
