@@ -333,16 +333,15 @@ SPM_TEXTS = ["  Two spaces, then a tab\tand a newline\n", "café naïve façade,
              "What is the capital of France?", "numbers 12345 and symbols <>&%$"]
 
 
-def test_sentencepiece_vocabulary_encodes_as_sentencepiece_does(tmp_path):
-    """A GGUF SentencePiece vocabulary (tokenizer.ggml.model: llama, Llama 2 / Mistral /
-    Gemma) encodes real text to the ids sentencepiece itself gives (a model trained
-    here, identity normalization as Llama's, byte fallback for characters it lacks)
-    and decodes back to the text."""
+@pytest.fixture(scope="module")
+def sentencepiece_gguf(tmp_path_factory):
+    """A SentencePiece BPE model trained here (identity normalization as Llama's,
+    byte fallback, character coverage 0.98 so that fallback happens, a user-defined
+    token), written into a Llama GGUF as llama.cpp's converter writes one; and the
+    texts it was trained on."""
     import io
 
     spm = pytest.importorskip("sentencepiece")
-    from gptflow.ml.gguf_io import load_gguf
-
     texts = [i.input for i in sentiment4(n=300, test=10).instances]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -353,11 +352,20 @@ def test_sentencepiece_vocabulary_encodes_as_sentencepiece_does(tmp_path):
     n = sp.get_piece_size()
     kinds = [3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 6 if sp.is_byte(i)
              else 4 if sp.piece_to_id("<|im_start|>") == i else 1 for i in range(n)]
-    path = tmp_path / "spm.gguf"
+    path = tmp_path_factory.mktemp("spm") / "spm.gguf"
     write_llama_gguf(path, tiny_llama(n), {
         "tokenizer.ggml.model": "llama", "tokens": [sp.id_to_piece(i) for i in range(n)],
         "scores": [sp.get_score(i) for i in range(n)], "types": kinds,
         "bos": sp.bos_id(), "eos": sp.eos_id()})
+    return path, sp, texts
+
+
+def test_sentencepiece_vocabulary_encodes_as_sentencepiece_does(sentencepiece_gguf):
+    """A GGUF SentencePiece vocabulary (tokenizer.ggml.model: llama, Llama 2 / Mistral /
+    Gemma) encodes real text to the ids sentencepiece itself gives and decodes back."""
+    from gptflow.ml.gguf_io import load_gguf
+
+    path, sp, texts = sentencepiece_gguf
     _, tok = load_gguf(path)
     assert (tok.bos_id, tok.eot_id) == (sp.bos_id(), sp.eos_id())
     for text in [*texts[-10:], *SPM_TEXTS]:
@@ -367,6 +375,25 @@ def test_sentencepiece_vocabulary_encodes_as_sentencepiece_does(tmp_path):
     # a user-defined token is its id, and the text after it starts a new piece with
     # the space prefix, as llama.cpp splits it (sentencepiece alone would not)
     assert tok.encode("<|im_start|>user") == [sp.piece_to_id("<|im_start|>"), *sp.encode("user")]
+
+
+def test_sentencepiece_vocabulary_is_written_back_into_gguf(sentencepiece_gguf, tmp_path):
+    """Exported, a SentencePiece model keeps its vocabulary: scores that give the same
+    merges, byte, unknown and user-defined pieces typed as llama.cpp types them."""
+    from gptflow.ml.gguf_io import load_gguf, read_header
+    from gptflow.ml.gguf_io import write_gguf as export
+
+    path, sp, texts = sentencepiece_gguf
+    model, tok = load_gguf(path)
+    export(model, tok, tmp_path / "again.gguf", "f32")
+    fields = read_header(tmp_path / "again.gguf")[0]
+    assert fields["tokenizer.ggml.model"] == "llama"
+    assert list(fields["tokenizer.ggml.token_type"]) == list(read_header(path)[0][
+        "tokenizer.ggml.token_type"])
+    _, again = load_gguf(tmp_path / "again.gguf")
+    assert again.hf.to_str() == tok.hf.to_str()
+    for text in [*texts[-10:], *SPM_TEXTS]:
+        assert again.encode(text) == sp.encode(text), text
 
 
 def write_llama_gguf(path: Path, model: GPT, vocab: dict) -> None:

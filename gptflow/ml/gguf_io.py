@@ -18,8 +18,10 @@ weights are Hugging Face's again.
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
+import re
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,8 +47,8 @@ QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # digits one by one
 SPLITS: dict[str, str | None] = {"default": None, "gpt2": None, "smollm": None,
                                  "llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT,
                                  "qwen2": QWEN2_SPLIT}
-# tokenizer.ggml.token_type values (llama.cpp's); 5 is unused, 6 a <0xNN> byte piece
-TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 2, 3, 4
+# tokenizer.ggml.token_type values (llama.cpp's; 5 is an unused piece)
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_BYTE = 1, 2, 3, 4, 6
 SPACE = "\u2581"  # SentencePiece's visible space
 
 # llama.cpp tensor names -> gptflow's, per block
@@ -383,7 +385,7 @@ def gguf_writer(c: GPTConfig, tokenizer: Tokenizer, path: Path) -> Any:
     from gptflow.ml.families import family_of
 
     arch = family_of(c).name
-    pre = pre_tokenizer_name(tokenizer)
+    vocabulary = vocabulary_kind(tokenizer)
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(path.stem)
     writer.add_block_count(c.n_layer)
@@ -396,7 +398,7 @@ def gguf_writer(c: GPTConfig, tokenizer: Tokenizer, path: Path) -> Any:
     writer.add_layer_norm_rms_eps(c.norm_eps)
     writer.add_rope_dimension_count(c.head_dim)
     writer.add_vocab_size(c.vocab_size)
-    _write_tokenizer(writer, tokenizer, pre)
+    _write_tokenizer(writer, tokenizer, vocabulary)
     return writer
 
 
@@ -409,38 +411,53 @@ def gguf_name(name: str) -> str:
     return f"{ {v: k for k, v in TOP.items()}[stem]}.{kind}"
 
 
-def pre_tokenizer_name(tokenizer: Tokenizer) -> str:
-    """The ``tokenizer.ggml.pre`` that names this tokenizer's split, if GGUF has one."""
-    import json
-
+def vocabulary_kind(tokenizer: Tokenizer) -> tuple[str, str | bool]:
+    """How GGUF names this tokenizer: ``("gpt2", pre)``, byte-level BPE with the
+    ``tokenizer.ggml.pre`` of its split, or ``("llama", space_prefix)``, SentencePiece
+    (what :func:`_sentencepiece` builds). Anything else is an error, raised before
+    a file is written."""
     spec = json.loads(tokenizer.hf.to_str())
-    pre = spec.get("pre_tokenizer") or {}
+    model, pre = spec.get("model", {}), spec.get("pre_tokenizer") or {}
+    norm = spec.get("normalizer") or {}
+    steps = norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm]
+    if model.get("type") == "BPE" and model.get("byte_fallback") and any(
+            step.get("type") == "Replace" and step.get("content") == SPACE for step in steps):
+        return "llama", any(step.get("type") == "Prepend" for step in steps)
     if tokenizer.kind == "bpe":
-        return "default"
+        return "gpt2", "default"
     parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
-    if (spec.get("model", {}).get("type") == "BPE" and len(parts) == 2
+    if (model.get("type") == "BPE" and len(parts) == 2
             and parts[0].get("type") == "Split" and parts[1].get("type") == "ByteLevel"):
         pattern = parts[0].get("pattern", {}).get("Regex")
         names = {split: name for name, split in reversed(SPLITS.items()) if split}
         if pattern in names:
-            return names[pattern]
-    raise GGUFError("GGUF export needs a byte-level BPE tokenizer whose split GGUF names "
-                    f"({', '.join(SPLITS)})")
+            return "gpt2", names[pattern]
+    raise GGUFError("GGUF export needs a SentencePiece tokenizer or a byte-level BPE one "
+                    f"whose split GGUF names ({', '.join(SPLITS)})")
 
 
-def _write_tokenizer(writer: Any, tokenizer: Tokenizer, pre: str) -> None:
-    import json
-
+def _write_tokenizer(writer: Any, tokenizer: Tokenizer, kind: tuple[str, str | bool]) -> None:
     vocab = tokenizer.hf.get_vocab()
     tokens = sorted(vocab, key=vocab.__getitem__)
     added = {t.content: t.special for t in tokenizer.hf.get_added_tokens_decoder().values()}
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
+    model = json.loads(tokenizer.hf.to_str())["model"]
+    merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+    writer.add_tokenizer_model(kind[0])
     writer.add_token_list(tokens)
-    writer.add_token_types([TOKEN_CONTROL if added.get(t) else
-                            TOKEN_USER_DEFINED if t in added else 1 for t in tokens])
-    merges = json.loads(tokenizer.hf.to_str())["model"]["merges"]
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    if kind[0] == "gpt2":
+        writer.add_tokenizer_pre(kind[1])
+        writer.add_token_merges([" ".join(m) for m in merges])
+    else:  # a piece scores by its first merge: read back, the merges come out the same
+        writer.add_add_space_prefix(bool(kind[1]))
+        first: dict[str, int] = {}
+        for rank, (left, right) in enumerate(merges):
+            first.setdefault(left + right, rank)
+        writer.add_token_scores([-float(first.get(t, len(merges))) for t in tokens])
+    writer.add_token_types([
+        TOKEN_CONTROL if added.get(t) else TOKEN_USER_DEFINED if t in added
+        else TOKEN_UNKNOWN if t == model.get("unk_token")
+        else TOKEN_BYTE if re.fullmatch("<0x[0-9A-F]{2}>", t) and kind[0] == "llama"
+        else TOKEN_NORMAL for t in tokens])
     writer.add_eos_token_id(tokenizer.eot_id)
     writer.add_pad_token_id(tokenizer.pad_id)
     if tokenizer.bos_id is not None:
