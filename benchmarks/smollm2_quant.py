@@ -69,8 +69,8 @@ def main() -> None:
     write_section(
         "SmolLM2: quantizing the pretrained model", "python benchmarks/smollm2_quant.py",
         f"SmolLM2-135M-Instruct (GGUF Q4_1, de-quantized to fp32 when read), then each "
-        f"precision as the quantize node makes it (int4 and nf4 at their default groups, "
-        f"32 and 64), run as inference runs it. Perplexity on {WINDOWS} windows of {WINDOW} "
+        f"precision as the quantize node makes it (int4 and nf4 at its default group of "
+        f"32, GGUF's block), run as inference runs it. Perplexity on {WINDOWS} windows of {WINDOW} "
         f"tokens of tinyshakespeare from character {FROM:,}; generation 64 new tokens at "
         f"batch 1, KV cache, median of {args.rounds} interleaved rounds. Targets (issue "
         "12, on the tuned model): int8 within +1% perplexity, int4 within +5%.",

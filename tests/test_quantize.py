@@ -60,11 +60,11 @@ def test_quantized_artifact_round_trips(tmp_path, method, embeddings, tied):
     x = torch.randint(0, tokenizer.vocab_size, (2, 16))
     with torch.no_grad():
         before = model(x)
-    quantize_model(model, method, embeddings=embeddings)
+    quantize_model(model, method, 32, embeddings=embeddings)
     with torch.no_grad():
         assert (model(x) - before).abs().max() < 0.25 * before.abs().max()  # close, not garbage
     size = save_model(tmp_path / "q", model, tokenizer, quantization={
-        "method": method, "group_size": 64, "embeddings": embeddings})
+        "method": method, "group_size": 32, "embeddings": embeddings})
     assert size < full
     loaded, _ = load_model(tmp_path / "q")
     x = torch.randint(0, tokenizer.vocab_size, (2, 16))

@@ -334,7 +334,7 @@ class QuantEmbedding(nn.Module):
         return t.rows(idx)
 
 
-def quantize_model(model: nn.Module, method: str, group_size: int = 64,
+def quantize_model(model: nn.Module, method: str, group_size: int = GGUF_BLOCK,
                    embeddings: bool = False) -> int:
     """Replace every linear layer (but a head tied to a full-precision embedding)
     with its quantized form, and with ``embeddings`` the token embedding too
