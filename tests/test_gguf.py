@@ -399,17 +399,10 @@ def test_sentencepiece_vocabulary_is_written_back_into_gguf(sentencepiece_gguf, 
 def write_llama_gguf(path: Path, model: GPT, vocab: dict) -> None:
     """A Llama GGUF file with the model's F32 tensors (q/k rows interleaved, as
     llama.cpp's converter writes them) and the tokenizer ``vocab`` gives."""
-    from gptflow.ml.gguf_io import gguf_name, permute
+    from gptflow.ml.gguf_io import gguf_name, gguf_writer, permute
 
     c = model.config
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(c.n_layer)
-    writer.add_context_length(c.context)
-    writer.add_embedding_length(c.d_model)
-    writer.add_feed_forward_length(c.ff_dim)
-    writer.add_head_count(c.n_head)
-    writer.add_head_count_kv(c.kv_heads)
-    writer.add_layer_norm_rms_eps(c.norm_eps)
+    writer = gguf_writer(c, None, path)  # the hyper-parameters; the vocabulary is ours
     writer.add_tokenizer_model(vocab["tokenizer.ggml.model"])
     writer.add_token_list(vocab["tokens"])
     writer.add_token_scores(vocab["scores"])

@@ -377,15 +377,15 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, path: Path, kind: str = "f16") 
     writer.close()
 
 
-def gguf_writer(c: GPTConfig, tokenizer: Tokenizer, path: Path) -> Any:
-    """A ``gguf.GGUFWriter`` with the model's hyper-parameters and tokenizer written:
-    add the tensors, then write it out."""
+def gguf_writer(c: GPTConfig, tokenizer: Tokenizer | None, path: Path) -> Any:
+    """A ``gguf.GGUFWriter`` with the model's hyper-parameters and tokenizer (unless
+    None: the caller writes its own) written: add the tensors, then write it out."""
     import gguf
 
     from gptflow.ml.families import family_of
 
     arch = family_of(c).name
-    vocabulary = vocabulary_kind(tokenizer)
+    vocabulary = vocabulary_kind(tokenizer) if tokenizer is not None else None
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(path.stem)
     writer.add_block_count(c.n_layer)
@@ -398,7 +398,8 @@ def gguf_writer(c: GPTConfig, tokenizer: Tokenizer, path: Path) -> Any:
     writer.add_layer_norm_rms_eps(c.norm_eps)
     writer.add_rope_dimension_count(c.head_dim)
     writer.add_vocab_size(c.vocab_size)
-    _write_tokenizer(writer, tokenizer, vocabulary)
+    if tokenizer is not None and vocabulary is not None:
+        _write_tokenizer(writer, tokenizer, vocabulary)
     return writer
 
 
