@@ -20,6 +20,7 @@ from results import run_pipeline, shipped, table, write_section
 MB = 1e6
 NODES = (("base", "load-model"), ("lora", "LoRA r16, bf16-mixed (bf16 base)"),
          ("qlora-nf4", "QLoRA, NF4 base"), ("qlora-int4", "QLoRA, int4 base"),
+         ("qlora-nf4-emb", "QLoRA, NF4 base, int4 embedding"),
          ("full", "full fine-tuning, bf16-true"))
 
 

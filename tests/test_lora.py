@@ -160,6 +160,63 @@ def test_qlora_base_is_quantized_layer_by_layer_as_it_loads(tmp_path, quantize):
         assert all(torch.equal(state[k], expected[k]) for k in state)
 
 
+def test_frozen_int4_layer_works_by_blocks_of_rows(monkeypatch):
+    """A 4-bit layer larger than a block de-quantizes (training) and repacks for the
+    kernel (inference) a block of rows at a time, so a 150k-row embedding table is
+    never whole in full precision: the results equal the whole weight's."""
+    from gptflow.ml import quant
+
+    torch.manual_seed(0)
+    layer = Int4Linear(torch.nn.Linear(64, 208, bias=False), 32)
+    w = layer.weight()
+    x = torch.randn(3, 64, requires_grad=True)
+    with torch.no_grad():
+        whole = layer(x)  # the kernel, packed in one go
+    monkeypatch.setattr(quant, "ROW_BLOCK_ELEMENTS", 64 * 70)  # rows 70, 70, 68; 64 x 3 + 16
+    assert len([*layer.weight_blocks(torch.float32)]) == 3
+    with torch.no_grad():
+        assert torch.equal(layer(x), whole)  # packed by blocks of 64 rows
+    grad = torch.randn(3, 208)
+    y = layer(x)  # de-quantized by blocks, in forward and backward
+    y.backward(grad)
+    assert torch.allclose(y, x.detach() @ w.T, atol=1e-5)
+    assert x.grad is not None and torch.allclose(x.grad, grad @ w, atol=1e-5)
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "int4"])
+def test_qlora_int4_embedding_is_the_tied_head_and_adapters_learn(quantize):
+    import copy
+
+    from gptflow.ml.adapter import LoraConfig
+    from gptflow.ml.lora import prepare
+    from gptflow.ml.loss import supervised_loss
+    from gptflow.ml.quant import QuantEmbedding, dequantize_model
+
+    model = tiny().train()
+    prepare(model, LoraConfig("", "", layers=tuple(TARGETS), quantize_base=quantize,
+                              quantize_embeddings=True))
+    assert isinstance(model.embed, QuantEmbedding) and model.lm_head is model.embed.table
+    assert not [n for n, p in model.named_parameters() if p.requires_grad and "lora" not in n]
+    x = torch.randint(0, 101, (2, 20))
+    reference = copy.deepcopy(model)
+    dequantize_model(reference, (QuantEmbedding,))  # the same int4 values, in fp32
+    assert torch.allclose(model(x), reference(x), atol=1e-5)
+    supervised_loss(model, x[:, :-1], x[:, 1:]).backward()  # the head through its backward
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_quantize_embeddings_needs_a_4bit_base_and_a_frozen_embedding():
+    from gptflow_lora import LoraParams
+    from pydantic import ValidationError
+
+    LoraParams(quantize_base="int4", quantize_embeddings=True)
+    with pytest.raises(ValidationError, match="quantize_embeddings needs quantize_base"):
+        LoraParams(quantize_embeddings=True)
+    with pytest.raises(ValidationError, match="trains the embedding"):
+        LoraParams(quantize_base="nf4", quantize_embeddings=True, also_train=["embed.*"])
+
+
 def test_safetensors_read_one_by_one_equals_the_library(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -43,8 +43,9 @@ def test_lora_params_defaults_are_the_adapter_config_defaults():
 
     p, c = LoraParams(), LoraConfig("", "")
     assert (p.rank, p.alpha, p.dropout, tuple(p.layers), p.quantize_base, p.nf4_block,
-            p.double_quant) == (c.rank, c.alpha, c.dropout, c.layers, c.quantize_base,
-                                c.nf4_block, c.double_quant)
+            p.double_quant, p.quantize_embeddings) == (
+        c.rank, c.alpha, c.dropout, c.layers, c.quantize_base, c.nf4_block, c.double_quant,
+        c.quantize_embeddings)
 
 
 def test_every_builtin_source_has_an_implementation():

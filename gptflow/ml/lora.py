@@ -4,7 +4,8 @@ y = W x + (alpha / r) · B A dropout(x), with A (r, in) random and B (out, r)
 zero, so an adapted model starts exactly equal to its base. Only A and B
 train; adapters save alone (a few KB to MB) and merge into W exactly.
 The base layer may be an :class:`~gptflow.ml.quant.NF4Linear` or an
-:class:`~gptflow.ml.quant.Int4Linear` (QLoRA).
+:class:`~gptflow.ml.quant.Int4Linear` (QLoRA), and the token embedding then int4
+rows too (``quantize_embeddings``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gptflow.ml.adapter import LoraConfig
-from gptflow.ml.quant import GGUF_BLOCK, Int4Linear, NF4Linear, replace_linears
+from gptflow.ml.quant import (
+    GGUF_BLOCK,
+    Int4Linear,
+    NF4Linear,
+    quantize_embedding,
+    replace_linears,
+)
 
 ADAPTER_KEYS = ("lora_A", "lora_B")
 
@@ -101,6 +108,8 @@ def prepare(model: nn.Module, config: LoraConfig) -> LoraConfig:
     make = base_layer(config)
     if make is not None:
         replace_linears(model, make)
+        if config.quantize_embeddings:
+            quantize_embedding(model, lambda linear: Int4Linear(linear, GGUF_BLOCK))
     names = apply_lora(model, config.layers, config.rank, config.alpha, config.dropout,
                        config.also_train)
     return replace(config, layers=tuple(names))

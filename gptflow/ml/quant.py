@@ -10,7 +10,7 @@ outlives one layer's computation.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -31,6 +31,7 @@ _INT4_PAIRS = _CODE_PAIRS.float()
 M = TypeVar("M", bound=nn.Module)
 SCALE_BLOCK = 256  # block scales per second-level scale in double quantization
 GGUF_BLOCK = 32  # weights per block in GGUF's 4- and 8-bit types: int4's default group
+ROW_BLOCK_ELEMENTS = 2**22  # weights a large 4-bit layer de-quantizes or repacks at once
 
 
 def pack4(codes: Tensor) -> Tensor:
@@ -84,17 +85,24 @@ def dequantize_nf4(state: dict[str, Tensor], dtype: torch.dtype = torch.float32)
 
 class _FrozenMatmul(torch.autograd.Function):
     """x @ W^T for a frozen quantized layer, W de-quantized in forward and again
-    in backward (never saved): gradients reach the layers below, none is kept
-    for W."""
+    in backward (never saved), a block of rows at a time: gradients reach the
+    layers below, none is kept for W, and a 4-bit embedding table serving as the
+    head (150k rows) is never whole in full precision."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, layer: NF4Linear) -> Tensor:
+    def forward(ctx: Any, x: Tensor, layer: NF4Linear | Int4Linear) -> Tensor:
         ctx.layer = layer
-        return F.linear(x, layer.weight(x.dtype))
+        outs = [F.linear(x, w) for _, w in layer.weight_blocks(x.dtype)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return grad @ ctx.layer.weight(grad.dtype), None
+        blocks = ctx.layer.weight_blocks(grad.dtype)
+        rows, w = next(blocks)
+        total = grad[..., rows] @ w
+        for rows, w in blocks:
+            total.add_(grad[..., rows] @ w)
+        return total, None
 
 
 class NF4Linear(nn.Module):
@@ -113,6 +121,10 @@ class NF4Linear(nn.Module):
 
     def weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize_nf4(self.state(), dtype)
+
+    def weight_blocks(self, dtype: torch.dtype) -> Iterator[tuple[slice, Tensor]]:
+        """The de-quantized weight by blocks of rows: here one (NF4 blocks run across rows)."""
+        yield slice(None), self.weight(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         y = _FrozenMatmul.apply(x, self)  # type: ignore[no-untyped-call]
@@ -284,11 +296,19 @@ class Int4Linear(nn.Module):
         call takes half as long again): :func:`for_inference` turns it on, a QLoRA
         base, whose point is memory, never."""
 
+    def _row_blocks(self, multiple: int = 1) -> Iterator[slice]:
+        """Slices of rows of about ROW_BLOCK_ELEMENTS weights, each a multiple of ``multiple``."""
+        step = max(multiple, ROW_BLOCK_ELEMENTS // self.in_features // multiple * multiple)
+        return (slice(s, s + step) for s in range(0, self.out_features, step))
+
     def _pack(self) -> tuple[Tensor, Tensor]:
         """The weight in the CPU kernel's layout, and its scales and zero points as
-        the kernel takes them: it computes (q - 8) · scale + zero."""
-        codes = unpack4(self.qweight.flatten()).view(self.out_features, -1)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        the kernel takes them: it computes (q - 8) · scale + zero. Packed by blocks
+        of rows (the kernel's layout is per 64 rows, so blocks of 64k rows join
+        exactly): the kernel takes int32 codes, 8x the packed bytes."""
+        packed = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            unpack4(self.qweight[rows].flatten()).view(-1, self.in_features).to(torch.int32), 1)
+            for rows in self._row_blocks(multiple=64)])
         scales = self.scales.float()
         zeros = self.lows.float() + 8 * scales
         return packed, torch.stack([scales.T, zeros.T], -1).contiguous().to(torch.bfloat16)
@@ -303,6 +323,11 @@ class Int4Linear(nn.Module):
 
     def weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return self.rows().to(dtype)
+
+    def weight_blocks(self, dtype: torch.dtype) -> Iterator[tuple[slice, Tensor]]:
+        """The de-quantized weight by blocks of rows of about ROW_BLOCK_ELEMENTS weights."""
+        for rows in self._row_blocks():
+            yield rows, self.rows(rows).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.requires_grad and torch.is_grad_enabled():  # a QLoRA base: the kernel has no
@@ -352,16 +377,21 @@ def quantize_model(model: nn.Module, method: str, group_size: int = GGUF_BLOCK,
             return Int4Linear(linear, group_size)
         return Int8Linear(linear, dynamic=method == "int8-dynamic")
 
-    count = 0
-    if embeddings:
-        embed: nn.Embedding = getattr(model, "embed")  # noqa: B009
-        table = make(_as_linear(embed.weight))
-        model.embed = QuantEmbedding(table)  # type: ignore[assignment]
-        count += 1
-        if getattr(model, "config").tie_embeddings:  # noqa: B009
-            model.lm_head = table  # type: ignore[assignment]
-            count += 1
-    return count + replace_linears(model, make)
+    return (quantize_embedding(model, make) if embeddings else 0) + replace_linears(model, make)
+
+
+def quantize_embedding(model: nn.Module, make: Callable[[nn.Linear], Int8Linear | Int4Linear]
+                       ) -> int:
+    """The token embedding as the rows of the quantized layer ``make`` builds; a tied
+    head becomes that same layer, so the matrix is stored once. Returns how many
+    layers were replaced."""
+    embed: nn.Embedding = getattr(model, "embed")  # noqa: B009
+    table = make(_as_linear(embed.weight))
+    model.embed = QuantEmbedding(table)  # type: ignore[assignment]
+    if getattr(model, "config").tie_embeddings:  # noqa: B009
+        model.lm_head = table  # type: ignore[assignment]
+        return 2
+    return 1
 
 
 def _as_linear(weight: Tensor) -> nn.Linear:

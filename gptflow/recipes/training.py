@@ -225,10 +225,11 @@ def place_weights(model: GPT, precision: str) -> None:
     trainable = torch.bfloat16 if precision == "bf16-true" else torch.float32
     for param in model.parameters():
         param.data = param.data.to(trainable if param.requires_grad else frozen)
-    for name, buffer in model.named_buffers():  # RoPE tables: float32, as at init
+    # the model's own RoPE tables: float32, as at init (a quantized layer's scales keep
+    # the dtype they are stored in)
+    for name, buffer in model.named_buffers(recurse=False):
         if buffer.is_floating_point():
-            module, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(module), attr, buffer.float())
+            setattr(model, name, buffer.float())
 
 
 def resume_point(context: Context) -> tuple[Path | None, int]:
