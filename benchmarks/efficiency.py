@@ -27,8 +27,9 @@ from gptflow.ml.config import preset_config
 from gptflow.ml.data import SequentialWindows, TokenShards
 from gptflow.ml.evaluation import perplexity
 from gptflow.ml.generate import generate
+from gptflow.ml.inference import for_inference
 from gptflow.ml.model import GPT
-from gptflow.ml.quant import for_inference, quantize_model
+from gptflow.ml.quant import quantize_model
 from gptflow.ml.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

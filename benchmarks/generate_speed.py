@@ -37,10 +37,12 @@ def main() -> None:
 
     from gptflow.ml.generate import generate
     from gptflow.ml.gguf_io import load_gguf
-    from gptflow.ml.quant import for_inference, quantize_model
+    from gptflow.ml.inference import for_inference
+    from gptflow.ml.quant import quantize_model
 
     path = smollm2()
     ours, tokenizer = load_gguf(path)
+    for_inference(ours)  # as gptflow generate and evaluate load it
     theirs = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent),
                                                                gguf_file=path.name).eval()
     prompt = tokenizer.encode_prompt(tokenizer.render_chat(QUESTION))
@@ -78,7 +80,8 @@ def main() -> None:
              f"{statistics.median(v) / ref:.2f}x"] for name, v in speeds.items()]
     write_section(
         "Generation speed", "python benchmarks/generate_speed.py",
-        f"SmolLM2-135M-Instruct (GGUF Q4_1, de-quantized to fp32 by each side's loader), "
+        f"SmolLM2-135M-Instruct (GGUF Q4_1, de-quantized to fp32 by each side's loader; "
+        f"gptflow's in the form inference loads it: fp32 weights transposed), "
         f"batch 1, greedy, a {len(prompt)}-token chat prompt, {n} new tokens, KV cache; "
         f"medians of {args.rounds} alternating rounds. The fp32 sides agree on {same} of "
         f"{n} greedy tokens. Target: gptflow >= 1.3x transformers.",

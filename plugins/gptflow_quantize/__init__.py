@@ -44,13 +44,14 @@ class QuantizeParams(Params):
 def run(context: Context, inputs: dict[str, Any], p: QuantizeParams) -> dict[str, Any]:
     from gptflow.ml.checkpoint import folder_bytes, load_model, read_config, save_model
     from gptflow.ml.evaluation import generation_speed
-    from gptflow.ml.quant import for_inference, quantize_model
+    from gptflow.ml.inference import for_inference
+    from gptflow.ml.quant import quantize_model
 
     source = inputs["model"].path
     if read_config(source)[1].get("quantization"):
         raise NodeError("the input model is already quantized")
     model, tokenizer = load_model(source)
-    before = generation_speed(model, tokenizer)
+    before = generation_speed(for_inference(load_model(source)[0]), tokenizer)  # as it is served
     try:
         layers = quantize_model(model, p.method, p.group_size, p.embeddings)
     except ValueError as e:
