@@ -170,12 +170,15 @@ def test_frozen_int4_layer_works_by_blocks_of_rows(monkeypatch):
     layer = Int4Linear(torch.nn.Linear(64, 208, bias=False), 32)
     w = layer.weight()
     x = torch.randn(3, 64, requires_grad=True)
+    layer.keep_packed = True  # inference: the kernel
     with torch.no_grad():
-        whole = layer(x)  # the kernel, packed in one go
+        whole = layer(x)  # packed in one go
     monkeypatch.setattr(quant, "ROW_BLOCK_ELEMENTS", 64 * 70)  # rows 70, 70, 68; 64 x 3 + 16
     assert len([*layer.weight_blocks(torch.float32)]) == 3
+    layer._packed = None
     with torch.no_grad():
         assert torch.equal(layer(x), whole)  # packed by blocks of 64 rows
+    layer.keep_packed = False  # a QLoRA base
     grad = torch.randn(3, 208)
     y = layer(x)  # de-quantized by blocks, in forward and backward
     y.backward(grad)

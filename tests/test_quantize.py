@@ -72,7 +72,9 @@ def test_quantized_artifact_round_trips(tmp_path, method, embeddings, tied):
         assert torch.equal(loaded(x), model(x))
         served = load_any(tmp_path / "q", inference=True)[0]  # as evaluate and generate
         assert not any(isinstance(m, NF4Linear) for m in served.modules())
-        assert torch.allclose(served(x), model(x), atol=1e-5)
+        # served int4 runs PyTorch's kernel on bf16 activations, unserved it de-quantizes
+        tolerance = 5e-3 if method == "int4" else 1e-5
+        assert torch.allclose(served(x), model(x), atol=tolerance)
 
 
 def test_quantize_node_then_evaluate_and_generate(run_pipeline, review_corpus, capfd):

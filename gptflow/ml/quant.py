@@ -267,21 +267,26 @@ class Int4Linear(nn.Module):
             raise ValueError(f"in_features {self.in_features} is not a multiple of "
                              f"group_size {group_size}")
         self.group_size = group_size
-        w = linear.weight.detach().float().view(self.out_features, -1, group_size)
-        low = w.amin(dim=-1).half()  # fp16, as GGUF stores them; codes are rounded
-        scales = ((w.amax(dim=-1) - low) / 15).clamp(min=2**-24).half()  # against these
-        q = torch.round((w - low[..., None].float()) / scales[..., None].float())
-        self.register_buffer("qweight", pack4(q.clamp(0, 15).to(torch.uint8).flatten())
-                             .view(self.out_features, -1))
-        self.register_buffer("scales", scales)  # (out, groups)
-        self.register_buffer("lows", low)
+        groups, device = self.in_features // group_size, linear.weight.device
+        self.register_buffer("qweight", torch.empty(self.out_features, self.in_features // 2,
+                                                    dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(self.out_features, groups,
+                                                   dtype=torch.float16, device=device))
+        self.register_buffer("lows", torch.empty_like(self.scales))
+        for rows in self._row_blocks():  # fp32 temporaries of a block only (150k-row tables)
+            w = linear.weight[rows].detach().float().view(-1, groups, group_size)
+            low = w.amin(dim=-1).half()  # fp16, as GGUF stores them; codes are rounded
+            scales = ((w.amax(dim=-1) - low) / 15).clamp(min=2**-24).half()  # against these
+            q = torch.round((w - low[..., None].float()) / scales[..., None].float())
+            self.qweight[rows] = pack4(q.clamp(0, 15).to(torch.uint8).flatten()).view(len(w), -1)
+            self.scales[rows], self.lows[rows] = scales, low
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
                                                                   requires_grad=False)
         self._packed: tuple[Tensor, Tensor] | None = None
         self.keep_packed = False
-        """Keep the kernel's layout once made (as much memory again; repacking at each
-        call takes half as long again): inference turns it on, a QLoRA
-        base, whose point is memory, never."""
+        """Run PyTorch's CPU int4 kernel on the weight repacked once into its layout, and
+        kept (as much memory again): inference turns it on. Otherwise (a QLoRA base,
+        whose point is memory) the weight is de-quantized a block of rows at a time."""
 
     def _row_blocks(self, multiple: int = 1) -> Iterator[slice]:
         """Slices of rows of about ROW_BLOCK_ELEMENTS weights, each a multiple of ``multiple``."""
@@ -317,17 +322,16 @@ class Int4Linear(nn.Module):
             yield rows, self.rows(rows).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.requires_grad and torch.is_grad_enabled():  # a QLoRA base: the kernel has no
-            y = _FrozenMatmul.apply(x, self)  # type: ignore[no-untyped-call]  # backward
-        elif x.device.type == "cpu" and self.out_features % 16 == 0:  # the kernel's layout
-            packed, scales_zeros = self._packed or self._pack()
-            if self.keep_packed:
-                self._packed = packed, scales_zeros
+        training = x.requires_grad and torch.is_grad_enabled()  # the kernel has no backward
+        if self.keep_packed and not training and x.device.type == "cpu" \
+                and self.out_features % 16 == 0:  # the kernel's layout
+            self._packed = self._packed or self._pack()
+            packed, scales_zeros = self._packed
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 _as_2d(x).to(torch.bfloat16), packed, self.group_size, scales_zeros)
             y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         else:
-            y = F.linear(x, self.weight(x.dtype))
+            y = _FrozenMatmul.apply(x, self)  # type: ignore[no-untyped-call]
         return y if self.bias is None else y + self.bias
 
 
@@ -382,6 +386,8 @@ def quantize_embedding(model: nn.Module, make: Callable[[nn.Linear], Int8Linear 
 
 
 def _as_linear(weight: Tensor) -> nn.Linear:
-    linear = nn.Linear(weight.size(1), weight.size(0), bias=False, device=weight.device)
+    """A linear layer around ``weight`` (built on the meta device: no weight of its own
+    is allocated and initialised first, 545 MB for a 150k-token fp32 table)."""
+    linear = nn.Linear(weight.size(1), weight.size(0), bias=False, device="meta")
     linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
     return linear
