@@ -179,9 +179,21 @@ def hf_model(transformers, family: str, vocab: int, tied: bool, kv_heads: int = 
         config = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2,
                                          n_head=4, tie_word_embeddings=tied)
         model = transformers.GPT2LMHeadModel(config)
+    elif family == "gemma3":  # a window of 4 on two of three layers, two RoPE bases
+        config = transformers.Gemma3TextConfig(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=16,
+            query_pre_attn_scalar=12, max_position_embeddings=64, sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                             "full_attention": {"rope_type": "default", "rope_theta": 5000.0}},
+            tie_word_embeddings=tied)
+        model = transformers.Gemma3ForCausalLM(config)
     else:
-        kind = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[family]
-        extra = {"qwen3": dict(head_dim=16), "mistral": dict(sliding_window=None)}.get(family, {})
+        kind = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral",
+                "mistral-window": "Mistral"}[family]
+        extra = {"qwen3": dict(head_dim=16), "mistral": dict(sliding_window=None),
+                 "mistral-window": dict(sliding_window=4)}.get(family, {})
         config = getattr(transformers, f"{kind}Config")(
             vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
@@ -196,7 +208,8 @@ def hf_model(transformers, family: str, vocab: int, tied: bool, kv_heads: int = 
 
 HF_CASES = [("gpt2", True, 4), ("gpt2", False, 4), ("llama", True, 2), ("llama", False, 1),
             ("llama", False, 4), ("qwen2", True, 2), ("qwen2", False, 4), ("qwen3", True, 2),
-            ("qwen3", False, 1), ("mistral", False, 2)]
+            ("qwen3", False, 1), ("mistral", False, 2), ("mistral-window", False, 2),
+            ("gemma3", True, 2), ("gemma3", False, 1)]
 
 
 @pytest.mark.parametrize(("family", "tied", "kv_heads"), HF_CASES)
@@ -216,19 +229,25 @@ def test_transformers_model_imports_with_equal_logits(transformers, tmp_path, to
     expected = theirs.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
                                pad_token_id=0)[0, 5:].tolist()
     assert generate(ours, prompt, 8, temperature=0.0) == expected
-    assert export_hf(ours, tokenizer, tmp_path / "back") == ("llama" if family == "mistral"
-                                                             else family)
+    exported = {"mistral": "llama", "mistral-window": "mistral", "gemma3": "gemma3_text"}
+    assert export_hf(ours, tokenizer, tmp_path / "back") == exported.get(family, family)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
     assert torch.allclose(logits(back, ids), logits(theirs, ids), atol=1e-4)
 
 
-def test_mistral_sliding_window_narrower_than_the_context_is_refused():
+def test_sliding_windows_read_as_the_family_says():
     config = {"model_type": "mistral", "vocab_size": 10, "hidden_size": 8,
               "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
               "max_position_embeddings": 4096, "sliding_window": 1024}
+    assert read_family(config, "x")[0].sliding_window == 1024
+    assert read_family({**config, "sliding_window": 4096}, "x")[0].sliding_window is None
     with pytest.raises(HFError, match="sliding_window: 1024 is narrower than the context"):
-        read_family(config, "x/config.json")
-    assert read_family({**config, "sliding_window": None}, "x")[1].name == "mistral"
+        read_family({**config, "model_type": "qwen2", "use_sliding_window": True}, "x/config.json")
+    gemma = {**config, "model_type": "gemma3_text", "num_hidden_layers": 6, "head_dim": 4}
+    types = read_family(gemma, "x")[0].layer_types  # before layer_types: every 6th is full
+    assert types == ("sliding_attention",) * 5 + ("full_attention",)
+    with pytest.raises(HFError, match="final_logit_softcapping: soft-capping is not supported"):
+        read_family({**gemma, "final_logit_softcapping": 30.0}, "x/config.json")
 
 
 @pytest.mark.parametrize(("family", "overrides"), CASES)

@@ -10,11 +10,12 @@ from typing import Any, Literal, get_args
 
 Position = Literal["learned", "rope"]
 Norm = Literal["layernorm", "rmsnorm"]
-MLP = Literal["gelu", "swiglu"]
+MLP = Literal["gelu", "swiglu", "geglu"]
 Attention = Literal["sdpa", "naive"]
 QuantMethod = Literal["int8", "int8-dynamic", "int4", "nf4"]
 QUANT_METHODS: tuple[str, ...] = get_args(QuantMethod)
 ROPE_SCALINGS = ("default", "linear", "llama3")
+LayerType = Literal["sliding_attention", "full_attention"]  # Hugging Face's names
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class GPTConfig:
     d_ff: int | None = None  # MLP hidden width; None = 4*d (gelu) or ~8/3*d (swiglu, same params)
     position: Position = "rope"  # learned absolute positions (GPT-2) or rotary (RoPE)
     norm: Norm = "rmsnorm"  # LayerNorm (GPT-2) or RMSNorm (Llama): no mean, no bias, cheaper
-    mlp: MLP = "swiglu"  # GELU MLP (GPT-2) or gated SwiGLU (Llama)
+    mlp: MLP = "swiglu"  # GELU MLP (GPT-2), gated SwiGLU (Llama) or gated GeGLU-tanh (Gemma)
     attention: Attention = "sdpa"  # fused scaled_dot_product_attention (Flash kernels) or naive
     rope_theta: float = 10000.0  # RoPE base frequency
     # RoPE frequency scaling for long contexts, as Hugging Face writes it:
@@ -40,6 +41,16 @@ class GPTConfig:
     qkv_bias: bool = False  # biases on the q, k and v projections only (Qwen2)
     qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
     head_size: int | None = None  # per-head width; None = d_model / n_head (Qwen3 sets it)
+    # Gemma's switches: RMSNorm scales by (norm_offset + w), so its weights sit around 0
+    norm_offset: float = 0.0
+    embed_scale: bool = False  # token embeddings times sqrt(d_model)
+    post_norms: bool = False  # an RMSNorm on the attention and MLP outputs, before the residual
+    query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power; None: head size
+    # sliding-window attention: a query sees at most this many latest keys, itself included
+    # (Mistral: every layer; Gemma 3: the layers layer_types names sliding_attention)
+    sliding_window: int | None = None
+    layer_types: tuple[LayerType, ...] | None = None  # per layer; None: all sliding if windowed
+    rope_local_theta: float | None = None  # RoPE base of the sliding layers (Gemma 3); None: one
     dropout: float = 0.0
     tie_embeddings: bool = True  # output head reuses the token embedding: softmax(W^T h)
     init_std: float = 0.02  # residual projections get init_std / sqrt(2 * n_layer)
@@ -53,6 +64,11 @@ class GPTConfig:
             raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({kv})")
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"rope needs an even head size, got {self.head_dim}")
+        if self.layer_types is not None and len(self.layer_types) != self.n_layer:
+            raise ValueError(f"layer_types names {len(self.layer_types)} layers, n_layer is "
+                             f"{self.n_layer}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be at least 1, got {self.sliding_window}")
         scaling = self.rope_scaling or {}
         if scaling.get("rope_type", "default") not in ROPE_SCALINGS:
             raise ValueError(f"rope_scaling.rope_type {scaling['rope_type']!r} is not supported "
@@ -67,10 +83,20 @@ class GPTConfig:
         return self.head_size or self.d_model // self.n_head
 
     @property
+    def attn_scale(self) -> float:
+        return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of a layer; None: it sees every earlier key."""
+        if self.layer_types is not None and self.layer_types[layer] == "full_attention":
+            return None
+        return self.sliding_window
+
+    @property
     def ff_dim(self) -> int:
         if self.d_ff:
             return self.d_ff
-        if self.mlp == "swiglu":  # 2/3 of 4d keeps the parameter count of a 4d GELU MLP
+        if self.mlp != "gelu":  # 2/3 of 4d keeps the parameter count of a 4d GELU MLP
             return 64 * ((8 * self.d_model // 3 + 63) // 64)
         return 4 * self.d_model
 
@@ -83,7 +109,8 @@ class GPTConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown model config field(s): {', '.join(sorted(unknown))}")
-        return cls(**data)
+        layer_types = data.get("layer_types")  # a JSON list
+        return cls(**{**data, "layer_types": tuple(layer_types) if layer_types else None})
 
 
 CLASSIC: dict[str, Any] = dict(position="learned", norm="layernorm", mlp="gelu", bias=True)

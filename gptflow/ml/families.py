@@ -11,7 +11,7 @@ stores its linear weights transposed (``Conv1D``).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from gptflow.ml.config import GPTConfig
@@ -126,7 +126,10 @@ GPT2 = Family("gpt2", "GPT2LMHeadModel", _gpt2_computes, _gpt2_read, _gpt2_write
 
 # -- the Llama lineage: Llama, Mistral, Qwen2, Qwen3 -------------------------------
 def _modern(c: GPTConfig) -> bool:
-    return (c.position, c.norm, c.mlp) == ("rope", "rmsnorm", "swiglu")
+    """RoPE, RMSNorm, SwiGLU, and none of Gemma's switches nor a sliding window."""
+    return (c.position, c.norm, c.mlp) == ("rope", "rmsnorm", "swiglu") \
+        and not (c.norm_offset or c.embed_scale or c.post_norms or c.rope_local_theta) \
+        and c.query_pre_attn_scalar is None and c.sliding_window is None
 
 
 def _rope_fields(f: Fields) -> dict[str, Any]:
@@ -215,8 +218,20 @@ def _llama_write(c: GPTConfig) -> dict[str, Any]:
 def _mistral_read(f: Fields) -> dict[str, Any]:
     fields = _rope_fields(f)
     _plain_head_dim(f, fields)
-    _no_sliding_window(f, fields["context"])
-    return fields
+    window = f.get("sliding_window")
+    return {**fields, "sliding_window": window if window and window < fields["context"]
+            else None}
+
+
+def _mistral_computes(c: GPTConfig) -> bool:
+    """Llama with a sliding window on every layer (without one, Llama computes it)."""
+    unwindowed = replace(c, sliding_window=None)
+    return c.sliding_window is not None and c.layer_types is None and LLAMA.computes(unwindowed) \
+        and not c.bias
+
+
+def _mistral_write(c: GPTConfig) -> dict[str, Any]:
+    return {**_rope_write(c), "sliding_window": c.sliding_window}
 
 
 def _qwen2_read(f: Fields) -> dict[str, Any]:
@@ -254,10 +269,98 @@ QWEN2 = Family("qwen2", "Qwen2ForCausalLM",
 QWEN3 = Family("qwen3", "Qwen3ForCausalLM",
                lambda c: _modern(c) and c.qk_norm and not (c.bias or c.qkv_bias),
                _qwen3_read, _qwen3_write, _rope_rows, peft_exact=True)
-MISTRAL = Family("mistral", "MistralForCausalLM",  # exports go to llama, which computes alike
-                 lambda c: False, _mistral_read, _rope_write, _rope_rows, peft_exact=True)
+MISTRAL = Family("mistral", "MistralForCausalLM",  # without a window, exports go to llama
+                 _mistral_computes, _mistral_read, _mistral_write, _rope_rows, peft_exact=True)
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL)}
+
+# -- Gemma 3 ---------------------------------------------------------------------------
+GEMMA_GELU = ("gelu_pytorch_tanh", "gelu_new")  # the tanh approximation we compute
+
+
+def _gemma3_computes(c: GPTConfig) -> bool:
+    return (c.position, c.norm, c.mlp, c.norm_offset) == ("rope", "rmsnorm", "geglu", 1.0) \
+        and c.embed_scale and c.post_norms and c.qk_norm and not (c.bias or c.qkv_bias)
+
+
+def _gemma3_read(f: Fields) -> dict[str, Any]:
+    act = f.get("hidden_activation", "gelu_pytorch_tanh")
+    if act not in GEMMA_GELU:
+        raise f.refuse("hidden_activation", f"{act!r} is not supported ({', '.join(GEMMA_GELU)})")
+    for field in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if f.get(field) is not None:
+            raise f.refuse(field, "soft-capping is not supported (Gemma 3 leaves it null)")
+    for field in ("use_bidirectional_attention", "attention_bias"):
+        if f.get(field):
+            raise f.refuse(field, "true is not supported")
+    rope = f.get("rope_parameters") or {}  # transformers 5: one entry per layer type
+    full = dict(rope.get("full_attention") or {"rope_theta": f.get("rope_theta", 1e6),
+                                                 **(f.get("rope_scaling") or {})})
+    local = dict(rope.get("sliding_attention")
+                 or {"rope_theta": f.get("rope_local_base_freq", 10000.0)})
+    if local.get("rope_type", "default") != "default":
+        raise f.refuse("rope_parameters.sliding_attention", "only default RoPE is supported "
+                       "on the sliding layers")
+    theta = float(full.pop("rope_theta"))
+    scaling = {k: v for k, v in full.items() if k != "type"}
+    heads, layers = f.need("num_attention_heads"), f.need("num_hidden_layers")
+    pattern = f.get("sliding_window_pattern", 6)  # before layer_types: every 6th layer full
+    layer_types = f.get("layer_types") or [
+        "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+        for i in range(layers)]
+    d_model, head_dim = f.need("hidden_size"), f.get("head_dim", 256)
+    return dict(vocab_size=f.need("vocab_size"), context=f.get("max_position_embeddings", 32768),
+                n_layer=layers, n_head=heads, n_kv_head=f.get("num_key_value_heads") or heads,
+                d_model=d_model, d_ff=f.need("intermediate_size"), position="rope",
+                norm="rmsnorm", mlp="geglu", rope_theta=theta,
+                rope_scaling=scaling if scaling.get("rope_type", "default") != "default"
+                else None, rope_local_theta=float(local["rope_theta"]),
+                norm_eps=f.get("rms_norm_eps", 1e-6), qk_norm=True,
+                head_size=None if head_dim == d_model // heads else head_dim,
+                norm_offset=1.0, embed_scale=True, post_norms=True,
+                query_pre_attn_scalar=f.get("query_pre_attn_scalar", head_dim),
+                sliding_window=f.get("sliding_window"), layer_types=tuple(layer_types),
+                tie_embeddings=f.get("tie_word_embeddings", True))
+
+
+def _gemma3_write(c: GPTConfig) -> dict[str, Any]:
+    full = {"rope_type": "default", **(c.rope_scaling or {}), "rope_theta": c.rope_theta}
+    return {"hidden_size": c.d_model, "intermediate_size": c.ff_dim,
+            "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+            "num_key_value_heads": c.kv_heads, "head_dim": c.head_dim,
+            "max_position_embeddings": c.context, "rms_norm_eps": c.norm_eps,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "query_pre_attn_scalar": c.query_pre_attn_scalar or c.head_dim,
+            "sliding_window": c.sliding_window,
+            "layer_types": list(c.layer_types or ["sliding_attention"] * c.n_layer),
+            "rope_parameters": {"full_attention": full, "sliding_attention": {
+                "rope_type": "default", "rope_theta": c.rope_local_theta or c.rope_theta}},
+            "attention_bias": False, "attention_dropout": 0.0,
+            "final_logit_softcapping": None, "attn_logit_softcapping": None,
+            "use_bidirectional_attention": False}
+
+
+def _gemma3_rows(c: GPTConfig) -> list[Row]:
+    rows = [Row(("embed.weight",), "model.embed_tokens.weight")]
+    norms = (("attn_norm", "input_layernorm"), ("attn_post_norm", "post_attention_layernorm"),
+             ("mlp_norm", "pre_feedforward_layernorm"),
+             ("mlp_post_norm", "post_feedforward_layernorm"))
+    for i in range(c.n_layer):
+        b, h = f"blocks.{i}.", f"model.layers.{i}."
+        rows += [Row((f"{b}{ours}.weight",), f"{h}{theirs}.weight") for ours, theirs in norms]
+        rows += [Row((f"{b}attn.{x}_proj.weight",), f"{h}self_attn.{x}_proj.weight")
+                 for x in "qkvo"]
+        rows += [Row((f"{b}attn.{x}_norm.weight",), f"{h}self_attn.{x}_norm.weight")
+                 for x in "qk"]
+        rows += [Row((f"{b}mlp.{x}_proj.weight",), f"{h}mlp.{x}_proj.weight")
+                 for x in ("gate", "up", "down")]
+    rows.append(Row(("norm.weight",), "model.norm.weight"))
+    return rows
+
+
+GEMMA3 = Family("gemma3_text", "Gemma3ForCausalLM", _gemma3_computes, _gemma3_read,
+                _gemma3_write, _gemma3_rows, peft_exact=True)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL, GEMMA3)}
 
 
 def family_of(config: GPTConfig) -> Family:
@@ -269,7 +372,8 @@ def family_of(config: GPTConfig) -> Family:
                   f"norm={config.norm}, mlp={config.mlp}"
                   + (f", n_kv_head={config.n_kv_head}" if config.position == "learned" else "")
                   + ": GPT-2 is learned+layernorm+gelu, Llama rope+rmsnorm+swiglu (Qwen2 with "
-                    "qkv_bias, Qwen3 with qk_norm)")
+                    "qkv_bias, Qwen3 with qk_norm, Mistral with a sliding_window), Gemma 3 "
+                    "rope+rmsnorm+geglu with its own switches")
 
 
 def read_family(data: Mapping[str, Any], where: str) -> tuple[GPTConfig, Family]:

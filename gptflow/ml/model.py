@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from typing import Any
 
 import torch
@@ -21,27 +22,34 @@ from gptflow.ml.config import GPTConfig
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    """x / rms(x) · (offset + w); Gemma's offset 1 keeps w around 0, and computes in fp32."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.offset:
+            normed = F.rms_norm(x.float(), (x.size(-1),), None, self.eps)
+            return (normed * (self.offset + self.weight.float())).type_as(x)
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
 
 
-def make_norm(config: GPTConfig) -> nn.Module:
+def make_norm(config: GPTConfig, dim: int | None = None) -> nn.Module:
     if config.norm == "rmsnorm":
-        return RMSNorm(config.d_model, config.norm_eps)
-    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+        return RMSNorm(dim or config.d_model, config.norm_eps, config.norm_offset)
+    return nn.LayerNorm(dim or config.d_model, eps=config.norm_eps, bias=config.bias)
 
 
-def rope_cache(config: GPTConfig, length: int, device: torch.device | None = None
-               ) -> tuple[Tensor, Tensor]:
-    """cos and sin tables, (length, hs), in the rotate-half layout (as Llama)."""
+def rope_cache(config: GPTConfig, length: int, device: torch.device | None = None,
+               local: bool = False) -> tuple[Tensor, Tensor]:
+    """cos and sin tables, (length, hs), in the rotate-half layout (as Llama); ``local``:
+    the sliding layers' own base (Gemma 3), never scaled."""
     hs = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hs, 2, device=device).float() / hs))
-    inv_freq = scale_rope(inv_freq, config.rope_scaling or {})
+    theta = config.rope_local_theta if local and config.rope_local_theta else config.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hs, 2, device=device).float() / hs))
+    inv_freq = scale_rope(inv_freq, {} if local else config.rope_scaling or {})
     angles = torch.outer(torch.arange(length, device=device).float(), inv_freq)  # (L, hs/2)
     angles = torch.cat([angles, angles], dim=-1)  # (L, hs)
     return angles.cos(), angles.sin()
@@ -108,7 +116,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(nh * hs, config.d_model, bias=config.bias)
         self.o_proj.residual = True  # type: ignore[assignment]  # scaled init
         if config.qk_norm:
-            self.q_norm, self.k_norm = RMSNorm(hs, config.norm_eps), RMSNorm(hs, config.norm_eps)
+            self.q_norm, self.k_norm = make_norm(config, hs), make_norm(config, hs)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None,
                 start: int, mask: Tensor | None) -> Tensor:
@@ -127,21 +135,22 @@ class Attention(nn.Module):
         if cfg.attention == "sdpa":
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                is_causal=mask is None and start == 0 and T > 1,
+                                               scale=cfg.attn_scale,
                                                enable_gqa=cfg.kv_heads != cfg.n_head)
         else:
-            y = naive_attention(q, k, v, mask, dropout, causal=start == 0)
+            y = naive_attention(q, k, v, mask, dropout, causal=start == 0, scale=cfg.attn_scale)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))  # (B, T, C)
 
 
 def naive_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float,
-                    causal: bool = True) -> Tensor:
-    """softmax(QK^T / sqrt(hs) + causal mask) V, written out; the reference for sdpa.
-    No mask and not ``causal``: every query sees every key (one new token)."""
+                    causal: bool = True, scale: float | None = None) -> Tensor:
+    """softmax(QK^T · scale (1 / sqrt(hs)) + causal mask) V, written out; the reference
+    for sdpa. No mask and not ``causal``: every query sees every key (one new token)."""
     T, S = q.size(2), k.size(2)
     if k.size(1) != q.size(1):  # grouped-query: each K/V head serves n_head/nkv query heads
         k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
         v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
-    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, S)
+    att = (q @ k.transpose(-2, -1)) * (scale or q.size(-1) ** -0.5)  # (B, nh, T, S)
     if mask is None and causal:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     if mask is not None:
@@ -154,7 +163,8 @@ def naive_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropou
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.gated = config.mlp == "swiglu"
+        self.gated = config.mlp != "gelu"
+        self.act = F.silu if config.mlp == "swiglu" else partial(F.gelu, approximate="tanh")
         hidden = config.ff_dim
         self.up_proj = nn.Linear(config.d_model, hidden, bias=config.bias)
         if self.gated:
@@ -164,7 +174,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gated:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
 
@@ -173,12 +183,17 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm, self.mlp_norm = make_norm(config), make_norm(config)
         self.attn, self.mlp = Attention(config, layer), MLP(config)
+        if config.post_norms:
+            self.attn_post_norm, self.mlp_post_norm = make_norm(config), make_norm(config)
+        self.post_norms = config.post_norms
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None,
                 start: int, mask: Tensor | None) -> Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache, start, mask))
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        a = self.attn(self.attn_norm(x), rope, cache, start, mask)
+        x = x + self.dropout(self.attn_post_norm(a) if self.post_norms else a)
+        m = self.mlp(self.mlp_norm(x))
+        return x + self.dropout(self.mlp_post_norm(m) if self.post_norms else m)
 
 
 class GPT(nn.Module):
@@ -195,14 +210,21 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         if config.position == "rope":
-            cos, sin = rope_cache(config, config.context)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            self._rope_tables(torch.float32)
         self.apply(self._init)
         self.recompute_blocks = False
         """Activation checkpointing: keep only each block's input for the backward pass
         and run the block again there (a third more compute, a fraction of the
         activation memory). A training switch, never saved with the model."""
+
+    def _rope_tables(self, dtype: torch.dtype, device: torch.device | None = None) -> None:
+        """RoPE's cos and sin tables as buffers (never saved), the sliding layers' own too."""
+        for local, prefix in ((False, "rope"), (True, "rope_local")):
+            if local and self.config.rope_local_theta is None:
+                continue
+            cos, sin = rope_cache(self.config, self.config.context, device, local)
+            self.register_buffer(f"{prefix}_cos", cos.to(dtype), persistent=False)
+            self.register_buffer(f"{prefix}_sin", sin.to(dtype), persistent=False)
 
     def _init(self, module: nn.Module) -> None:
         std = self.config.init_std
@@ -244,9 +266,7 @@ class GPT(nn.Module):
             model.lm_head.weight = model.embed.weight
         if config.position == "rope":  # in the weights' dtype, as .to(dtype) would leave it
             embed = tensors["embed.weight"]
-            cos, sin = rope_cache(config, config.context, embed.device)
-            model.register_buffer("rope_cos", cos.to(embed.dtype), persistent=False)
-            model.register_buffer("rope_sin", sin.to(embed.dtype), persistent=False)
+            model._rope_tables(embed.dtype, embed.device)
         return model
 
     def num_params(self) -> int:
@@ -265,20 +285,27 @@ class GPT(nn.Module):
         if start + T > self.config.context:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context "
                              f"({self.config.context})")
+        cfg = self.config
         x = self.embed(idx)  # (B, T, C)
-        rope = None
+        if cfg.embed_scale:  # sqrt(C) in the embedding's dtype, as Gemma rounds it
+            x = x * torch.tensor(cfg.d_model ** 0.5, dtype=x.dtype)
+        ropes: dict[bool, tuple[Tensor, Tensor]] = {}
         if self.pos_embed is not None:
             x = x + self.pos_embed(torch.arange(start, start + T, device=idx.device))
         else:
-            cos, sin = self.get_buffer("rope_cos"), self.get_buffer("rope_sin")
-            rope = (cos[start:start + T], sin[start:start + T])
+            for local in {cfg.rope_local_theta is not None and cfg.window(i) is not None
+                          for i in range(cfg.n_layer)}:
+                prefix = "rope_local" if local else "rope"
+                cos, sin = self.get_buffer(f"{prefix}_cos"), self.get_buffer(f"{prefix}_sin")
+                ropes[local] = (cos[start:start + T], sin[start:start + T])
         x = self.dropout(x)
-        # causal over the whole cache: query i (at start+i) sees keys 0..start+i; from
-        # the start (is_causal) or one new token (sees them all) need no mask
-        mask = None if start == 0 or T == 1 else torch.ones(
-            T, start + T, dtype=torch.bool, device=idx.device).tril(start)
+        masks = {w: attention_mask(T, start, w, idx.device)
+                 for w in {cfg.window(i) for i in range(cfg.n_layer)}}
         recompute = self.recompute_blocks and torch.is_grad_enabled()
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            window = cfg.window(i)
+            rope = ropes.get(cfg.rope_local_theta is not None and window is not None)
+            mask = masks[window]
             x = checkpoint(block, x, rope, cache, start, mask, use_reentrant=False) \
                 if recompute else block(x, rope, cache, start, mask)
         return self.norm(x)
@@ -288,6 +315,21 @@ class GPT(nn.Module):
         cfg = self.config
         n = self.num_params() - (self.pos_embed.weight.numel() if self.pos_embed is not None else 0)
         return 6 * n + 12 * cfg.n_layer * cfg.d_model * (seq_len or cfg.context)
+
+
+def attention_mask(T: int, start: int, window: int | None, device: torch.device
+                   ) -> Tensor | None:
+    """Which keys (positions 0..start+T) each of T new queries sees, (T, start+T): the
+    earlier ones and itself, the latest ``window`` of them in a sliding layer. None
+    where plain causal attention is exact: from the start (is_causal) or one new token
+    (sees the whole cache), with a window no narrower than that."""
+    S = start + T
+    if window is None or window >= S:
+        return None if start == 0 or T == 1 else torch.ones(
+            T, S, dtype=torch.bool, device=device).tril(start)
+    query = torch.arange(start, S, device=device)[:, None]
+    key = torch.arange(S, device=device)[None]
+    return (key <= query) & (query - key < window)
 
 
 def state_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:

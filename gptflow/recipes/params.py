@@ -11,7 +11,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from gptflow.ml.config import MLP, PRESETS, Attention, GPTConfig, Norm, Position, preset_config
+from gptflow.ml.config import (
+    MLP,
+    PRESETS,
+    Attention,
+    GPTConfig,
+    LayerType,
+    Norm,
+    Position,
+    preset_config,
+)
 from gptflow.ml.optim import Optim
 from gptflow.ml.prompts import DEFAULT_TEMPLATE, PromptFormat
 from gptflow.nodes import Input, ObserveOnly, Params, PathRef
@@ -49,6 +58,21 @@ class ModelParams(Params):
     """RMSNorm over each head of q and k before RoPE (Qwen3)."""
     head_size: int | None = Field(None, ge=2)
     """Per-head width; default d_model / n_head."""
+    norm_offset: float | None = None
+    """RMSNorm scales by (norm_offset + w): 1 for Gemma, whose norm weights sit around 0."""
+    embed_scale: bool | None = None
+    """Token embeddings times sqrt(d_model) (Gemma)."""
+    post_norms: bool | None = None
+    """An RMSNorm on the attention and MLP outputs before the residual add (Gemma 3)."""
+    query_pre_attn_scalar: float | None = Field(None, gt=0)
+    """Attention scores scaled by its -1/2 power; default the head size (Gemma 3 sets it)."""
+    sliding_window: int | None = Field(None, ge=1)
+    """Sliding-window attention: a query sees at most this many latest keys (Mistral)."""
+    layer_types: tuple[LayerType, ...] | None = None
+    """Per layer, sliding_attention or full_attention; default every layer sliding when
+    sliding_window is set (Gemma 3: five sliding, then one full)."""
+    rope_local_theta: float | None = Field(None, gt=0)
+    """RoPE base of the sliding layers; default rope_theta (Gemma 3: 10k, full layers 1M)."""
     dropout: float | None = Field(None, ge=0, lt=1)
     tie_embeddings: bool | None = None
     """Reuse the token embedding as the output head: softmax(W^T h)."""
