@@ -12,11 +12,11 @@ import torch
 from gptflow.ml.checkpoint import ModelLoadError, load_model, save_model
 from gptflow.ml.config import preset_config
 from gptflow.ml.generate import generate
-from gptflow.ml.model import GPT
+from gptflow.ml.model import GPT, KVCache
 from gptflow.ml.tokenizer import Tokenizer
 
 SWITCHES = list(itertools.product(["learned", "rope"], ["layernorm", "rmsnorm"],
-                                  ["gelu", "swiglu"], ["sdpa", "naive"]))
+                                  ["gelu", "swiglu", "geglu"], ["sdpa", "naive"]))
 
 
 def tiny(**overrides):
@@ -61,6 +61,34 @@ def test_kv_cache_equals_full_recompute(position):
         for _ in range(20):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     assert cached == ids[len(prompt):]
+
+
+GEMMA_LIKE = dict(sliding_window=5, layer_types=("sliding_attention", "full_attention"),
+                  rope_local_theta=100.0, norm_offset=1.0, embed_scale=True, post_norms=True,
+                  mlp="geglu", qk_norm=True, query_pre_attn_scalar=10.0, n_kv_head=2)
+
+
+def test_sliding_window_sees_only_the_latest_keys():
+    """Sliding layers attend to the last ``window`` positions: sdpa equals the naive
+    reference with the same mask, a cached prompt continued token by token equals
+    the full forward, and a key outside every window changes nothing it cannot see."""
+    model = tiny(**GEMMA_LIKE).eval()
+    x = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        fused = model(x)
+        object.__setattr__(model.config, "attention", "naive")
+        assert torch.allclose(fused, model(x), atol=1e-5)
+        object.__setattr__(model.config, "attention", "sdpa")
+        cache = KVCache(model.config, 2, 24, torch.device("cpu"), torch.float32)
+        steps = [model(x[:, :10], cache=cache)] + [
+            model(x[:, t:t + 1], cache=cache, start=t) for t in range(10, 24)]
+        assert torch.allclose(torch.cat(steps, dim=1), fused, atol=1e-5)
+    one_layer = tiny(**{**GEMMA_LIKE, "n_layer": 1, "layer_types": None}).eval()
+    y = x.clone()
+    y[:, 0] = (x[:, 0] + 1) % 97  # only positions 0..4 see position 0
+    with torch.no_grad():
+        assert torch.allclose(one_layer(x)[:, 5:], one_layer(y)[:, 5:])
+        assert not torch.allclose(one_layer(x)[:, :5], one_layer(y)[:, :5])
 
 
 def test_sampling_is_seeded_and_filters():
