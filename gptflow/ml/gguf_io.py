@@ -40,6 +40,7 @@ from gptflow.ml.tokenizer import Tokenizer, TokenizerConfig
 MAGIC = b"GGUF"
 # llama.cpp's general.architecture names we map -> whether its converter interleaved q/k
 ARCHITECTURES = {"llama": True, "qwen2": False, "gemma3": False}
+EXPORTED = ("llama", "qwen2")  # the families GGUF export writes
 # tokenizer.ggml.pre -> the split that runs before byte-level BPE (None: GPT-2's)
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -373,8 +374,8 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, path: Path, kind: str = "f16") 
 
     c = model.config
     arch = family_of(c).name
-    if arch not in ARCHITECTURES:
-        raise GGUFError(f"GGUF export covers {', '.join(ARCHITECTURES)}, not {arch}")
+    if arch not in EXPORTED:
+        raise GGUFError(f"GGUF export covers {', '.join(EXPORTED)}, not {arch}")
     if kind not in GGUF_TYPES:
         raise GGUFError(f"GGUF type {kind!r} is not one gptflow writes ({', '.join(GGUF_TYPES)})")
     qtype = gguf.GGMLQuantizationType[kind.upper()]
