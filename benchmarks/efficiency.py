@@ -38,13 +38,13 @@ PRECISIONS = ("fp32", "bf16", "int8", "int8-dynamic", "int4", "nf4", "int8 + emb
 
 
 def variant(model: GPT, precision: str) -> GPT:
-    """``model`` (modified in place) at a precision."""
+    """``model`` (modified in place) at a precision, as the quantize node saves it."""
     if precision == "bf16":
         return model.to(torch.bfloat16)
     if precision != "fp32":
         method, _, embeddings = precision.partition(" + ")
         quantize_model(model, method, embeddings=bool(embeddings))
-    return for_inference(model)
+    return model
 
 
 def tokens_per_s(model: GPT, new_tokens: int, repeats: int = 3) -> float:
@@ -84,7 +84,7 @@ def main() -> None:
             speeds[precision] = tokens_per_s(big, args.new_tokens)
             del big
             small, _ = load_model(trained)
-            small = variant(small, precision)
+            small = for_inference(variant(small, precision))  # as evaluate loads it
             windows = SequentialWindows(TokenShards(tokens, "val"), small.config.context)
             ppl[precision] = perplexity(small, windows, max_batches=50)
     n = GPT(config).num_params()

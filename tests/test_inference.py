@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from gptflow.ml.config import preset_config
@@ -39,3 +40,12 @@ def test_quantized_layers_keep_their_kernels():
     assert isinstance(model.blocks[0].attn.q_proj, Int4Linear)
     assert model.blocks[0].attn.q_proj.keep_packed
     assert isinstance(model.lm_head, DecodeLinear)  # the tied head, left in full precision
+
+
+def test_a_model_in_inference_form_is_not_saved(tmp_path):
+    from gptflow.ml.checkpoint import save_model
+    from gptflow.ml.tokenizer import Tokenizer
+
+    with pytest.raises(ValueError, match="inference form"):
+        save_model(tmp_path / "m", for_inference(tiny(True)), Tokenizer.train_char(["ab"]))
+    assert not (tmp_path / "m").exists()

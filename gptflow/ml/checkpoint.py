@@ -20,7 +20,7 @@ from torch import nn
 
 from gptflow.ml.adapter import LoraConfig
 from gptflow.ml.config import GPTConfig
-from gptflow.ml.inference import for_inference
+from gptflow.ml.inference import DecodeLinear, for_inference
 from gptflow.ml.lora import adapter_state_dict, base_layer, load_adapter, merge_lora, prepare
 from gptflow.ml.model import GPT, shape_problems
 from gptflow.ml.prompts import PromptFormat
@@ -48,6 +48,9 @@ def check_finite(state: dict[str, torch.Tensor]) -> None:
 
 def save_model(folder: Path, model: GPT, tokenizer: Tokenizer, **info: Any) -> int:
     """Write a self-contained model artifact; returns its size in bytes."""
+    if any(isinstance(m, DecodeLinear) for m in model.modules()):
+        raise ValueError("a model in its inference form (for_inference: transposed "
+                         "layers) does not save as an artifact; save it before")
     folder.mkdir(parents=True, exist_ok=True)
     config = {"format": FORMAT, "format_version": 1, **model.config.to_dict(), **info}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
