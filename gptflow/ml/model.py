@@ -211,6 +211,10 @@ class GPT(nn.Module):
             self.lm_head.weight = self.embed.weight
         if config.position == "rope":
             self._rope_tables(torch.float32)
+        # per block: its sliding window (None: full attention), and whether it takes the
+        # sliding layers' own RoPE tables
+        self.layer_kinds = tuple((w, w is not None and config.rope_local_theta is not None)
+                                 for w in map(config.window, range(config.n_layer)))
         self.apply(self._init)
         self.recompute_blocks = False
         """Activation checkpointing: keep only each block's input for the backward pass
@@ -293,19 +297,15 @@ class GPT(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(torch.arange(start, start + T, device=idx.device))
         else:
-            for local in {cfg.rope_local_theta is not None and cfg.window(i) is not None
-                          for i in range(cfg.n_layer)}:
+            for local in {local for _, local in self.layer_kinds}:
                 prefix = "rope_local" if local else "rope"
                 cos, sin = self.get_buffer(f"{prefix}_cos"), self.get_buffer(f"{prefix}_sin")
                 ropes[local] = (cos[start:start + T], sin[start:start + T])
         x = self.dropout(x)
-        masks = {w: attention_mask(T, start, w, idx.device)
-                 for w in {cfg.window(i) for i in range(cfg.n_layer)}}
+        masks = {w: attention_mask(T, start, w, idx.device) for w, _ in self.layer_kinds}
         recompute = self.recompute_blocks and torch.is_grad_enabled()
-        for i, block in enumerate(self.blocks):
-            window = cfg.window(i)
-            rope = ropes.get(cfg.rope_local_theta is not None and window is not None)
-            mask = masks[window]
+        for block, (window, local) in zip(self.blocks, self.layer_kinds, strict=True):
+            rope, mask = ropes.get(local), masks[window]
             x = checkpoint(block, x, rope, cache, start, mask, use_reentrant=False) \
                 if recompute else block(x, rope, cache, start, mask)
         return self.norm(x)
