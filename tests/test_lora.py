@@ -253,7 +253,9 @@ LORA_PIPELINE = "name: lora\nnodes:\n" + TINY_BASE + """\
 """
 
 
-@pytest.mark.parametrize("quantize", ["none", "nf4", "int4"])
+@pytest.mark.parametrize("quantize", [
+    "none", "nf4", "int4",
+    pytest.param("nf4\n      quantize_embeddings: true", id="nf4-int4-embedding")])
 def test_lora_node_adapter_is_evaluated_and_refused_on_another_base(run_pipeline, review_corpus,
                                                                     quantize, capfd, tmp_path):
     result = run_pipeline(LORA_PIPELINE.format(corpus=review_corpus, quantize=quantize))
