@@ -175,7 +175,7 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.gated:
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+        return self.down_proj(self.act(self.up_proj(x)))
 
 
 class Block(nn.Module):
