@@ -22,6 +22,7 @@ when loaded for inference. Input: ``model``. Output: ``model`` (loadable by
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from pydantic import Field
@@ -51,7 +52,8 @@ def run(context: Context, inputs: dict[str, Any], p: QuantizeParams) -> dict[str
     if read_config(source)[1].get("quantization"):
         raise NodeError("the input model is already quantized")
     model, tokenizer = load_model(source)
-    before = generation_speed(for_inference(load_model(source)[0]), tokenizer)  # as it is served
+    # as it is served: a copy in inference form (the file is not read a second time)
+    before = generation_speed(for_inference(copy.deepcopy(model)), tokenizer)
     try:
         layers = quantize_model(model, p.method, p.group_size, p.embeddings)
     except ValueError as e:
