@@ -79,3 +79,46 @@ def test_nothing_supervised_is_nan_as_cross_entropy():
     model, x, y = model_and_batch(tie=True)
     y[:] = -100
     assert torch.isnan(loss.supervised_loss(model, x, y))
+
+
+SHARED_CASES = {
+    "rope-sdpa": {},
+    "learned-naive": dict(position="learned", norm="layernorm", mlp="gelu", attention="naive"),
+    "gemma-windows": dict(sliding_window=6, layer_types=("sliding_attention", "full_attention"),
+                          rope_local_theta=100.0, norm_offset=1.0, embed_scale=True,
+                          post_norms=True, mlp="geglu", qk_norm=True, n_kv_head=1),
+}
+
+
+@pytest.mark.parametrize("case", SHARED_CASES)
+def test_a_shared_prefix_is_computed_once_with_the_same_loss_and_gradients(case):
+    """Rows that begin alike (one task's definition) are packed: the prefix once, each
+    row's rest attending to it; values and gradients equal the padded batch's, with
+    windows narrower than the prefix and than the rest."""
+    model, x, y = model_and_batch(tie=True)
+    model = GPT(GPTConfig(**{**model.config.__dict__, **SHARED_CASES[case]}))
+    x[:, :20] = x[0, :20]  # a common definition of 20 tokens, then each row's input
+    keep = y != -100
+    assert loss.shared_prefix(model, x, keep) == 20
+    y[2, 12] = 7  # a target at 12: only 12 shared positions remain
+    assert loss.shared_prefix(model, x, y != -100) == 12
+    with torch.no_grad():
+        packed = model.hidden(x, shared=12)
+        assert torch.allclose(packed, model.hidden(x)[:, 12:], atol=1e-5)
+    expected = grads(model, loss.token_loss(model(x), y))
+    value = loss.supervised_loss(model, x, y)
+    got = grads(model, value)
+    assert value.item() == pytest.approx(loss.token_loss(model(x), y).item(), rel=1e-5)
+    for name, g in expected.items():
+        assert torch.allclose(got[name], g, atol=1e-5), name
+
+
+def test_no_sharing_where_it_would_change_training():
+    model, x, y = model_and_batch(tie=True)
+    x[:, :20] = x[0, :20]
+    dropped = GPT(GPTConfig(**{**model.config.__dict__, "dropout": 0.1}))
+    assert loss.shared_prefix(dropped, x, y != -100) == 0  # one dropout mask per row
+    assert loss.shared_prefix(dropped.eval(), x, y != -100) == 20
+    assert loss.shared_prefix(model, x[:1], y[:1] != -100) == 0  # one row
+    x[1, 5] += 1
+    assert loss.shared_prefix(model, x, y != -100) == 0  # 5 common tokens: too few

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from gptflow.ml.instruct import IGNORE
 from gptflow.ml.lm import CausalLM
+from gptflow.ml.loss import shared_prefix
 from gptflow.ml.model import GPT
 from gptflow.ml.optim import Optim
 
@@ -60,7 +61,8 @@ def kd_loss(student: Tensor, teacher: Tensor, targets: Tensor, alpha: float,
 
 def supervised_logits(model: GPT, x: Tensor, keep: Tensor) -> Tensor:
     """The head's logits (N, V) at the N positions ``keep`` marks only."""
-    return model.lm_head(model.hidden(x)[keep])
+    shared = shared_prefix(model, x, keep)
+    return model.lm_head(model.hidden(x, shared=shared)[keep[:, shared:]])
 
 
 class DistillLM(CausalLM):

@@ -4,7 +4,9 @@ Instruction tuning puts loss on the output tokens, a few of ~160 on a
 classification prompt: the head (C x V, V = 49k-150k for today's models) and
 the cross-entropy run only at those positions, and in chunks of rows whose
 gradients are taken as they go (softmax - one-hot), so a (B, T, V) float
-tensor never exists, in pretraining either.
+tensor never exists, in pretraining either. The rows of a batch of one task's
+instances begin with the same definition: it is computed once for the batch
+(:func:`shared_prefix`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from gptflow.ml.instruct import IGNORE
 from gptflow.ml.model import GPT
 
 CHUNK_ELEMENTS = 2**23  # logits per chunk of rows in the head's loss (32 MB in fp32)
+MIN_SHARED = 8  # fewer leading tokens in common are computed per row, as they come
 
 
 def token_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
@@ -31,8 +34,21 @@ def supervised_loss(model: GPT, x: Tensor, y: Tensor, reduction: str = "mean") -
     the head computed only where a target is not IGNORE; ``reduction="none"``
     gives each such target's NLL, in row-major order."""
     keep = y != IGNORE
-    h = model.hidden(x)[keep]  # (N, C)
+    shared = shared_prefix(model, x, keep)
+    h = model.hidden(x, shared=shared)[keep[:, shared:]]  # (N, C)
     return head_loss(model.lm_head, h, y[keep], reduction)
+
+
+def shared_prefix(model: GPT, x: Tensor, keep: Tensor) -> int:
+    """How many leading tokens all rows of ``x`` (B, T) have in common where no row
+    has a target (``keep`` False): they are computed once (``GPT.hidden``'s
+    ``shared``). 0 where sharing would change the result (dropout in training draws
+    one mask per row) or save little."""
+    if len(x) < 2 or (model.training and model.config.dropout > 0):
+        return 0
+    same = (x == x[:1]).all(dim=0) & ~keep.any(dim=0)  # (T,)
+    length = int(same.int().cumprod(dim=0).sum())
+    return length if length >= MIN_SHARED else 0
 
 
 def head_loss(head: torch.nn.Module, h: Tensor, targets: Tensor, reduction: str) -> Tensor:

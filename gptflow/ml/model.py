@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -119,7 +120,7 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = make_norm(config, hs), make_norm(config, hs)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None,
-                start: int, mask: Tensor | None) -> Tensor:
+                start: int, mask: Tensor | SharedPrefix | None) -> Tensor:
         B, T, _ = x.shape
         cfg = self.config
         q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -131,15 +132,47 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)  # (B, nkv, start+T, hs)
+        y = mask.attend(self.attend, q, k, v) if isinstance(mask, SharedPrefix) \
+            else self.attend(q, k, v, start, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))  # (B, T, C)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, start: int, mask: Tensor | None) -> Tensor:
+        """Queries at positions start.. over keys from position 0, (B, nh, T, hs)."""
+        cfg = self.config
         dropout = cfg.dropout if self.training else 0.0
         if cfg.attention == "sdpa":
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                               is_causal=mask is None and start == 0 and T > 1,
-                                               scale=cfg.attn_scale,
-                                               enable_gqa=cfg.kv_heads != cfg.n_head)
-        else:
-            y = naive_attention(q, k, v, mask, dropout, causal=start == 0, scale=cfg.attn_scale)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))  # (B, T, C)
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout,
+                is_causal=mask is None and start == 0 and q.size(2) > 1, scale=cfg.attn_scale,
+                enable_gqa=cfg.kv_heads != cfg.n_head)
+        return naive_attention(q, k, v, mask, dropout, causal=start == 0, scale=cfg.attn_scale)
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """B rows that begin with the same ``length`` tokens (a task's definition, in a
+    batch of its instances), packed as one sequence: those tokens once, then each
+    row's rest (B x S). Layers that act per position see (1, P + B·S) tokens;
+    attention lets the prefix see itself causally and each rest the prefix and its
+    own earlier tokens: the padded batch's results, for (B - 1)·P fewer tokens."""
+
+    length: int  # P
+    rows: int  # B
+    prefix_mask: Tensor | None  # (P, P) or None (causal), as attention_mask gives it
+    rest_mask: Tensor | None  # (S, P + S)
+
+    def attend(self, attend: Callable[..., Tensor], q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q, k, v (1, heads, P + B·S, hs) -> (1, nh, P + B·S, hs)."""
+        P, B = self.length, self.rows
+
+        def rest(t: Tensor) -> Tensor:  # (1, h, B·S, hs) -> (B, h, S, hs)
+            return t[0, :, P:].reshape(t.size(1), B, -1, t.size(3)).transpose(0, 1)
+
+        head = attend(q[:, :, :P], k[:, :, :P], v[:, :, :P], 0, self.prefix_mask)
+        keys = torch.cat([k[:, :, :P].expand(B, -1, -1, -1), rest(k)], dim=2)  # (B, h, P+S, hs)
+        values = torch.cat([v[:, :, :P].expand(B, -1, -1, -1), rest(v)], dim=2)
+        tail = attend(rest(q), keys, values, P, self.rest_mask)  # (B, nh, S, hs)
+        return torch.cat([head, tail.transpose(0, 1).flatten(1, 2)[None]], dim=2)
 
 
 def naive_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float,
@@ -189,7 +222,7 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None,
-                start: int, mask: Tensor | None) -> Tensor:
+                start: int, mask: Tensor | SharedPrefix | None) -> Tensor:
         a = self.attn(self.attn_norm(x), rope, cache, start, mask)
         x = x + self.dropout(self.attn_post_norm(a) if self.post_norms else a)
         m = self.mlp(self.mlp_norm(x))
@@ -282,33 +315,45 @@ class GPT(nn.Module):
         x = self.hidden(idx, cache, start)
         return self.lm_head(x[:, -1:] if last_only else x)  # (B, T, V)
 
-    def hidden(self, idx: Tensor, cache: KVCache | None = None, start: int = 0) -> Tensor:
+    def hidden(self, idx: Tensor, cache: KVCache | None = None, start: int = 0,
+               shared: int = 0) -> Tensor:
         """The final normalised hidden states (B, T, C) that the head reads: a loss
-        that needs the head at a few positions only computes it there."""
-        T = idx.size(1)
+        that needs the head at a few positions only computes it there. ``shared``:
+        every row's first ``shared`` tokens are the same and need no state of their
+        own; they are computed once (see :class:`SharedPrefix`) and the states of the
+        positions after them are returned, (B, T - shared, C)."""
+        B, T = idx.shape
         if start + T > self.config.context:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context "
                              f"({self.config.context})")
         cfg = self.config
+        positions = torch.arange(start, start + T, device=idx.device)
+        if shared:  # (1, P + B·S): the prefix once, then each row's rest
+            idx = torch.cat([idx[0, :shared], idx[:, shared:].flatten()])[None]
+            positions = torch.cat([positions[:shared], positions[shared:].repeat(B)])
         x = self.embed(idx)  # (B, T, C)
         if cfg.embed_scale:  # sqrt(C) in the embedding's dtype, as Gemma rounds it
             x = x * torch.tensor(cfg.d_model ** 0.5, dtype=x.dtype)
         ropes: dict[bool, tuple[Tensor, Tensor]] = {}
         if self.pos_embed is not None:
-            x = x + self.pos_embed(torch.arange(start, start + T, device=idx.device))
+            x = x + self.pos_embed(positions)
         else:
             for local in {local for _, local in self.layer_kinds}:
                 prefix = "rope_local" if local else "rope"
-                cos, sin = self.get_buffer(f"{prefix}_cos"), self.get_buffer(f"{prefix}_sin")
-                ropes[local] = (cos[start:start + T], sin[start:start + T])
+                ropes[local] = (self.get_buffer(f"{prefix}_cos")[positions],
+                                self.get_buffer(f"{prefix}_sin")[positions])
         x = self.dropout(x)
-        masks = {w: attention_mask(T, start, w, idx.device) for w, _ in self.layer_kinds}
+        masks: dict[int | None, Tensor | SharedPrefix | None] = {
+            w: attention_mask(T, start, w, idx.device) if not shared else SharedPrefix(
+                shared, B, attention_mask(shared, 0, w, idx.device),
+                attention_mask(T - shared, shared, w, idx.device))
+            for w, _ in self.layer_kinds}
         recompute = self.recompute_blocks and torch.is_grad_enabled()
         for block, (window, local) in zip(self.blocks, self.layer_kinds, strict=True):
             rope, mask = ropes.get(local), masks[window]
             x = checkpoint(block, x, rope, cache, start, mask, use_reentrant=False) \
                 if recompute else block(x, rope, cache, start, mask)
-        return self.norm(x)
+        return self.norm(x[0, shared:].reshape(B, -1, x.size(-1)) if shared else x)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token: 6N for the weights plus 12·L·C·T for attention (PaLM)."""
