@@ -14,7 +14,10 @@ rounds in one process:
   the logits of every position. transformers has no 4-bit CPU kernel
   (bitsandbytes needs a GPU), so QLoRA's reference is peft's LoRA on a bf16 base.
 
-Tokens/s count real (non-padding) tokens and leave out the first three steps;
+The node computes each batch's shared prefix (the task definition every row
+begins with) once, and the output head only where a target is: the reference
+computes the padded batch, as a plain loop does. Tokens/s count real
+(non-padding) tokens and leave out the first three steps;
 both sides' validation loss is over the task's whole validation split. Writes
 the "Tuning speed" section of RESULTS.md.
 
@@ -158,7 +161,9 @@ def main() -> None:
         f"left out of tokens/s), AdamW with warmup and cosine decay, clip 1.0; medians of "
         f"{args.rounds} interleaved rounds. Reference: transformers + peft in a plain loop "
         "over the same batches, in the same precision (QLoRA's: peft LoRA on a bf16 base; "
-        "transformers has no 4-bit CPU kernel). Tokens/s: real tokens, padding left out "
+        "transformers has no 4-bit CPU kernel). gptflow computes a batch's shared prefix "
+        "(the task definition) once and the head only at targets. Tokens/s: real tokens, "
+        "padding left out "
         "(its share of what was computed beside it). Targets: gptflow >= 1.3x, the same "
         "validation loss within noise.",
         table(["what", "transformers + peft tokens/s", "gptflow node tokens/s", "ratio",
