@@ -11,7 +11,7 @@ import torch
 
 from gptflow.ml.checkpoint import ModelLoadError, load_model, save_model
 from gptflow.ml.config import preset_config
-from gptflow.ml.generate import generate
+from gptflow.ml.generate import generate, sample_batch
 from gptflow.ml.model import GPT, KVCache
 from gptflow.ml.tokenizer import Tokenizer
 
@@ -186,3 +186,25 @@ def test_activation_checkpointing_recomputes_the_same_gradients():
         grads.append({n: p.grad for n, p in model.named_parameters()})
     assert grads[0].keys() == grads[1].keys()
     assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
+@pytest.mark.parametrize("overrides", [{}, GEMMA_LIKE, {"position": "learned"}],
+                         ids=["rope", "sliding-windows", "learned-positions"])
+def test_prompts_of_different_lengths_decode_together_as_each_alone(overrides):
+    """Left padding hidden from attention: every row of a batch gets the tokens and
+    (up to rounding) the logits it gets alone, at greedy and seeded sampling alike."""
+    model = tiny(**overrides).eval()
+    torch.manual_seed(1)
+    prompts = [torch.randint(1, 97, (n,)).tolist() for n in (3, 11, 7, 1)]
+    alone = [generate(model, p, 12, temperature=0) for p in prompts]
+    assert sample_batch(model, prompts, 12, temperature=0) == alone
+    if model.pos_embed is None:  # one padded forward: the same last logits as alone
+        real = torch.tensor([[j >= 11 - len(p) for j in range(11)] for p in prompts])
+        padded = torch.tensor([[0] * (11 - len(p)) + p for p in prompts])
+        with torch.no_grad():
+            batch = model(padded, real=real)[:, -1]
+            for row, p in enumerate(prompts):
+                assert torch.allclose(batch[row], model(torch.tensor([p]))[0, -1], atol=1e-4)
+    stop = alone[1][4]  # rows stop at their own stop token, the others go on
+    assert sample_batch(model, prompts, 12, temperature=0, stop_id=stop) == [
+        generate(model, p, 12, temperature=0, stop_id=stop) for p in prompts]

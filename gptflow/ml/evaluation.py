@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gptflow.ml.generate import generate
+from gptflow.ml.generate import generate, sample_batch
 from gptflow.ml.instruct import IGNORE
 from gptflow.ml.loss import head_loss, supervised_loss
 from gptflow.ml.model import GPT, KVCache
@@ -75,13 +75,18 @@ def classify(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str], labels: S
 
 
 def generate_answers(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str],
-                     max_new_tokens: int) -> list[str]:
-    """Greedy continuations, cut at the first newline (decoding stops there)."""
-    out = []
-    for prompt in prompts:
-        ids = generate(model, tokenizer.encode(prompt), max_new_tokens, temperature=0,
-                       stop_id=tokenizer.eot_id, ends=tokenizer.line_breaks)
-        out.append(tokenizer.decode(ids).strip().split("\n")[0].strip())
+                     max_new_tokens: int, batch_size: int = 1) -> list[str]:
+    """Greedy continuations, cut at the first newline (decoding stops there);
+    ``batch_size`` prompts of similar length decoded together."""
+    encoded = [tokenizer.encode(prompt) for prompt in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    out = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        for i, ids in zip(rows, sample_batch(model, [encoded[i] for i in rows], max_new_tokens,
+                                             temperature=0, stop_id=tokenizer.eot_id,
+                                             ends=tokenizer.line_breaks), strict=True):
+            out[i] = tokenizer.decode(ids).strip().split("\n")[0].strip()
     return out
 
 

@@ -44,7 +44,6 @@ def generate(model: GPT, prompt: Sequence[int], max_new_tokens: int, temperature
                   ends)[0]
 
 
-@torch.inference_mode()
 def sample(model: GPT, prompt: Sequence[int], n: int, max_new_tokens: int,
            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            seed: int | None = None, stop_id: int | None = None, ends: Collection[int] = ()
@@ -52,6 +51,23 @@ def sample(model: GPT, prompt: Sequence[int], n: int, max_new_tokens: int,
     """``n`` continuations of one prompt, decoded together as a batch (the prompt
     is encoded once per row); each ends at its stop token, or after a token of
     ``ends`` (kept: a newline token may hold the answer's last characters)."""
+    return sample_batch(model, [prompt] * n, max_new_tokens, temperature, top_k, top_p, seed,
+                        stop_id, ends)
+
+
+@torch.inference_mode()
+def sample_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None,
+                 stop_id: int | None = None, ends: Collection[int] = ()) -> list[list[int]]:
+    """A continuation of each prompt, decoded together as one batch: at batch 1 a
+    CPU reads every weight for a token's few FLOPs, so eight rows cost little more
+    than one. Prompts of different lengths are left-padded, the padding hidden from
+    attention; RoPE sees only relative positions, so each row decodes as it would
+    alone (learned positions are absolute: such a model decodes prompt by prompt)."""
+    if model.pos_embed is not None and len({len(p) for p in prompts}) > 1:
+        return [row for p in prompts for row in sample_batch(
+            model, [p], max_new_tokens, temperature, top_k, top_p, seed, stop_id, ends)]
     cfg = model.config
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
@@ -60,12 +76,16 @@ def sample(model: GPT, prompt: Sequence[int], n: int, max_new_tokens: int,
     # a prompt too long for the context loses its oldest tokens, as in training,
     # leaving room for the new ones (up to half the context)
     room = max(1, min(max_new_tokens, cfg.context // 2))
-    prompt = list(prompt)[-(cfg.context - room):] or [stop_id or 0]
-    max_new_tokens = min(max_new_tokens, cfg.context - len(prompt))
-    dtype = next(model.parameters()).dtype
-    cache = KVCache(cfg, n, len(prompt) + max_new_tokens, device, dtype)
-    idx = torch.tensor([prompt] * n, device=device)
-    logits = model(idx, cache=cache, start=0, last_only=True)[:, -1]  # (n, V)
+    rows = [list(p)[-(cfg.context - room):] or [stop_id or 0] for p in prompts]
+    length = max(len(p) for p in rows)
+    max_new_tokens = min(max_new_tokens, cfg.context - length)
+    n = len(rows)
+    idx = torch.tensor([[0] * (length - len(p)) + p for p in rows], device=device)
+    pads = torch.tensor([length - len(p) for p in rows], device=device)
+    real = None if not pads.any() else \
+        torch.arange(length + max_new_tokens, device=device)[None] >= pads[:, None]
+    cache = KVCache(cfg, n, length + max_new_tokens, device, next(model.parameters()).dtype)
+    logits = model(idx, cache=cache, start=0, last_only=True, real=real)[:, -1]  # (n, V)
     tokens = torch.empty(n, 0, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     end_ids = torch.tensor(sorted(ends), dtype=torch.long, device=device)
@@ -81,7 +101,7 @@ def sample(model: GPT, prompt: Sequence[int], n: int, max_new_tokens: int,
             done |= torch.isin(token, end_ids)
         if bool(done.all()) or step + 1 == max_new_tokens:
             break
-        logits = model(token[:, None], cache=cache, start=len(prompt) + step)[:, -1]
+        logits = model(token[:, None], cache=cache, start=length + step, real=real)[:, -1]
     return [_until(row, stop_id, ends) for row in tokens.tolist()]
 
 

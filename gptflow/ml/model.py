@@ -310,18 +310,20 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx: Tensor, cache: KVCache | None = None, start: int = 0,
-                last_only: bool = False) -> Tensor:
+                last_only: bool = False, real: Tensor | None = None) -> Tensor:
         """idx (B, T) token ids at positions start..start+T -> logits (B, T or 1, V)."""
-        x = self.hidden(idx, cache, start)
+        x = self.hidden(idx, cache, start, real=real)
         return self.lm_head(x[:, -1:] if last_only else x)  # (B, T, V)
 
     def hidden(self, idx: Tensor, cache: KVCache | None = None, start: int = 0,
-               shared: int = 0) -> Tensor:
+               shared: int = 0, real: Tensor | None = None) -> Tensor:
         """The final normalised hidden states (B, T, C) that the head reads: a loss
         that needs the head at a few positions only computes it there. ``shared``:
         every row's first ``shared`` tokens are the same and need no state of their
         own; they are computed once (see :class:`SharedPrefix`) and the states of the
-        positions after them are returned, (B, T - shared, C)."""
+        positions after them are returned, (B, T - shared, C). ``real`` (B, >= start
+        + T): which positions hold a token rather than left padding (prompts of
+        different lengths decoded together); no query sees a padding key."""
         B, T = idx.shape
         if start + T > self.config.context:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context "
@@ -344,7 +346,7 @@ class GPT(nn.Module):
                                 self.get_buffer(f"{prefix}_sin")[positions])
         x = self.dropout(x)
         masks: dict[int | None, Tensor | SharedPrefix | None] = {
-            w: attention_mask(T, start, w, idx.device) if not shared else SharedPrefix(
+            w: attention_mask(T, start, w, idx.device, real) if not shared else SharedPrefix(
                 shared, B, attention_mask(shared, 0, w, idx.device),
                 attention_mask(T - shared, shared, w, idx.device))
             for w, _ in self.layer_kinds}
@@ -362,18 +364,24 @@ class GPT(nn.Module):
         return 6 * n + 12 * cfg.n_layer * cfg.d_model * (seq_len or cfg.context)
 
 
-def attention_mask(T: int, start: int, window: int | None, device: torch.device
-                   ) -> Tensor | None:
+def attention_mask(T: int, start: int, window: int | None, device: torch.device,
+                   real: Tensor | None = None) -> Tensor | None:
     """Which keys (positions 0..start+T) each of T new queries sees, (T, start+T): the
     earlier ones and itself, the latest ``window`` of them in a sliding layer. None
     where plain causal attention is exact: from the start (is_causal) or one new token
-    (sees the whole cache), with a window no narrower than that."""
+    (sees the whole cache), with a window no narrower than that. With ``real`` (B, S'),
+    (B, 1, T, start+T): no padding key either, but for a padding query itself (a row
+    of -inf scores would give NaN, which even a masked key's zero weight carries on)."""
     S = start + T
+    query = torch.arange(start, S, device=device)[:, None]
+    key = torch.arange(S, device=device)[None]
+    if real is not None:
+        seen = attention_mask(T, start, window, device)
+        causal = seen if seen is not None else key <= query  # (T, S)
+        return (causal & (real[:, None, None, :S] | (key == query)))  # (B, 1, T, S)
     if window is None or window >= S:
         return None if start == 0 or T == 1 else torch.ones(
             T, S, dtype=torch.bool, device=device).tril(start)
-    query = torch.arange(start, S, device=device)[:, None]
-    key = torch.arange(S, device=device)[None]
     return (key <= query) & (query - key < window)
 
 

@@ -41,6 +41,9 @@ class EvaluateParams(Params):
     """Demonstrations per prompt; default: the model's own setting, else 0."""
     max_new_tokens: int = Field(48, ge=1)
     """Generation length for generation tasks."""
+    batch_size: int = Field(8, ge=1)
+    """Prompts generated together (a CPU reads every weight once per token for the
+    whole batch, so eight rows cost little more than one); the answers do not change."""
     context: int = Field(1024, ge=2)
     """Perplexity window in tokens (at most each model's context)."""
     seed: int = 0
@@ -103,12 +106,13 @@ def run(context: Context, inputs: dict[str, Any], p: EvaluateParams) -> dict[str
                 if p.classify_by == "likelihood":
                     preds = classify(model, tokenizer, prompts, labels, loaded.prompt)
                 else:
-                    preds = generate_answers(model, tokenizer, prompts, 8)
+                    preds = generate_answers(model, tokenizer, prompts, 8, p.batch_size)
                 metrics, confusion = classification_metrics(
                     preds, [i.outputs[0] for i in instances], labels)
                 confusions[(name, task.name)] = (labels, confusion)
             else:
-                preds = generate_answers(model, tokenizer, prompts, p.max_new_tokens)
+                preds = generate_answers(model, tokenizer, prompts, p.max_new_tokens,
+                                         p.batch_size)
                 metrics = generation_metrics(preds, [i.outputs for i in instances],
                                              task.kind == "translation")
             add(name, task.name, {**metrics, "instances": len(instances)})
