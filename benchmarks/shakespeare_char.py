@@ -19,7 +19,7 @@ TARGETS = {"modern": 1.66, "classic": 1.95}
 
 def main() -> None:
     record, _ = run_shipped("shakespeare-char", [f"vars.data={DATA}"])
-    switches = {"modern": "RoPE, RMSNorm, SwiGLU, sdpa",
+    switches = {"modern": "RoPE, RMSNorm, SwiGLU, QK-norm, sdpa",
                 "classic": "learned, LayerNorm, GELU, sdpa"}
     rows = []
     for name, target in TARGETS.items():

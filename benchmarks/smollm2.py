@@ -59,16 +59,21 @@ def fmt(value: float | None, spec: str = ".3f") -> str:
 def main() -> None:
     pipeline, store, overrides = shipped("smollm2", [f"vars.model={smollm2()}"])
     os.environ["OMP_NUM_THREADS"] = str(len(os.sched_getaffinity(0)))  # a lone worker: all
+    seconds: dict[str, float] = {}
     for node in TUNING:
-        run_pipeline(pipeline, overrides, store, only=("base", node), jobs=2)
+        first = run_pipeline(pipeline, overrides, store, only=("base", node), jobs=2)
+        seconds.update(durations(first))
     record = run_pipeline(pipeline, overrides, store)
+    seconds.update(durations(record))
     nodes = record["nodes"]
     main_eval, balance = Report(record, "eval"), Report(record, "eval-balance")
+    evaluating = sum(t for name, t in seconds.items() if name.startswith("eval"))
     setup = (f"pipelines/smollm2.yaml with {', '.join(overrides[1:]) or 'its defaults'} "
              f"(run {record['run_id']}): SmolLM2-135M-Instruct (GGUF, Q4_1) tuned on the "
              "training splits of the six Natural Instructions tasks of ../shared/data, "
              "scored on their test splits (classification by label likelihood, generation "
-             "greedy, 48 new tokens).")
+             f"greedy, 48 new tokens). The nodes ran {sum(seconds.values()) / 60:.0f} min "
+             f"in all, the two evaluate nodes {evaluating / 60:.0f} of them.")
     command = "python benchmarks/smollm2.py"
     write_section("SmolLM2: instruction tuning", command, setup,
                   tuning_table(main_eval))
@@ -91,6 +96,12 @@ def main() -> None:
         "(length, duplicate and near-duplicate filters). The three classifiers share one "
         "recipe (LoRA, the same steps) and differ only in their training data."),
         balance_table(balance))
+
+
+def durations(record: dict[str, Any]) -> dict[str, float]:
+    """Seconds each node that ran (not a cached one) took."""
+    return {name: node["duration_s"] for name, node in record["nodes"].items()
+            if node["status"] == "ran"}
 
 
 def tuning_table(r: Report) -> str:

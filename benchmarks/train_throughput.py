@@ -40,7 +40,7 @@ BATCH, CONTEXT, WARMUP_STEPS = 12, 64, 3
 def lean_train(tokens: np.ndarray, vocab: int, steps: int, precision: str) -> float:
     """A plain PyTorch loop; returns tokens/s."""
     torch.manual_seed(1337)
-    model = GPT(preset_config("shakespeare-char", vocab_size=vocab))
+    model = GPT(preset_config("shakespeare-char", vocab_size=vocab, qk_norm=True))  # as the node
     optim = Optim()
     opt = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
                             betas=(optim.beta1, optim.beta2))
