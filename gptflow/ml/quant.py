@@ -78,8 +78,11 @@ def dequantize_nf4(state: dict[str, Tensor], dtype: torch.dtype = torch.float32)
     numel = 1
     for s in shape:
         numel *= s
-    return values.view(len(absmax), -1).mul_(absmax[:, None]).flatten()[:numel] \
-        .view(shape).to(dtype)
+    blocks = values.view(len(absmax), -1)
+    # the product in fp32, stored in ``dtype`` as it is written: one rounding, as a
+    # cast after it would give, without a second pass over the weight
+    out = torch.empty(blocks.shape, dtype=dtype, device=blocks.device)
+    return torch.mul(blocks, absmax[:, None], out=out).flatten()[:numel].view(shape)
 
 
 class _FrozenMatmul(torch.autograd.Function):
@@ -91,7 +94,10 @@ class _FrozenMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, layer: NF4Linear | Int4Linear) -> Tensor:
         ctx.layer = layer
-        outs = [F.linear(x, w) for _, w in layer.weight_blocks(x.dtype)]
+        device = x.device.type  # under autocast W is de-quantized straight into its dtype
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) \
+            else x.dtype
+        outs = [F.linear(x, w) for _, w in layer.weight_blocks(dtype)]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     @staticmethod
