@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 from collections import Counter
@@ -24,7 +23,6 @@ from gptflow.ml.evaluation import (
 from gptflow.ml.instruct import (
     IGNORE,
     Example,
-    InstructionBatches,
     collate,
     encode_examples,
     real_tokens,
@@ -96,20 +94,6 @@ def test_prompt_is_masked_out_of_the_loss():
     assert x.tolist() == [[5, 6, 7, 8, 20, 21], [9, 10, 30, 1, 1, 1]]
     assert y.tolist() == [[IGNORE, IGNORE, IGNORE, 20, 21, 0],
                           [IGNORE, 30, 0, IGNORE, IGNORE, IGNORE]]
-
-
-def test_batches_are_drawn_within_one_task():
-    """Pools are sorted by task, then length: a batch's rows share their task's
-    definition, which the loss computes once."""
-    rng = np.random.default_rng(0)
-    examples = [Example(np.arange(int(rng.integers(3, 30))), np.array([1, 0]), group)
-                for group in (0, 1, 2) for _ in range(40)]
-    rng.shuffle(examples)
-    batches = InstructionBatches(examples, 4, pad_id=0, seed=3)
-    by_rows = {id(e.prompt): e.group for e in examples}
-    drawn = list(itertools.islice(batches._epoch(0), 30))
-    assert all(len({by_rows[id(e.prompt)] for e in batch}) == 1 for batch in drawn)
-    assert sorted(len(b) for b in drawn) == [4] * 30
 
 
 def test_encoded_examples_end_with_the_answer():

@@ -3,9 +3,8 @@
 An example is (prompt ids, target ids): the target is the first acceptable
 output (after the prompt format's separator) + end-of-text; for a chat
 conversation, one example per assistant turn, its history as the prompt.
-Batches are padded to their longest example, and drawn from pools sorted by task
-and length: little compute goes to padding, and the rows of a batch share their
-task's definition, which the loss computes once (:func:`gptflow.ml.loss.shared_prefix`).
+Batches are padded to their longest example, and drawn from length-sorted pools
+so that little compute goes to padding.
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ IGNORE = -100
 class Example:
     prompt: np.ndarray
     target: np.ndarray
-    group: int = 0  # its task: batches are drawn within one where they can be
 
 
 def encode_examples(tasks: Sequence[Task], tokenizer: Tokenizer, split: str, max_len: int,
@@ -42,7 +40,7 @@ def encode_examples(tasks: Sequence[Task], tokenizer: Tokenizer, split: str, max
     lose their oldest tokens when prompt + target exceed ``max_len``."""
     prompt = prompt or PromptFormat()
     examples = []
-    for group, task in enumerate(tasks):
+    for task in tasks:
         instances = task.split(split)
         if max_per_task is not None and len(instances) > max_per_task:
             instances = random.Random(f"{seed}/{task.name}").sample(instances, max_per_task)
@@ -54,7 +52,7 @@ def encode_examples(tasks: Sequence[Task], tokenizer: Tokenizer, split: str, max
                                           for i in instances])
         for ids, target in zip(prompts, targets, strict=True):
             target = np.append(target, tokenizer.eot_id)[: max_len // 2]
-            examples.append(Example(ids[-(max_len - len(target)):], target, group))
+            examples.append(Example(ids[-(max_len - len(target)):], target))
     return examples
 
 
@@ -98,7 +96,7 @@ def real_tokens(targets: Tensor) -> int:
 
 
 class InstructionBatches(IterableDataset[tuple[Tensor, Tensor]]):
-    """Endless shuffled batches; each pool of 50 batches is sorted by task and length.
+    """Endless shuffled batches; each pool of 50 batches is sorted by length.
 
     Batch k is a pure function of (seed, k), so a resumed run continues where
     it stopped (``start_batch``).
@@ -118,8 +116,7 @@ class InstructionBatches(IterableDataset[tuple[Tensor, Tensor]]):
         pool = self.batch_size * 50
         batches = []
         for start in range(0, self.per_epoch * self.batch_size, pool):
-            chunk = sorted(order[start:start + pool],
-                           key=lambda e: (e.group, len(e.prompt) + len(e.target)))
+            chunk = sorted(order[start:start + pool], key=lambda e: len(e.prompt) + len(e.target))
             batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
         batches = [b for b in batches if len(b) == self.batch_size] or batches
         random.Random(f"{self.seed}/{self.rank}/{epoch}/batches").shuffle(batches)
