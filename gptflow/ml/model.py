@@ -349,7 +349,7 @@ class GPT(nn.Module):
             w: attention_mask(T, start, w, idx.device, real) if not shared else SharedPrefix(
                 shared, B, attention_mask(shared, 0, w, idx.device),
                 attention_mask(T - shared, shared, w, idx.device))
-            for w, _ in self.layer_kinds}
+            for w in {w for w, _ in self.layer_kinds}}  # one per distinct window
         recompute = self.recompute_blocks and torch.is_grad_enabled()
         for block, (window, local) in zip(self.blocks, self.layer_kinds, strict=True):
             rope, mask = ropes.get(local), masks[window]
@@ -373,16 +373,18 @@ def attention_mask(T: int, start: int, window: int | None, device: torch.device,
     (B, 1, T, start+T): no padding key either, but for a padding query itself (a row
     of -inf scores would give NaN, which even a masked key's zero weight carries on)."""
     S = start + T
-    query = torch.arange(start, S, device=device)[:, None]
-    key = torch.arange(S, device=device)[None]
-    if real is not None:
-        seen = attention_mask(T, start, window, device)
-        causal = seen if seen is not None else key <= query  # (T, S)
-        return (causal & (real[:, None, None, :S] | (key == query)))  # (B, 1, T, S)
-    if window is None or window >= S:
+    windowed = window is not None and window < S
+    if real is None and not windowed:
         return None if start == 0 or T == 1 else torch.ones(
             T, S, dtype=torch.bool, device=device).tril(start)
-    return (key <= query) & (query - key < window)
+    query = torch.arange(start, S, device=device)[:, None]
+    key = torch.arange(S, device=device)[None]
+    seen = key <= query  # (T, S)
+    if window is not None and windowed:
+        seen = seen & (query - key < window)
+    if real is None:
+        return seen
+    return seen & (real[:, None, None, :S] | (key == query))  # (B, 1, T, S)
 
 
 def state_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
