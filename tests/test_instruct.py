@@ -23,6 +23,7 @@ from gptflow.ml.evaluation import (
 from gptflow.ml.instruct import (
     IGNORE,
     Example,
+    InstructionBatches,
     collate,
     encode_examples,
     real_tokens,
@@ -212,6 +213,18 @@ def test_real_tokens_leave_out_padding_only():
     _, y = collate(examples, pad_id=0)  # rows of 4: 4 real, then 1 real and 3 padding
     assert real_tokens(y) == 4 + 1
     assert real_tokens(torch.zeros(3, 7, dtype=torch.long)) == 21  # pretraining windows
+
+
+def test_batches_deal_neighbours_in_length_apart():
+    """Copies of an example (oversampling) are equally long: each lands in a batch
+    of its own, and an epoch still uses every example once."""
+    distinct = [Example(np.arange(n + 1), np.array([1])) for n in range(40)]
+    batches = InstructionBatches([e for e in distinct for _ in range(4)], 8, 0, seed=3)
+    epoch = batches._epoch(0)
+    assert sorted(id(e) for b in epoch for e in b) == sorted(id(e) for e in batches.examples)
+    assert all(len({len(e.prompt) for e in b}) == 8 for b in epoch)
+    widths = [max(len(e.prompt) for e in b) - min(len(e.prompt) for e in b) for b in epoch]
+    assert max(widths) < 40 // 2  # still batches of similar lengths
 
 
 def test_oversampling_repeats_the_small_classes_up_to_the_largest():

@@ -87,20 +87,38 @@ def collate(examples: Sequence[Example], pad_id: int) -> tuple[Tensor, Tensor]:
     return x, y
 
 
-def real_tokens(targets: Tensor) -> int:
-    """The tokens of a batch that are not padding: a row ends at its last target,
-    since :func:`collate` pads after it (every row of a pretraining window is real)."""
+def real_positions(targets: Tensor) -> Tensor:
+    """Which positions of a batch (B, T) are not padding: a row ends at its last
+    target, since :func:`collate` pads after it (every row of a pretraining window
+    is real)."""
     supervised = targets != IGNORE
-    from_end = supervised.flip(-1).int().argmax(dim=-1)  # padding after the last target
-    return int(torch.where(supervised.any(dim=-1), targets.size(-1) - from_end, 0).sum())
+    length = targets.size(-1) - supervised.flip(-1).int().argmax(dim=-1)  # (B,)
+    length = torch.where(supervised.any(dim=-1), length, 0)
+    return torch.arange(targets.size(-1), device=targets.device) < length[:, None]
+
+
+def real_tokens(targets: Tensor) -> int:
+    """How many tokens of a batch are not padding."""
+    return int(real_positions(targets).sum())
 
 
 class InstructionBatches(IterableDataset[tuple[Tensor, Tensor]]):
-    """Endless shuffled batches; each pool of 50 batches is sorted by length.
+    """Endless shuffled batches of examples of similar length, but not neighbours.
+
+    Each pool of 50 batches is sorted by length, and each run of ``SPREAD``
+    batches' worth of it is dealt out round-robin: a batch spans a slightly wider
+    range of lengths (8.7% padding instead of 1.3% on the six NI tasks at batch
+    8), while the examples next to each other in length order, the copies of an
+    oversampled example or the instances of one task (whose definition fixes
+    most of the length), go to different batches. Batches of neighbours
+    repeated one example several times each and taught a classifier of
+    oversampled task823 to always answer one label (macro-F1 0.08; dealt: 0.56).
 
     Batch k is a pure function of (seed, k), so a resumed run continues where
     it stopped (``start_batch``).
     """
+
+    SPREAD = 8
 
     def __init__(self, examples: Sequence[Example], batch_size: int, pad_id: int, seed: int,
                  rank: int = 0) -> None:
@@ -117,7 +135,10 @@ class InstructionBatches(IterableDataset[tuple[Tensor, Tensor]]):
         batches = []
         for start in range(0, self.per_epoch * self.batch_size, pool):
             chunk = sorted(order[start:start + pool], key=lambda e: len(e.prompt) + len(e.target))
-            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            for run in range(0, len(chunk), self.batch_size * self.SPREAD):
+                dealt = chunk[run:run + self.batch_size * self.SPREAD]
+                n = max(1, len(dealt) // self.batch_size)
+                batches += [dealt[j::n] for j in range(n)]
         batches = [b for b in batches if len(b) == self.batch_size] or batches
         random.Random(f"{self.seed}/{self.rank}/{epoch}/batches").shuffle(batches)
         return batches
