@@ -17,29 +17,58 @@ from gptflow.ml.model import GPT
 from gptflow.ml.optim import Optim
 
 
+def identity_heads(vocab: int) -> tuple[torch.nn.Linear, torch.nn.Linear]:
+    """Heads whose logits are the hidden states they are given."""
+    head = torch.nn.Linear(vocab, vocab, bias=False)
+    torch.nn.init.eye_(head.weight)
+    return head, head
+
+
 def test_kd_loss_by_hand():
-    student = torch.tensor([[[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]]])
-    teacher = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
-    targets = torch.tensor([[0, -100]])  # the second position carries no loss
-    total, soft, hard = kd_loss(student, teacher, targets, alpha=0.25, temperature=2.0)
-    s = [1.0 / 2, 0.0, -1.0 / 2]
-    t = [2.0 / 2, 0.0, 0.0]
-    ps = [math.exp(v) / sum(math.exp(u) for u in s) for v in s]
-    pt = [math.exp(v) / sum(math.exp(u) for u in t) for v in t]
-    kl = sum(b * math.log(b / a) for a, b in zip(ps, pt, strict=True)) * 2.0**2
+    student = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    teacher = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    targets = torch.tensor([0, -100])  # the second position: the soft term only
+
+    def kl(s: list[float], t: list[float]) -> float:
+        ps = [math.exp(v / 2) / sum(math.exp(u / 2) for u in s) for v in s]
+        pt = [math.exp(v / 2) / sum(math.exp(u / 2) for u in t) for v in t]
+        return sum(b * math.log(b / a) for a, b in zip(ps, pt, strict=True)) * 2.0**2
+
+    total, soft, hard = kd_loss(student, teacher, targets, identity_heads(3), alpha=0.25,
+                                temperature=2.0)
+    expected_soft = (kl(*[r.tolist() for r in (student[0], teacher[0])])
+                     + kl(*[r.tolist() for r in (student[1], teacher[1])])) / 2
     ce = -math.log(math.exp(1.0) / (math.exp(1.0) + 1 + math.exp(-1.0)))
-    assert soft.item() == pytest.approx(kl, rel=1e-5)
+    assert soft.item() == pytest.approx(expected_soft, rel=1e-5)
     assert hard.item() == pytest.approx(ce, rel=1e-5)
-    assert total.item() == pytest.approx(0.25 * kl + 0.75 * ce, rel=1e-5)
+    assert total.item() == pytest.approx(0.25 * expected_soft + 0.75 * ce, rel=1e-5)
+
+
+def test_kd_loss_gradients_equal_the_unchunked_loss(monkeypatch):
+    torch.manual_seed(0)
+    student = torch.randn(7, 11, requires_grad=True)
+    teacher, targets = torch.randn(7, 11), torch.randint(0, 11, (7,))
+    targets[:3] = -100
+    heads = identity_heads(11)
+    monkeypatch.setattr("gptflow.ml.distill.CHUNK_ELEMENTS", 2 * 11)  # chunks of 2 rows
+    total, _, _ = kd_loss(student, teacher, targets, heads, alpha=0.5, temperature=2.0)
+    (grad,) = torch.autograd.grad(total, student)
+    s = student.detach().requires_grad_()
+    soft = F.kl_div(F.log_softmax(s / 2, -1), F.log_softmax(teacher / 2, -1), log_target=True,
+                    reduction="batchmean") * 4
+    reference = 0.5 * soft + 0.5 * F.cross_entropy(s, targets)
+    (expected,) = torch.autograd.grad(reference, s)
+    assert total.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert torch.allclose(grad, expected, atol=1e-6)
 
 
 def test_alpha_zero_is_plain_cross_entropy():
     torch.manual_seed(0)
-    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
-    targets = torch.randint(0, 11, (2, 5))
-    total, _, _ = kd_loss(student, teacher, targets, alpha=0.0, temperature=3.0)
-    assert torch.allclose(total, F.cross_entropy(student.flatten(0, 1), targets.flatten()))
-    assert torch.allclose(total, token_loss(student, targets))
+    student, teacher = torch.randn(10, 11), torch.randn(10, 11)
+    targets = torch.randint(0, 11, (10,))
+    total, _, _ = kd_loss(student, teacher, targets, identity_heads(11), alpha=0.0,
+                          temperature=3.0)
+    assert torch.allclose(total, F.cross_entropy(student, targets))
 
 
 def test_alpha_zero_trains_without_running_the_teacher():

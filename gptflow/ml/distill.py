@@ -1,10 +1,14 @@
 """Knowledge distillation: a student learns from a frozen teacher's softened
 next-token distributions and from the true next tokens.
 
-loss = alpha · T² · KL(teacher_T || student_T) + (1 - alpha) · CE(student, targets),
-both over the positions whose target is not -100 (the only positions where
-either head is computed). The T² keeps the soft term's gradients on the scale
-of the hard one (Hinton et al.).
+loss = alpha · T² · KL(teacher_T || student_T) + (1 - alpha) · CE(student, targets).
+The soft term is the mean over every real (non-padding) position, the prompt's
+included: the teacher's distribution over the next token is a signal wherever
+text is, and on a classification prompt the targets are ~5 of ~170 positions.
+Positions in the batch's common prefix (the same text in every row: a chat
+header, one task's definition) are left out, since the model computes them once
+(:func:`shared_prefix`). The hard term is over the targets only. The T² keeps
+the soft term's gradients on the scale of the hard one (Hinton et al.).
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from gptflow.ml.instruct import IGNORE
+from gptflow.ml.instruct import IGNORE, real_positions
 from gptflow.ml.lm import CausalLM
-from gptflow.ml.loss import shared_prefix
+from gptflow.ml.loss import CHUNK_ELEMENTS, head_loss, shared_prefix
 from gptflow.ml.model import GPT
 from gptflow.ml.optim import Optim
 
@@ -48,21 +53,30 @@ def student_from_teacher(teacher: GPT, keep: int) -> GPT:
     return GPT.from_state_dict(replace(teacher.config, n_layer=len(kept)), state)
 
 
-def kd_loss(student: Tensor, teacher: Tensor, targets: Tensor, alpha: float,
-            temperature: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(total, soft KL term, hard CE term) for logits (..., V) and targets (...)."""
-    mask = targets != IGNORE
-    s, t = student[mask].float(), teacher[mask].float()
-    soft = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
-                    log_target=True, reduction="batchmean") * temperature**2
-    hard = F.cross_entropy(s, targets[mask])
+def kd_loss(student: Tensor, teacher: Tensor, targets: Tensor, heads: tuple[nn.Module, nn.Module],
+            alpha: float, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(total, soft KL term, hard CE term) for the student's and the teacher's hidden
+    states (N, C) at N positions, their ``heads`` (student's, teacher's) and the
+    targets (N,), IGNORE where only the soft term applies."""
+    student_head, teacher_head = heads
+    rows = max(1, CHUNK_ELEMENTS // getattr(student_head, "out_features"))  # noqa: B009
+    soft = sum((checkpoint(_kl_sum, student_head, teacher_head, student[s:s + rows],
+                           teacher[s:s + rows], temperature, use_reentrant=False)
+                for s in range(0, len(student), rows)), student.new_zeros((), dtype=torch.float32))
+    soft = soft / len(student) * temperature**2
+    supervised = targets != IGNORE
+    hard = head_loss(student_head, student[supervised], targets[supervised], "mean")
     return alpha * soft + (1 - alpha) * hard, soft, hard
 
 
-def supervised_logits(model: GPT, x: Tensor, keep: Tensor) -> Tensor:
-    """The head's logits (N, V) at the N positions ``keep`` marks only."""
-    shared = shared_prefix(model, x, keep)
-    return model.lm_head(model.hidden(x, shared=shared)[keep[:, shared:]])
+def _kl_sum(student_head: nn.Module, teacher_head: nn.Module, student: Tensor, teacher: Tensor,
+            temperature: float) -> Tensor:
+    """KL(teacher_T || student_T) summed over a chunk of rows; checkpointed, so that
+    no chunk's (rows, V) logits are kept for the backward pass."""
+    with torch.no_grad():
+        target = F.log_softmax(teacher_head(teacher).float() / temperature, -1)
+    log_p = F.log_softmax(student_head(student).float() / temperature, -1)
+    return F.kl_div(log_p, target, log_target=True, reduction="sum")
 
 
 class DistillLM(CausalLM):
@@ -82,10 +96,13 @@ class DistillLM(CausalLM):
         if self.alpha == 0:  # plain training on the data: the teacher need not run
             return super().training_step(batch, batch_idx)
         x, y = batch
-        keep = y != IGNORE
+        shared = shared_prefix(self.model, x, y != IGNORE)
+        real = real_positions(y)[:, shared:]
         with torch.no_grad():
-            teacher_logits = supervised_logits(self.teacher[0], x, keep)
-        loss, soft, hard = kd_loss(supervised_logits(self.model, x, keep), teacher_logits,
-                                   y[keep], self.alpha, self.temperature)
+            teacher = self.teacher[0].hidden(x, shared=shared)[real]
+        loss, soft, hard = kd_loss(self.model.hidden(x, shared=shared)[real], teacher,
+                                   y[:, shared:][real],
+                                   (self.model.lm_head, self.teacher[0].lm_head),
+                                   self.alpha, self.temperature)
         self.log_dict({"train_loss": loss, "kd_loss": soft, "ce_loss": hard})
         return loss
