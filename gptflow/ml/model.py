@@ -23,7 +23,9 @@ from gptflow.ml.config import GPTConfig
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) · (offset + w); Gemma's offset 1 keeps w around 0, and computes in fp32."""
+    """x / rms(x) · (offset + w); Gemma's offset 1 keeps w around 0, and computes in fp32.
+    Otherwise w takes x's dtype: a bf16 x (autocast) with an fp32 w misses torch's
+    fused kernel."""
 
     def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
         super().__init__()
@@ -34,7 +36,7 @@ class RMSNorm(nn.Module):
         if self.offset:
             normed = F.rms_norm(x.float(), (x.size(-1),), None, self.eps)
             return (normed * (self.offset + self.weight.float())).type_as(x)
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        return F.rms_norm(x, (x.size(-1),), self.weight.to(x.dtype), self.eps)
 
 
 def make_norm(config: GPTConfig, dim: int | None = None) -> nn.Module:
