@@ -19,6 +19,7 @@ from gptflow.ml.evaluation import (
     generation_metrics,
     label_log_likelihoods,
     perplexity,
+    resampled_scores,
 )
 from gptflow.ml.instruct import (
     IGNORE,
@@ -140,6 +141,21 @@ def test_classification_metrics_by_hand():
     assert confusion.tolist() == [[1, 0, 0], [1, 1, 0], [1, 0, 1]]
     base = baselines(["a", "a", "b"], ["a", "b", "c", "a"], labels)
     assert base["majority"]["accuracy"] == pytest.approx(0.5)
+
+
+def test_resampled_scores_are_the_torchmetrics_figures_of_each_resample():
+    rng = np.random.default_rng(0)
+    golds, preds = rng.integers(0, 5, 40), rng.integers(0, 4, 40)
+    golds[golds == 3] = 0  # class 3 only predicted, class 4 only true, class 5 nowhere
+    labels = [str(c) for c in range(6)]
+    draws = np.stack([np.arange(40), rng.integers(0, 40, 40)])
+    accuracy, macro_f1 = resampled_scores(preds, golds, 6, draws)
+    for row, draw in enumerate(draws):
+        metrics, _ = classification_metrics([labels[c] for c in preds[draw]],
+                                            [labels[c] for c in golds[draw]], labels)
+        assert accuracy[row] == pytest.approx(metrics["accuracy"])
+        assert macro_f1[row] == pytest.approx(metrics["macro_f1"])
+    assert 0.05 < metrics["accuracy_ci95"] < 0.3 and 0.02 < metrics["macro_f1_ci95"] < 0.3
 
 
 def test_generation_metrics_by_hand():

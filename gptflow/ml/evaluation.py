@@ -108,7 +108,40 @@ def classification_metrics(preds: Sequence[str], golds: Sequence[str], labels: S
                "macro_f1": float(MulticlassF1Score(k, average="macro")(p, g))}
     per_class = MulticlassF1Score(k, average="none")(p, g)
     metrics.update({f"f1_{label}": float(v) for label, v in zip(labels, per_class, strict=True)})
+    metrics.update(bootstrap_ci95(p.numpy(), g.numpy(), k))
     return metrics, MulticlassConfusionMatrix(k)(p, g).numpy()
+
+
+def bootstrap_ci95(preds: np.ndarray, golds: np.ndarray, k: int, resamples: int = 1000,
+                   seed: int = 0) -> dict[str, float]:
+    """Half-widths of the 95% bootstrap intervals of accuracy and macro-F1 (the
+    instances drawn with replacement ``resamples`` times): on a test split of 28
+    instances one is 3.6 accuracy points, and a difference inside these is noise."""
+    if len(golds) == 0:
+        return {}
+    draws = np.random.default_rng(seed).integers(0, len(golds), (resamples, len(golds)))
+    accuracy, macro_f1 = resampled_scores(preds, golds, k, draws)
+
+    def half_width(values: np.ndarray) -> float:
+        high, low = np.percentile(values, [97.5, 2.5])
+        return float(high - low) / 2
+
+    return {"accuracy_ci95": half_width(accuracy), "macro_f1_ci95": half_width(macro_f1)}
+
+
+def resampled_scores(preds: np.ndarray, golds: np.ndarray, k: int, draws: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Accuracy and macro-F1 (R,) of the class indices ``preds`` and ``golds`` at each
+    row of instance indices ``draws`` (R, N); macro-F1 averages the classes found in
+    a row's truth or predictions, as torchmetrics does."""
+    p, g = preds[draws], golds[draws]
+    classes = np.arange(k)[:, None, None]
+    predicted, true = p == classes, g == classes  # (k, R, N)
+    tp = (predicted & true).sum(-1)
+    wrong = (predicted ^ true).sum(-1)  # false positives + false negatives, (k, R)
+    present = (tp + wrong) > 0
+    f1 = 2 * tp / np.maximum(2 * tp + wrong, 1)
+    return (p == g).mean(-1), (f1 * present).sum(0) / present.sum(0)
 
 
 def generation_metrics(preds: Sequence[str], refs: Sequence[Sequence[str]], translation: bool

@@ -3,9 +3,11 @@
 YAML keys (``params``):
 
 * ``tasks``: task sources (as in instruction-finetune); classification tasks get
-  accuracy, macro-F1, per-class F1 and a confusion matrix, with a majority-class
-  and a random baseline; generation tasks exact match and ROUGE-L; translation
-  tasks BLEU and chrF too; every prediction is scored against every reference;
+  accuracy, macro-F1 (each with the half-width of its 95% bootstrap interval over
+  the instances, ``accuracy_ci95``, ``macro_f1_ci95``), per-class F1 and a
+  confusion matrix, with a majority-class and a random baseline; generation
+  tasks exact match and ROUGE-L; translation tasks BLEU and chrF too; every
+  prediction is scored against every reference;
 * ``split``: which instances (``test``); ``max_instances`` per task;
 * ``classify_by``: ``likelihood`` (the allowed label with the highest
   log-likelihood) or ``generate`` (free generation);
@@ -134,7 +136,7 @@ def run(context: Context, inputs: dict[str, Any], p: EvaluateParams) -> dict[str
 @hookimpl
 def register_node_types(register: Any) -> None:
     register(NodeType(
-        name="evaluate", run=run, params=EvaluateParams, version="1",
+        name="evaluate", run=run, params=EvaluateParams, version="2",
         inputs={"models": Input("model", "adapter", many=True,
                                 doc="the models (or adapters, applied to their base) to compare"),
                 "tokens": Input("tokens", optional=True, doc="perplexity on its val split")},
