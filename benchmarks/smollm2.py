@@ -47,6 +47,11 @@ class Report:
         found = self.value.get((model, task, metric))
         return "" if found is None else format(found, fmt)
 
+    def scored(self, model: str, task: str, metric: str) -> str:
+        """The figure, with the half-width of its 95% bootstrap interval where there is one."""
+        ci = self.value.get((model, task, f"{metric}_ci95"))
+        return self.get(model, task, metric) + ("" if ci is None else f" ± {ci:.2f}")
+
     def mean(self, model: str, kind: str, metric: str) -> float | None:
         found = [self.value[(model, t, metric)] for t in self.tasks
                  if self.kind[t] == kind and (model, t, metric) in self.value]
@@ -60,12 +65,10 @@ def fmt(value: float | None, spec: str = ".3f") -> str:
 def main() -> None:
     pipeline, store, overrides = shipped("smollm2", [f"vars.model={smollm2()}"])
     os.environ["OMP_NUM_THREADS"] = str(len(os.sched_getaffinity(0)))  # a lone worker: all
-    seconds: dict[str, float] = {}
     for node in TUNING:
-        first = run_pipeline(pipeline, overrides, store, only=("base", node), jobs=2)
-        seconds.update(durations(first))
+        run_pipeline(pipeline, overrides, store, only=("base", node), jobs=2)
     record = run_pipeline(pipeline, overrides, store)
-    seconds.update(durations(record))
+    seconds = durations(record)
     nodes = record["nodes"]
     main_eval, balance = Report(record, "eval"), Report(record, "eval-balance")
     evaluating = sum(t for name, t in seconds.items() if name.startswith("eval"))
@@ -102,9 +105,13 @@ def main() -> None:
 
 
 def durations(record: dict[str, Any]) -> dict[str, float]:
-    """Seconds each node that ran (not a cached one) took."""
-    return {name: node["duration_s"] for name, node in record["nodes"].items()
-            if node["status"] == "ran"}
+    """Seconds each node took to make its artifacts, in this run or the one whose
+    artifacts it reused (the store's node.json beside them)."""
+    seconds = {}
+    for name, node in record["nodes"].items():
+        folder = Path(next(iter(node["outputs"].values()))).parent
+        seconds[name] = json.loads((folder / "node.json").read_text())["duration_s"]
+    return seconds
 
 
 def tuning_table(r: Report) -> str:
@@ -113,7 +120,7 @@ def tuning_table(r: Report) -> str:
     for task in r.tasks:
         metrics = (["accuracy", "macro_f1"] if r.kind[task] == "classification"
                    else ["rouge_l", "chrf"] if r.get("full", task, "chrf") else ["rouge_l"])
-        rows += [[task, metric] + [r.get(m, task, metric) for m in models] for metric in metrics]
+        rows += [[task, metric] + [r.scored(m, task, metric) for m in models] for metric in metrics]
     return table(["task", "metric", *(NAMES[m] for m in models)], rows)
 
 
@@ -174,7 +181,7 @@ def balance_table(r: Report) -> str:
     models = ["majority", "base", "imbalanced", "oversampled", "balanced"]
     metrics = ["macro_f1", "accuracy", *(f"f1_{label}" for label in labels)]
     return table(["metric", *(NAMES[m] for m in models)],
-                 [[metric] + [r.get(m, task, metric) for m in models] for metric in metrics])
+                 [[metric] + [r.scored(m, task, metric) for m in models] for metric in metrics])
 
 
 if __name__ == "__main__":
