@@ -162,7 +162,7 @@ def distill_table(r: Report, nodes: dict[str, Any], seconds: dict[str, float]) -
     for name in ("full", "distilled", "undistilled", "scratch", "undistilled-long",
                  "scratch-long"):
         rows.append(["teacher (full FT)" if name == "full" else NAMES[name],
-                     nodes[name]["metrics"]["steps"], fmt(seconds.get(name, 0) / 60, ".1f"),
+                     str(nodes[name]["metrics"]["steps"]), fmt(seconds.get(name, 0) / 60, ".1f"),
                      f"{r.value[(name, '-', 'params')] / 1e6:.1f}M",
                      f"{r.value[(name, '-', 'bytes_on_disk')] / MB:.0f}",
                      r.get(name, "-", "gen_tokens_per_s", ".0f"),
