@@ -6,8 +6,10 @@ eval mode without gradients; only the student learns. Student and teacher must
 share a tokenizer.
 
 Data: a ``tokens`` input (pretraining-style windows), or task data — ``tasks``
-sources and/or ``data`` datasets, prompted as in instruction-finetune with both
-loss terms on the output tokens only.
+sources and/or ``data`` datasets, prompted as in instruction-finetune, with the
+KL term at every real position (the prompt's too: the teacher's next-token
+distribution is a signal wherever there is text) and cross-entropy on the
+output tokens.
 
 YAML keys (``params``): ``model`` (the student's config, when no ``student``
 input is given), ``keep_layers`` (instead: the student is the teacher with that
@@ -116,7 +118,7 @@ def run(context: Context, inputs: dict[str, Any], p: DistillParams) -> dict[str,
 @hookimpl
 def register_node_types(register: Any) -> None:
     register(NodeType(
-        name="distill", run=run, params=DistillParams, version="2",
+        name="distill", run=run, params=DistillParams, version="3",
         inputs={"teacher": Input("model"),
                 "tokens": Input("tokens", optional=True, doc="pretraining-style data"),
                 "data": Input("dataset", optional=True, many=True,

@@ -43,7 +43,7 @@ def run(context: Context, inputs: dict[str, Any], p: InstructionParams) -> dict[
 @hookimpl
 def register_node_types(register: Any) -> None:
     register(NodeType(
-        name="instruction-finetune", run=run, params=InstructionParams, version="1",
+        name="instruction-finetune", run=run, params=InstructionParams, version="2",
         inputs=TUNING_INPUTS,
         outputs={"model": "model"},
         headline=("val_loss", "tokens_per_s", "trainable_params", "bytes_on_disk"),

@@ -100,7 +100,7 @@ def run(context: Context, inputs: dict[str, Any], p: LoraParams) -> dict[str, An
 @hookimpl
 def register_node_types(register: Any) -> None:
     register(NodeType(
-        name="lora", run=run, params=LoraParams, version="1",
+        name="lora", run=run, params=LoraParams, version="2",
         inputs=TUNING_INPUTS,
         outputs={"adapter": "adapter"},
         headline=("val_loss", "tokens_per_s", "trainable_share", "train_state_bytes"),
