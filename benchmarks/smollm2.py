@@ -20,6 +20,8 @@ from typing import Any
 
 from results import run_pipeline, shipped, smollm2, table, write_section
 
+from gptflow.store import Store
+
 TUNING = ("full", "lora", "qlora", "qlora-nf4")
 MB = 1e6
 NAMES = {"base": "zero-shot (chat)", "base-ni": "zero-shot (plain)", "full": "full FT",
@@ -68,7 +70,7 @@ def main() -> None:
     for node in TUNING:
         run_pipeline(pipeline, overrides, store, only=("base", node), jobs=2)
     record = run_pipeline(pipeline, overrides, store)
-    seconds = durations(record)
+    seconds = durations(record, store)
     nodes = record["nodes"]
     main_eval, balance = Report(record, "eval"), Report(record, "eval-balance")
     evaluating = sum(t for name, t in seconds.items() if name.startswith("eval"))
@@ -104,14 +106,12 @@ def main() -> None:
         balance_table(balance))
 
 
-def durations(record: dict[str, Any]) -> dict[str, float]:
+def durations(record: dict[str, Any], store: Path) -> dict[str, float]:
     """Seconds each node took to make its artifacts, in this run or the one whose
-    artifacts it reused (the store's node.json beside them)."""
-    seconds = {}
-    for name, node in record["nodes"].items():
-        folder = Path(next(iter(node["outputs"].values()))).parent
-        seconds[name] = json.loads((folder / "node.json").read_text())["duration_s"]
-    return seconds
+    artifacts it reused."""
+    artifacts = Store(store)
+    return {name: artifacts.node_record(node["fingerprint"]).duration_s
+            for name, node in record["nodes"].items()}
 
 
 def tuning_table(r: Report) -> str:
@@ -162,7 +162,7 @@ def distill_table(r: Report, nodes: dict[str, Any], seconds: dict[str, float]) -
     for name in ("full", "distilled", "undistilled", "scratch", "undistilled-long",
                  "scratch-long"):
         rows.append(["teacher (full FT)" if name == "full" else NAMES[name],
-                     str(nodes[name]["metrics"]["steps"]), fmt(seconds.get(name, 0) / 60, ".1f"),
+                     str(nodes[name]["metrics"]["steps"]), fmt(seconds[name] / 60, ".1f"),
                      f"{r.value[(name, '-', 'params')] / 1e6:.1f}M",
                      f"{r.value[(name, '-', 'bytes_on_disk')] / MB:.0f}",
                      r.get(name, "-", "gen_tokens_per_s", ".0f"),

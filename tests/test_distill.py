@@ -50,7 +50,7 @@ def test_kd_loss_gradients_equal_the_unchunked_loss(monkeypatch):
     teacher, targets = torch.randn(7, 11), torch.randint(0, 11, (7,))
     targets[:3] = -100
     heads = identity_heads(11)
-    monkeypatch.setattr("gptflow.ml.distill.CHUNK_ELEMENTS", 2 * 11)  # chunks of 2 rows
+    monkeypatch.setattr("gptflow.ml.loss.CHUNK_ELEMENTS", 2 * 11)  # chunks of 2 rows
     total, _, _ = kd_loss(student, teacher, targets, heads, alpha=0.5, temperature=2.0)
     (grad,) = torch.autograd.grad(total, student)
     s = student.detach().requires_grad_()

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gptflow.ml.instruct import IGNORE, real_positions
 from gptflow.ml.lm import CausalLM
-from gptflow.ml.loss import CHUNK_ELEMENTS, head_loss, shared_prefix
+from gptflow.ml.loss import chunk_rows, head_loss, shared_prefix
 from gptflow.ml.model import GPT
 from gptflow.ml.optim import Optim
 
@@ -59,7 +59,7 @@ def kd_loss(student: Tensor, teacher: Tensor, targets: Tensor, heads: tuple[nn.M
     states (N, C) at N positions, their ``heads`` (student's, teacher's) and the
     targets (N,), IGNORE where only the soft term applies."""
     student_head, teacher_head = heads
-    rows = max(1, CHUNK_ELEMENTS // getattr(student_head, "out_features"))  # noqa: B009
+    rows = chunk_rows(student_head)
     soft = sum((checkpoint(_kl_sum, student_head, teacher_head, student[s:s + rows],
                            teacher[s:s + rows], temperature, use_reentrant=False)
                 for s in range(0, len(student), rows)), student.new_zeros((), dtype=torch.float32))

@@ -51,11 +51,16 @@ def shared_prefix(model: GPT, x: Tensor, keep: Tensor) -> int:
     return length if length >= MIN_SHARED else 0
 
 
+def chunk_rows(head: torch.nn.Module) -> int:
+    """Rows of hidden states whose logits through ``head`` make ``CHUNK_ELEMENTS``."""
+    vocab: int = getattr(head, "out_features")  # noqa: B009 (linear, quantized or adapted)
+    return max(1, CHUNK_ELEMENTS // vocab)
+
+
 def head_loss(head: torch.nn.Module, h: Tensor, targets: Tensor, reduction: str) -> Tensor:
     """Cross-entropy of ``head(h)`` (N, V) against ``targets`` (N,), ``CHUNK_ELEMENTS``
     logits at a time."""
-    vocab: int = getattr(head, "out_features")  # noqa: B009 (linear, quantized or adapted)
-    rows = max(1, CHUNK_ELEMENTS // vocab)
+    rows = chunk_rows(head)
     plain_linear = type(head) is torch.nn.Linear and head.bias is None
     if torch.is_grad_enabled() and plain_linear and (h.requires_grad or head.weight.requires_grad):
         if reduction == "none":
