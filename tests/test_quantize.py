@@ -13,7 +13,14 @@ from conftest import TINY_BASE
 from gptflow.ml.checkpoint import load_any, load_model, save_model
 from gptflow.ml.config import preset_config
 from gptflow.ml.model import GPT
-from gptflow.ml.quant import Int4Linear, Int8Linear, NF4Linear, quantize_model
+from gptflow.ml.quant import (
+    Int4Linear,
+    Int8Linear,
+    LowRankCorrected,
+    NF4Linear,
+    correct_low_rank,
+    quantize_model,
+)
 from gptflow.ml.tokenizer import Tokenizer
 
 
@@ -47,11 +54,13 @@ def test_cpu_kernels_match_the_dequantized_weight(linear, make):
     assert torch.allclose(q(x), expected, atol=0.05 * expected.abs().max().item())
 
 
-@pytest.mark.parametrize(("method", "embeddings", "tied"),
-                         [("int8", False, True), ("int4", False, True), ("nf4", False, True),
-                          ("int8", True, True), ("int4", True, False),
-                          ("int8-dynamic", True, True)])
-def test_quantized_artifact_round_trips(tmp_path, method, embeddings, tied):
+@pytest.mark.parametrize(("method", "embeddings", "tied", "rank"),
+                         [("int8", False, True, 0), ("int4", False, True, 0),
+                          ("nf4", False, True, 0), ("int8", True, True, 0),
+                          ("int4", True, False, 0), ("int8-dynamic", True, True, 0),
+                          ("int4", True, False, 4), ("nf4", False, True, 4),
+                          ("int8-dynamic", False, True, 4)])
+def test_quantized_artifact_round_trips(tmp_path, method, embeddings, tied, rank):
     tokenizer = Tokenizer.train_char(["quantized models are small"])
     torch.manual_seed(0)
     model = GPT(preset_config("tiny", vocab_size=tokenizer.vocab_size,
@@ -60,11 +69,14 @@ def test_quantized_artifact_round_trips(tmp_path, method, embeddings, tied):
     x = torch.randint(0, tokenizer.vocab_size, (2, 16))
     with torch.no_grad():
         before = model(x)
+    originals = {n: m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     quantize_model(model, method, 32, embeddings=embeddings)
+    if rank:
+        assert correct_low_rank(model, rank, originals) == 14 + (not tied)  # 7 a block, head
     with torch.no_grad():
         assert (model(x) - before).abs().max() < 0.25 * before.abs().max()  # close, not garbage
     size = save_model(tmp_path / "q", model, tokenizer, quantization={
-        "method": method, "group_size": 32, "embeddings": embeddings})
+        "method": method, "group_size": 32, "embeddings": embeddings, "correction_rank": rank})
     assert size < full
     loaded, _ = load_model(tmp_path / "q")
     x = torch.randint(0, tokenizer.vocab_size, (2, 16))
@@ -91,7 +103,8 @@ def test_quantize_node_then_evaluate_and_generate(run_pipeline, review_corpus, c
     metrics = result.record["nodes"]["int4"]["metrics"]
     assert metrics["bytes_ratio"] < 0.6 and metrics["quantized_layers"] == 14
     config = json.loads((result.output("int4") / "config.json").read_text())
-    assert config["quantization"] == {"method": "int4", "group_size": 32, "embeddings": False}
+    assert config["quantization"] == {"method": "int4", "group_size": 32, "embeddings": False,
+                                      "correction_rank": 0}
     rows = json.loads((result.output("eval") / "report.json").read_text())["rows"]
     ppl = {r["model"]: r["value"] for r in rows if r["metric"] == "perplexity"}
     assert ppl["int4"] < ppl["base"] * 1.2  # close to the model it came from
@@ -115,3 +128,31 @@ def test_int4_at_group_32_keeps_a_q4_1_grid_exactly():
     linear.weight.data = (codes * scale + low).view(64, 256)
     q = Int4Linear(linear, group_size=32)
     assert torch.equal(q.weight(), linear.weight.data)
+
+
+def test_a_low_rank_correction_keeps_a_change_smaller_than_a_step():
+    """A fine-tune of a 4-bit model moves its weights by less than a step of the
+    grid: int4 alone rounds the change away, a correction of its rank keeps it."""
+    torch.manual_seed(0)
+    scale = (torch.rand(64, 8, 1) / 10 + 0.05).half().float()
+    low = (-torch.rand(64, 8, 1) / 2).half().float()
+    codes = torch.randint(1, 15, (64, 8, 32)).float()
+    codes[..., 0], codes[..., 1] = 0, 15
+    base = (codes * scale + low).view(64, 256)
+    change = torch.randn(64, 3) @ torch.randn(3, 256)
+    change *= 0.01 / change.abs().max()  # at most a fifth of the smallest step
+    linear = torch.nn.Linear(256, 64, bias=False)
+    linear.weight.data = base + change
+    q = Int4Linear(linear, group_size=32)
+    linear_base = torch.nn.Linear(256, 64, bias=False)
+    linear_base.weight.data = base
+    assert torch.equal(q.qweight, Int4Linear(linear_base).qweight)  # every code the base's
+    assert (q.weight() - linear.weight).norm() > 0.7 * change.norm()  # the change is lost
+    error = linear.weight.data - q.weight()
+    corrected = LowRankCorrected(q, 3, error)
+    left = (corrected.weight() - linear.weight).norm()
+    assert left < 0.5 * error.norm()
+    best = torch.linalg.svdvals(error)[3:].norm()  # the best a rank-3 correction can leave
+    assert best <= left < 1.01 * best  # fp16 factors
+    x = torch.randn(5, 256)
+    assert torch.allclose(corrected(x), x @ corrected.weight().T, atol=1e-5)

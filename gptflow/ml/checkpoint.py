@@ -24,7 +24,7 @@ from gptflow.ml.inference import DecodeLinear, for_inference
 from gptflow.ml.lora import adapter_state_dict, base_layer, load_adapter, merge_lora, prepare
 from gptflow.ml.model import GPT, shape_problems
 from gptflow.ml.prompts import PromptFormat
-from gptflow.ml.quant import dequantize_model, quantize_model
+from gptflow.ml.quant import correct_low_rank, dequantize_model, quantize_model
 from gptflow.ml.tokenizer import Tokenizer
 
 FORMAT = "gptflow-gpt"
@@ -88,8 +88,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu",
     with torch.device("meta"):
         model = GPT(config)
         if quant:
-            quantize_model(model, quant["method"], quant["group_size"],
-                           quant.get("embeddings", False))
+            quantized_layers(model, quant)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()
                 if not (config.tie_embeddings and k.startswith("lm_head."))}
     path = folder / "model.safetensors"
@@ -100,14 +99,20 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu",
         raise ModelLoadError(f"{path} does not match config.json: {problem}")
     tensors = ((k, t.to(device)) for k, t in read_one_by_one(path))
     if quant:  # quantized layers are built from a full-precision model first
-        model = GPT(config)
-        quantize_model(model, quant["method"], quant["group_size"],
-                       quant.get("embeddings", False))
-        model = model.to(device)
+        model = quantized_layers(GPT(config), quant).to(device)
         model.load_state_dict(dict(tensors), strict=not config.tie_embeddings)
     else:  # no initialisation, no second copy: the model takes the tensors read
         model = GPT.from_state_dict(config, tensors, linear)
     return model.eval(), Tokenizer.load(folder / "tokenizer.json")
+
+
+def quantized_layers(model: GPT, quant: dict[str, Any]) -> GPT:
+    """``model`` with the quantized layers a config's ``quantization`` names, their
+    weights still to be loaded."""
+    quantize_model(model, quant["method"], quant["group_size"], quant.get("embeddings", False))
+    if quant.get("correction_rank"):
+        correct_low_rank(model, quant["correction_rank"])
+    return model
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,

@@ -10,7 +10,7 @@ outlives one layer's computation.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -137,10 +137,13 @@ class NF4Linear(nn.Module):
 
 
 def logical_params(model: nn.Module) -> int:
-    """Parameters as the model computes with them: quantized weights count too."""
+    """Parameters as the model computes with them: quantized weights and their
+    low-rank corrections count too."""
     quantized = (NF4Linear, Int8Linear, Int4Linear)
     return sum(p.numel() for p in model.parameters()) + sum(
-        m.in_features * m.out_features for m in model.modules() if isinstance(m, quantized))
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, quantized)
+    ) + sum(m.down.numel() + m.up.numel() for m in model.modules()
+            if isinstance(m, LowRankCorrected))
 
 
 def quantize_linears_nf4(model: nn.Module, block: int = 64, double: bool = True) -> int:
@@ -154,8 +157,14 @@ def dequantize_model(model: nn.Module, kinds: tuple[type[nn.Module], ...] | None
     quantized one (of ``kinds`` only, if given; a tied head follows its
     embedding); returns how many."""
     kinds = kinds or (NF4Linear, Int8Linear, Int4Linear, QuantEmbedding)
+
+    def quantized(module: nn.Module) -> bool:  # a corrected layer folds its correction in
+        return isinstance(module.quantized if isinstance(module, LowRankCorrected) else module,
+                          kinds)
+
     found: list[tuple[str, Any]] = [(name, m) for name, m in model.named_modules()
-                                    if isinstance(m, kinds) and ".table" not in f".{name}"]
+                                    if quantized(m) and not {"table", "quantized"}
+                                    & set(name.split("."))]
     for name, module in found:
         plain: nn.Module
         if isinstance(module, QuantEmbedding):
@@ -375,6 +384,64 @@ def quantize_model(model: nn.Module, method: str, group_size: int = GGUF_BLOCK,
         return Int8Linear(linear, dynamic=method == "int8-dynamic")
 
     return (quantize_embedding(model, make) if embeddings else 0) + replace_linears(model, make)
+
+
+class LowRankCorrected(nn.Module):
+    """A quantized linear layer plus a rank-r correction of its rounding error:
+    W ≈ Q(W) + up · down, the factors in fp16 (ZeroQuant-V2's low-rank compensation).
+
+    Why: fine-tuning a 4-bit model moves its weights by less than one step of the
+    4-bit grid, so int4 alone rounds the fine-tune away (SmolLM2: every int4 code of
+    its 60-step fine-tune equals the base's, and the task accuracy falls back to
+    the base's); the error's top singular directions keep what tuning changed."""
+
+    down: Tensor
+    up: Tensor
+
+    def __init__(self, quantized: nn.Module, rank: int, error: Tensor | None = None) -> None:
+        super().__init__()
+        self.quantized = quantized
+        in_features: int = getattr(quantized, "in_features")  # noqa: B009 (nn.Module typing)
+        out_features: int = getattr(quantized, "out_features")  # noqa: B009
+        self.in_features, self.out_features = in_features, out_features
+        rank = min(rank, in_features, out_features)
+        self.register_buffer("down", torch.zeros(rank, in_features, dtype=torch.float16))
+        self.register_buffer("up", torch.zeros(out_features, rank, dtype=torch.float16))
+        if error is not None:  # randomized SVD: 4 power iterations match the exact one here
+            u, s, v = torch.svd_lowrank(error.float(), q=min(2 * rank, in_features,
+                                                               out_features), niter=4)
+            root = s[:rank].sqrt()  # split evenly between the factors: both fit fp16
+            self.up.copy_(u[:, :rank] * root)
+            self.down.copy_((v[:, :rank] * root).T)
+
+    @property
+    def bias(self) -> Tensor | None:
+        bias: Tensor | None = getattr(self.quantized, "bias")  # noqa: B009
+        return bias
+
+    def weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        weight: Tensor = getattr(self.quantized, "weight")(torch.float32)  # noqa: B009
+        return (weight + self.up.float() @ self.down.float()).to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y: Tensor = self.quantized(x)
+        return y + F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))
+
+
+def correct_low_rank(model: nn.Module, rank: int,
+                     originals: Mapping[str, Tensor] | None = None) -> int:
+    """Wrap every quantized linear layer (an embedding's table and a head sharing it
+    aside) in :class:`LowRankCorrected`: fitted to its layer's rounding error given
+    ``originals`` (the full-precision weights by layer name), zeros to be loaded
+    otherwise. Returns how many layers were wrapped."""
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, (NF4Linear, Int8Linear, Int4Linear))
+             and "table" not in name.split(".")]
+    for name, layer in found:
+        error = None if originals is None else originals[name] - layer.weight()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, LowRankCorrected(layer, rank, error))
+    return len(found)
 
 
 def quantize_embedding(model: nn.Module, make: Callable[[nn.Linear], Int8Linear | Int4Linear]
