@@ -12,7 +12,9 @@ rounds in one process:
   batches the node trains on (same prompts, masks, order), with the same AdamW,
   schedule and gradient clipping; the loss as transformers computes it, over
   the logits of every position. transformers has no 4-bit CPU kernel
-  (bitsandbytes needs a GPU), so QLoRA's reference is peft's LoRA on a bf16 base.
+  (bitsandbytes needs a GPU), so QLoRA's reference is peft's LoRA on a bf16 base
+  holding the NF4 model's weights (each projection rounded to NF4 and back, as
+  the node de-quantizes it): the same model, so the same losses.
 
 The node computes each batch's shared prefix (the task definition every row
 begins with) once, and the output head only where a target is: the reference
@@ -40,6 +42,7 @@ from results import run_pipeline, smollm2, table, write_section
 from gptflow.ml.instruct import Batches, InstructionBatches, real_tokens
 from gptflow.ml.lm import lr_lambda, param_groups
 from gptflow.ml.loss import token_loss
+from gptflow.ml.quant import dequantize_nf4, quantize_nf4
 from gptflow.ml.tokenizer import Tokenizer
 from gptflow.recipes import sources
 from gptflow.recipes.params import InstructionParams
@@ -89,6 +92,12 @@ def reference(gguf: Path, model_folder: Path, spec: dict[str, Any], lora: bool
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name,
         dtype=torch.bfloat16 if bf16 and lora else torch.float32)
+    if spec["params"].get("quantize_base") == "nf4":
+        with torch.no_grad():
+            for layer in model.model.layers.modules():
+                if isinstance(layer, torch.nn.Linear):
+                    layer.weight.copy_(dequantize_nf4(quantize_nf4(layer.weight),
+                                                      layer.weight.dtype))
     if lora:
         params = spec["params"]
         model = peft.get_peft_model(model, peft.LoraConfig(
@@ -160,12 +169,11 @@ def main() -> None:
         f"max_len 320, up to 200 training instances, {args.steps} steps ({WARMUP_STEPS} "
         f"left out of tokens/s), AdamW with warmup and cosine decay, clip 1.0; medians of "
         f"{args.rounds} interleaved rounds. Reference: transformers + peft in a plain loop "
-        "over the same batches, in the same precision (QLoRA's: peft LoRA on a bf16 base; "
-        "transformers has no 4-bit CPU kernel). gptflow computes a batch's shared prefix "
-        "(the task definition) once and the head only at targets. Tokens/s: real tokens, "
-        "padding left out "
-        "(its share of what was computed beside it). Targets: gptflow >= 1.3x, the same "
-        "validation loss within noise.",
+        "over the same batches, in the same precision (QLoRA's: peft LoRA on a bf16 base "
+        "holding the NF4-rounded weights; transformers has no 4-bit CPU kernel). gptflow "
+        "computes a batch's shared prefix (the task definition) once and the head only at "
+        "targets. Tokens/s: real tokens, padding left out (its share of what was computed "
+        "beside it). Targets: gptflow >= 1.3x, the same validation loss within noise.",
         table(["what", "transformers + peft tokens/s", "gptflow node tokens/s", "ratio",
                "padding", "val_loss reference", "val_loss gptflow"], rows))
 
