@@ -18,6 +18,7 @@ from gptflow.ml.evaluation import (
     classify,
     generation_metrics,
     label_log_likelihoods,
+    paired_gains,
     perplexity,
     resampled_scores,
 )
@@ -158,6 +159,25 @@ def test_resampled_scores_are_the_torchmetrics_figures_of_each_resample():
     assert 0.05 < metrics["accuracy_ci95"] < 0.3 and 0.02 < metrics["macro_f1_ci95"] < 0.3
 
 
+def test_paired_gains_are_the_difference_with_a_paired_interval():
+    rng = np.random.default_rng(0)
+    golds = rng.integers(0, 3, 30)
+    reference = np.where(rng.random(30) < 0.5, golds, (golds + 1) % 3)
+    better = np.where(rng.random(30) < 0.5, golds, reference)  # right wherever it was, and more
+    labels = ["a", "b", "c"]
+    gains = paired_gains(better, reference, golds, 3)
+    scores = [classification_metrics([labels[c] for c in x], [labels[c] for c in golds],
+                                     labels)[0] for x in (better, reference)]
+    for metric in ("accuracy", "macro_f1"):
+        assert gains[f"{metric}_gain"] == pytest.approx(scores[0][metric] - scores[1][metric])
+        assert 0 < gains[f"{metric}_gain_low"] < gains[f"{metric}_gain"]
+        # pairing: the gain's interval is narrower than an unpaired difference's
+        half_width = (gains[f"{metric}_gain_high"] - gains[f"{metric}_gain_low"]) / 2
+        assert half_width < math.hypot(scores[0][f"{metric}_ci95"], scores[1][f"{metric}_ci95"])
+    same = paired_gains(reference, reference, golds, 3)
+    assert same["accuracy_gain_low"] == same["accuracy_gain_high"] == 0
+
+
 def test_generation_metrics_by_hand():
     metrics = generation_metrics(["The Cat sat", "a dog"],
                                  [["the cat sat."], ["no", "a big dog"]], translation=True)
@@ -184,7 +204,8 @@ def test_finetune_and_evaluate_end_to_end(run_pipeline, review_corpus):
   eval:
     plugin: evaluate
     inputs: {models: [base, sft], tokens: heldout.tokens}
-    params: {tasks: ["builtin:sentiment4?n=200&test=40"], max_instances: 20, context: 16}
+    params: {tasks: ["builtin:sentiment4?n=200&test=40"], max_instances: 20, context: 16,
+             compare_to: base}
 """.replace("REVIEWS", str(review_corpus)))
     assert result.code == 0, result.out + result.err
     sft = result.record["nodes"]["sft"]["metrics"]
@@ -195,6 +216,11 @@ def test_finetune_and_evaluate_end_to_end(run_pipeline, review_corpus):
     metrics = {(r["model"], r["metric"]) for r in report["rows"]}
     assert {("sft", "accuracy"), ("sft", "macro_f1"), ("base", "perplexity"),
             ("sft", "f1_Mixed"), ("random", "macro_f1")} <= metrics
+    value = {(r["model"], r["metric"]): r["value"] for r in report["rows"]}
+    gain = value[("sft", "macro_f1")] - value[("base", "macro_f1")]
+    assert value[("sft", "macro_f1_gain")] == pytest.approx(gain)
+    assert value[("sft", "macro_f1_gain_low")] <= gain <= value[("sft", "macro_f1_gain_high")]
+    assert ("base", "macro_f1_gain") not in value  # nor the baselines': only the models
     md = (result.output("eval") / "report.md").read_text()
     assert "| metric | majority | random | base | sft |" in md
     assert (result.output("eval") / "confusion-sft-sentiment4.png").stat().st_size > 1000

@@ -12,6 +12,7 @@ from conftest import TINY_BASE
 
 from gptflow.ml.checkpoint import load_any, load_model, save_model
 from gptflow.ml.config import preset_config
+from gptflow.ml.inference import DecodeLinear, nf4_compute_dtype
 from gptflow.ml.model import GPT
 from gptflow.ml.quant import (
     Int4Linear,
@@ -84,8 +85,12 @@ def test_quantized_artifact_round_trips(tmp_path, method, embeddings, tied, rank
         assert torch.equal(loaded(x), model(x))
         served = load_any(tmp_path / "q", inference=True)[0]  # as evaluate and generate
         assert not any(isinstance(m, NF4Linear) for m in served.modules())
-        # served int4 runs PyTorch's kernel on bf16 activations, unserved it de-quantizes
-        tolerance = 5e-3 if method == "int4" else 1e-5
+        if method == "nf4":  # de-quantized into the dtype NF4 computes in here
+            assert {m.weight_t.dtype for m in served.modules() if isinstance(m, DecodeLinear)
+                    and m is not served.lm_head} == {nf4_compute_dtype(torch.device("cpu"))}
+        # served int4 runs PyTorch's kernel on bf16 activations, unserved it de-quantizes;
+        # served NF4 computes in bf16 where the CPU has bf16 instructions
+        tolerance = 5e-3 if method in ("int4", "nf4") else 1e-5
         assert torch.allclose(served(x), model(x), atol=tolerance)
 
 

@@ -151,9 +151,9 @@ def quantize_linears_nf4(model: nn.Module, block: int = 64, double: bool = True)
     return replace_linears(model, lambda linear: NF4Linear(linear, block, double))
 
 
-def dequantize_model(model: nn.Module, kinds: tuple[type[nn.Module], ...] | None = None
-                     ) -> int:
-    """Put full-precision nn.Linear / nn.Embedding layers back in place of every
+def dequantize_model(model: nn.Module, kinds: tuple[type[nn.Module], ...] | None = None,
+                     dtype: torch.dtype = torch.float32) -> int:
+    """Put ``dtype`` nn.Linear / nn.Embedding layers back in place of every
     quantized one (of ``kinds`` only, if given; a tied head follows its
     embedding); returns how many."""
     kinds = kinds or (NF4Linear, Int8Linear, Int4Linear, QuantEmbedding)
@@ -170,11 +170,11 @@ def dequantize_model(model: nn.Module, kinds: tuple[type[nn.Module], ...] | None
         if isinstance(module, QuantEmbedding):
             table = module.table
             plain = nn.Embedding(table.out_features, table.in_features)
-            plain.weight = nn.Parameter(table.weight(), requires_grad=False)
+            plain.weight = nn.Parameter(table.weight(dtype), requires_grad=False)
         else:
             plain = nn.Linear(module.in_features, module.out_features,
-                              bias=module.bias is not None)
-            plain.weight = nn.Parameter(module.weight(), requires_grad=False)
+                              bias=module.bias is not None, device="meta")
+            plain.weight = nn.Parameter(module.weight(dtype), requires_grad=False)
             if module.bias is not None:
                 plain.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
         parent_name, _, child = name.rpartition(".")

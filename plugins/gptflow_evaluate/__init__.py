@@ -11,7 +11,12 @@ YAML keys (``params``):
 * ``split``: which instances (``test``); ``max_instances`` per task;
 * ``classify_by``: ``likelihood`` (the allowed label with the highest
   log-likelihood) or ``generate`` (free generation);
-* ``k_examples``: demonstrations in prompts (default: what the model was tuned with).
+* ``k_examples``: demonstrations in prompts (default: what the model was tuned with);
+* ``compare_to``: one of ``models`` (its node name): every other model's gains
+  over it on each classification task, ``accuracy_gain`` and ``macro_f1_gain``,
+  with the bounds of their 95% paired-bootstrap intervals (``..._gain_low``,
+  ``..._gain_high``: both models scored on the same resampled instances), the
+  test of "better" on a small test split.
 
 Inputs: ``models`` (a list of model artifacts); optional ``tokens`` for
 perplexity on their validation split, in windows of ``context`` tokens (at most
@@ -27,7 +32,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from gptflow import Context, Input, NodeType, Params, PathRef, hookimpl
+from gptflow import Context, Input, NodeError, NodeType, Params, PathRef, hookimpl
 
 
 class EvaluateParams(Params):
@@ -41,6 +46,9 @@ class EvaluateParams(Params):
     classify_by: Literal["likelihood", "generate"] = "likelihood"
     k_examples: int | None = Field(None, ge=0)
     """Demonstrations per prompt; default: the model's own setting, else 0."""
+    compare_to: str | None = None
+    """A model of ``models`` (its node name) the others' classification gains are
+    measured against, with paired 95% intervals."""
     max_new_tokens: int = Field(48, ge=1)
     """Generation length for generation tasks."""
     batch_size: int = Field(8, ge=1)
@@ -56,11 +64,13 @@ def run(context: Context, inputs: dict[str, Any], p: EvaluateParams) -> dict[str
     from gptflow.ml.data import SequentialWindows, TokenShards
     from gptflow.ml.evaluation import (
         baselines,
+        class_indices,
         classification_metrics,
         classify,
         generate_answers,
         generation_metrics,
         generation_speed,
+        paired_gains,
         perplexity,
         prompts_for,
     )
@@ -68,9 +78,14 @@ def run(context: Context, inputs: dict[str, Any], p: EvaluateParams) -> dict[str
     from gptflow.recipes import sources
     from gptflow_evaluate.report import render
 
+    names = [artifact.producer for artifact in inputs["models"]]
+    if p.compare_to is not None and p.compare_to not in names:
+        raise NodeError(f"params.compare_to: {p.compare_to!r} is not one of the models "
+                        f"({', '.join(names)})")
     tasks = [t for source in p.tasks for t in sources.tasks(source, p.fields)]
     rows: list[dict[str, Any]] = []
     confusions: dict[tuple[str, str], Any] = {}
+    classified: dict[tuple[str, str], tuple[Any, Any, int]] = {}  # class indices, k
 
     def add(model: str, task: str, metrics: dict[str, float]) -> None:
         rows.extend({"model": model, "task": task, "metric": k, "value": v}
@@ -109,15 +124,21 @@ def run(context: Context, inputs: dict[str, Any], p: EvaluateParams) -> dict[str
                     preds = classify(model, tokenizer, prompts, labels, loaded.prompt)
                 else:
                     preds = generate_answers(model, tokenizer, prompts, 8, p.batch_size)
-                metrics, confusion = classification_metrics(
-                    preds, [i.outputs[0] for i in instances], labels)
+                golds = [i.outputs[0] for i in instances]
+                metrics, confusion = classification_metrics(preds, golds, labels)
                 confusions[(name, task.name)] = (labels, confusion)
+                classified[(name, task.name)] = (*class_indices(preds, golds, labels),
+                                                 len(labels))
             else:
                 preds = generate_answers(model, tokenizer, prompts, p.max_new_tokens,
                                          p.batch_size)
                 metrics = generation_metrics(preds, [i.outputs for i in instances],
                                              task.kind == "translation")
             add(name, task.name, {**metrics, "instances": len(instances)})
+    for (name, task_name), (preds, golds, k) in classified.items():
+        if p.compare_to is not None and name != p.compare_to:
+            add(name, task_name, paired_gains(preds, classified[(p.compare_to, task_name)][0],
+                                              golds, k))
     out = context.output_dir("report")
     (out / "report.json").write_text(json.dumps({"rows": rows}, indent=2))
     render(out, rows, confusions)
