@@ -227,6 +227,17 @@ def test_finetune_and_evaluate_end_to_end(run_pipeline, review_corpus):
     assert (result.output("eval") / "macro_f1-sentiment4.png").is_file()
 
 
+def test_evaluate_compare_to_names_one_of_its_models(run_pipeline, review_corpus):
+    result = run_pipeline("name: ft\nnodes:\n" + TINY_BASE.format(corpus=review_corpus) + """\
+  eval:
+    plugin: evaluate
+    inputs: {models: [base]}
+    params: {tasks: ["builtin:sentiment4?n=40&test=10"], compare_to: bse}
+""")
+    assert result.code == 1  # the node fails, saying why
+    assert "params.compare_to: 'bse' is not one of the models (base)" in result.out
+
+
 def test_bf16_true_full_finetune_trains_in_bf16(run_pipeline, review_corpus):
     """bf16-true holds weights, gradients and optimizer state in bf16 (half of fp32's
     memory; the model is never put in fp32 first) and saves a bf16 artifact;

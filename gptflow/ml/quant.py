@@ -392,7 +392,7 @@ class LowRankCorrected(nn.Module):
 
     Why: fine-tuning a 4-bit model moves its weights by less than one step of the
     4-bit grid, so int4 alone rounds the fine-tune away (SmolLM2: every int4 code of
-    its 60-step fine-tune equals the base's, and the task accuracy falls back to
+    its 60-step fine-tune equals the base's, and the task accuracy falls back toward
     the base's); the error's top singular directions keep what tuning changed."""
 
     down: Tensor
