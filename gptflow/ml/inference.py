@@ -71,7 +71,7 @@ def for_inference(model: M) -> M:
     transposed (:class:`DecodeLinear`), a tied embedding reading the head's table."""
     nf4 = [m for m in model.modules() if isinstance(m, NF4Linear)]
     if nf4:
-        dequantize_model(model, (NF4Linear,), nf4_compute_dtype(nf4[0].state()["codes"].device))
+        dequantize_model(model, (NF4Linear,), nf4_compute_dtype(nf4[0].codes.device))
     for module in model.modules():
         if isinstance(module, Int4Linear):
             module.keep_packed = True

@@ -113,6 +113,8 @@ class _FrozenMatmul(torch.autograd.Function):
 class NF4Linear(nn.Module):
     """A frozen linear layer stored in NF4."""
 
+    codes: Tensor
+
     def __init__(self, linear: nn.Linear, block: int = 64, double: bool = True) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
