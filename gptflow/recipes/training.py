@@ -320,7 +320,8 @@ def _fit(context: Context, module: L.LightningModule, train: IterableDataset[Any
         throughput, ExactResume(train, start_step), Finite(),
         StopOnSignal(context.work_dir / "checkpoints" / "last.ckpt")])
     cuda = torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda"
-    if cuda:
+    if cuda:  # the allocator's stats exist once CUDA is initialised (fit would, later)
+        torch.cuda.init()  # type: ignore[no-untyped-call]
         torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
     with PeakMemory() as peak, signals.deferred():
         try:
