@@ -76,6 +76,16 @@ class CausalLM(L.LightningModule):
         self.log("val_loss", loss, rank_zero_only=True)
         self.log("val_ppl", math.exp(min(loss, 50.0)), rank_zero_only=True)
 
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Under FSDP the norm spans every shard, so the wrapped model clips it
+        (Lightning's FSDP precision plugin refuses to clip by norm)."""
+        clip_grad_norm = getattr(self.trainer.model, "clip_grad_norm_", None)
+        if gradient_clip_val and clip_grad_norm and gradient_clip_algorithm in (None, "norm"):
+            clip_grad_norm(gradient_clip_val)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self) -> Any:
         groups = param_groups(self.model, self.optim.weight_decay)
         # fused: one kernel, not one per tensor; Lightning's mixed precision refuses to
