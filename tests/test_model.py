@@ -51,6 +51,21 @@ def test_sdpa_equals_naive(n_kv_head, position):
     assert torch.allclose(fused, model(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("amx", [False, True])
+def test_half_precision_attention_on_a_cpu_without_amx_computes_in_fp32(monkeypatch, amx):
+    from gptflow.ml import model as model_module
+
+    monkeypatch.setattr(model_module, "cpu_has_amx", lambda: amx)
+    attention = tiny(n_kv_head=2).blocks[0].attn
+    q, k, v = (torch.randn(2, heads, 40, 16, dtype=torch.bfloat16) for heads in (4, 2, 2))
+    wide = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as bf16-mixed training runs it
+        y = attention.attend(q, k, v, 0, None)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, wide) != amx  # with AMX: bf16's own kernel
+
+
 @pytest.mark.parametrize("position", ["learned", "rope"])
 def test_kv_cache_equals_full_recompute(position):
     model = tiny(position=position, n_kv_head=2).eval()
