@@ -102,6 +102,17 @@ def test_nf4_error_bounds_and_size(double):
     assert size <= (0.13 if double else 0.141) * w.numel() * 4
 
 
+@pytest.mark.parametrize(("shape", "block"), [((96, 64), 64), ((3, 6), 18)])
+def test_nf4_dequantizes_each_code_to_its_level_times_its_block_scale(shape, block):
+    torch.manual_seed(0)
+    state = quantize_nf4(torch.randn(*shape), block=block, double=False)
+    assert state["codes"].numel() % 2 == (shape == (3, 6))  # an odd byte count too
+    codes = torch.stack([state["codes"] & 0xF, state["codes"] >> 4], dim=-1).flatten()
+    expected = (NF4_LEVELS[codes.long()].view(-1, block) * state["absmax"][:, None]).view(shape)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(dequantize_nf4(state, dtype), expected.to(dtype))
+
+
 @pytest.mark.parametrize("kind", [NF4Linear, Int4Linear])
 def test_qlora_base_trains_adapters_through_4_bits(kind):
     model = tiny().train()
