@@ -26,7 +26,7 @@ TUNING = ("full", "lora", "qlora", "qlora-nf4")
 MB = 1e6
 NAMES = {"base": "zero-shot (chat)", "base-ni": "zero-shot (plain)", "full": "full FT",
          "lora": "LoRA", "qlora": "QLoRA (int4 base)", "qlora-nf4": "QLoRA (NF4 base)",
-         "int8": "int8", "int8-dynamic": "int8-dynamic", "int4": "int4",
+         "bf16": "bf16", "int8": "int8", "int8-dynamic": "int8-dynamic", "int4": "int4",
          "int4-r16": "int4 + rank-16 correction", "nf4": "nf4",
          "distilled": "distilled", "undistilled": "same student, no teacher",
          "scratch": "same shape, from scratch", "undistilled-long": "no teacher, equal compute",
@@ -155,7 +155,7 @@ def quant_table(r: Report) -> str:
     fp32 = r.value.get(("full", "-", "perplexity"))
     acc32 = r.mean("full", "classification", "accuracy")
     rows = []
-    for name in ("full", "int8", "int8-dynamic", "int4", "int4-r16", "nf4"):
+    for name in ("full", "bf16", "int8", "int8-dynamic", "int4", "int4-r16", "nf4"):
         ppl = r.value.get((name, "-", "perplexity"))
         acc = r.mean(name, "classification", "accuracy")
         rows.append([

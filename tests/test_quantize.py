@@ -60,7 +60,8 @@ def test_cpu_kernels_match_the_dequantized_weight(linear, make):
                           ("nf4", False, True, 0), ("int8", True, True, 0),
                           ("int4", True, False, 0), ("int8-dynamic", True, True, 0),
                           ("int4", True, False, 4), ("nf4", False, True, 4),
-                          ("int8-dynamic", False, True, 4)])
+                          ("int8-dynamic", False, True, 4), ("bf16", False, True, 0),
+                          ("bf16", False, False, 0)])
 def test_quantized_artifact_round_trips(tmp_path, method, embeddings, tied, rank):
     tokenizer = Tokenizer.train_char(["quantized models are small"])
     torch.manual_seed(0)
@@ -90,7 +91,7 @@ def test_quantized_artifact_round_trips(tmp_path, method, embeddings, tied, rank
                     and m is not served.lm_head} == {nf4_compute_dtype(torch.device("cpu"))}
         # served int4 runs PyTorch's kernel on bf16 activations, unserved it de-quantizes;
         # served NF4 computes in bf16 where the CPU has bf16 instructions
-        tolerance = 5e-3 if method in ("int4", "nf4") else 1e-5
+        tolerance = 5e-3 if method in ("int4", "nf4", "bf16") else 1e-5
         assert torch.allclose(served(x), model(x), atol=tolerance)
 
 
@@ -119,6 +120,15 @@ def test_quantize_node_then_evaluate_and_generate(run_pipeline, review_corpus, c
     capfd.readouterr()
     assert main(["generate", str(result.output("int4")), "--prompt", "The",
                  "--max-new-tokens", "5"]) == 0
+
+
+def test_bf16_takes_neither_embeddings_nor_a_correction():
+    from gptflow_quantize import QuantizeParams
+    from pydantic import ValidationError
+
+    for extra in ({"embeddings": True}, {"correction_rank": 4}):
+        with pytest.raises(ValidationError, match="bf16 casts every weight"):
+            QuantizeParams(method="bf16", **extra)
 
 
 def test_int4_at_group_32_keeps_a_q4_1_grid_exactly():

@@ -1,8 +1,9 @@
-"""quantize: a smaller model artifact with int8, int4 or NF4 linear layers.
+"""quantize: a smaller model artifact: bf16, or int8, int4 or NF4 linear layers.
 
 YAML keys (``params``):
 
-* ``method``: ``int8`` (symmetric, per output channel, weight-only),
+* ``method``: ``bf16`` (every weight cast to bfloat16: half the bytes, served
+  in bf16), ``int8`` (symmetric, per output channel, weight-only),
   ``int8-dynamic`` (the same stored weights; activations quantized per token at
   each call, as torchao's int8 dynamic-activation config),
   ``int4`` (group-wise, asymmetric: a scale and a low per group, two values per
@@ -30,7 +31,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from gptflow import Context, Input, NodeError, NodeType, Params, hookimpl
 from gptflow.ml.config import QuantMethod
@@ -38,15 +39,22 @@ from gptflow.ml.config import QuantMethod
 
 class QuantizeParams(Params):
     method: QuantMethod = "int8"
-    """int8: per-channel symmetric, weight-only; int8-dynamic: the same weights with
-    activations quantized per call (faster on CPU); int4: group-wise; nf4: QLoRA's
-    NormalFloat."""
+    """bf16: every weight cast to bfloat16; int8: per-channel symmetric, weight-only;
+    int8-dynamic: the same weights with activations quantized per call (faster on CPU);
+    int4: group-wise; nf4: QLoRA's NormalFloat."""
     group_size: int = Field(32, ge=16)
     """Input columns per int4 scale, or weights per NF4 block."""
     embeddings: bool = False
     """Quantize the token embedding too (int8/int4); a tied output head shares it."""
     correction_rank: int = Field(0, ge=0)
     """Rank of each linear layer's rounding error kept beside it in fp16 (0: none)."""
+
+    @model_validator(mode="after")
+    def _bf16_casts_everything(self) -> QuantizeParams:
+        if self.method == "bf16" and (self.embeddings or self.correction_rank):
+            raise ValueError("method bf16 casts every weight, the embedding included, and "
+                             "has no grid to correct: drop embeddings and correction_rank")
+        return self
 
 
 def run(context: Context, inputs: dict[str, Any], p: QuantizeParams) -> dict[str, Any]:
@@ -91,4 +99,4 @@ def register_node_types(register: Any) -> None:
         name="quantize", run=run, params=QuantizeParams, version="1",
         inputs={"model": Input("model")}, outputs={"model": "model"},
         headline=("bytes_ratio", "gen_tokens_per_s", "gen_tokens_per_s_before"),
-        description="Quantize a model: int8 (weight-only or dynamic), int4 or nf4."))
+        description="Quantize a model: bf16, int8 (weight-only or dynamic), int4 or nf4."))
