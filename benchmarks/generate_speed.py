@@ -16,8 +16,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-import torch
-from results import smollm2, table, write_section
+from results import hf_greedy, smollm2, table, write_section
 
 QUESTION = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 
@@ -33,8 +32,6 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    import transformers
-
     from gptflow.ml.generate import generate
     from gptflow.ml.gguf_io import load_gguf
     from gptflow.ml.inference import for_inference
@@ -43,20 +40,13 @@ def main() -> None:
     path = smollm2()
     ours, tokenizer = load_gguf(path)
     for_inference(ours)  # as gptflow generate and evaluate load it
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent),
-                                                               gguf_file=path.name).eval()
     prompt = tokenizer.encode_prompt(tokenizer.render_chat(QUESTION))
     n = args.new_tokens
+    hf = hf_greedy(path, prompt, n, pad_id=tokenizer.pad_id)
     variants = {"int8-dynamic": load_gguf(path)[0], "int4": load_gguf(path)[0]}
     for method, model in variants.items():
         quantize_model(model, method)
         for_inference(model)
-
-    def hf() -> list[int]:
-        with torch.inference_mode():
-            out = theirs.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n,
-                                  do_sample=False, pad_token_id=tokenizer.pad_id)
-        return out[0, len(prompt):].tolist()
 
     sides: dict[str, Callable[[], list[int]]] = {
         "transformers": hf,

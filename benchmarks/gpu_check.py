@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from results import table, write_section
+from results import hf_greedy, table, write_section
 
 from gptflow.session import run_pipeline
 
@@ -206,15 +206,15 @@ def generation(model_dir: Path, gguf: Path | None, device: str) -> list[tuple[st
     from gptflow.ml.generate import generate
     from gptflow.ml.inference import for_inference
 
-    prompt = load_any(model_dir)[1].encode("The")
-    sides: dict[str, Callable[[], int]] = {}
+    sides: dict[str, Callable[[], list[int]]] = {}
     for dtype in (torch.float32, torch.bfloat16) if device == "cuda" else (torch.float32,):
-        model = for_inference(load_any(model_dir, device)[0].to(dtype))
+        model, tokenizer, _ = load_any(model_dir, device)
+        model, prompt = for_inference(model.to(dtype)), tokenizer.encode("The")
         name = str(dtype).removeprefix("torch.")
-        sides[f"gptflow {name}"] = lambda m=model: len(generate(m, prompt, NEW_TOKENS,
-                                                                temperature=0.0))
+        sides[f"gptflow {name}"] = lambda m=model, p=prompt: generate(m, p, NEW_TOKENS,
+                                                                       temperature=0.0)
         if gguf is not None:
-            sides[f"transformers {name}"] = hf_generate(gguf, prompt, device, dtype)
+            sides[f"transformers {name}"] = hf_greedy(gguf, prompt, NEW_TOKENS, device, dtype)
     speeds: dict[str, list[float]] = {name: [] for name in sides}
     for run in sides.values():
         run()  # warm-up
@@ -223,7 +223,7 @@ def generation(model_dir: Path, gguf: Path | None, device: str) -> list[tuple[st
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            n = run()
+            n = len(run())
             if device == "cuda":
                 torch.cuda.synchronize()
             speeds[name].append(n / (time.perf_counter() - start))
@@ -234,22 +234,6 @@ def generation(model_dir: Path, gguf: Path | None, device: str) -> list[tuple[st
         vs = f"{speed / reference:.2f}x transformers" if reference and "gptflow" in name else ""
         rows.append((f"generate, {name}", f"{speed:,.0f} tokens/s", vs, "ok"))
     return rows
-
-
-def hf_generate(gguf: Path, prompt: list[int], device: str, dtype: torch.dtype
-                ) -> Callable[[], int]:
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=dtype).to(device).eval()
-    ids = torch.tensor([prompt], device=device)
-
-    def run() -> int:
-        with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                 do_sample=False, pad_token_id=0)
-        return out.shape[1] - len(prompt)
-    return run
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import platform
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,27 @@ def gemma3(folder: Path) -> Path:
 
     target = folder / package.MODEL_NAME
     return target if target.is_file() else Path(package.assemble(target))
+
+
+def hf_greedy(gguf: Path, prompt: list[int], new_tokens: int, device: str = "cpu",
+              dtype: Any = None, pad_id: int = 0) -> Callable[[], list[int]]:
+    """The reference side of a generation benchmark: transformers' own GGUF loader
+    (``dtype``, if given) and ``generate``, batch 1, greedy, exactly ``new_tokens``
+    new tokens after ``prompt``; returns a function that runs it once."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, **({"dtype": dtype} if dtype else {}))
+    model = model.to(device).eval()
+    ids = torch.tensor([prompt], device=device)
+
+    def run() -> list[int]:
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 do_sample=False, pad_token_id=pad_id)
+        return out[0, len(prompt):].tolist()
+    return run
 
 
 def smollm2() -> Path:

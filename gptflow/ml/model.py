@@ -151,10 +151,10 @@ class Attention(nn.Module):
             if q.device.type == "cpu" and q.dtype != torch.float32 and not cpu_has_amx():
                 # a CPU without AMX tiles runs half-precision flash attention ~1.6x
                 # slower than fp32's (forward and backward, measured): compute it in fp32
+                if mask is not None and mask.dtype != torch.bool:
+                    mask = mask.float()  # an additive mask, in the scores' dtype
                 with torch.autocast("cpu", enabled=False):
-                    wide = None if mask is None or mask.dtype == torch.bool else mask.float()
-                    return sdpa(q.float(), k.float(), v.float(),
-                                mask if wide is None else wide).to(q.dtype)
+                    return sdpa(q.float(), k.float(), v.float(), mask).to(q.dtype)
             return sdpa(q, k, v, mask)
         return naive_attention(q, k, v, mask, dropout, causal=start == 0, scale=cfg.attn_scale)
 
