@@ -75,6 +75,36 @@ def test_a_quantized_head_trains_through_its_own_backward():
         assert torch.allclose(got[name], g, atol=1e-5), name
 
 
+def per_example_reference(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
+                          ) -> torch.Tensor:
+    """The mean over rows of each row's mean cross-entropy, from full logits."""
+    rows = [loss.token_loss(model(x[r:r + 1]), y[r:r + 1]) for r in range(len(x))
+            if (y[r] != -100).any()]
+    return torch.stack(rows).mean()
+
+
+@pytest.mark.parametrize("head", ["fused", "quantized"])
+def test_example_reduction_weighs_every_row_alike(head, monkeypatch):
+    """Rows of 10, 5 and 1 targets (and one with none) weigh the same: values and
+    gradients equal the mean of per-row means, through the fused head in chunks and
+    through a quantized head's own backward."""
+    model, x, y = model_and_batch(tie=head == "fused")
+    x, y = torch.cat([x, x[:1]]), torch.cat([y, torch.full_like(y[:1], -100)])
+    y[2, 31:] = -100  # a one-token answer
+    if head == "quantized":
+        prepare(model, LoraConfig(base_path="", base_fingerprint="", rank=2,
+                                  layers=("*.q_proj",), quantize_base="nf4"))
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", VOCAB * 4)
+    reference = per_example_reference(model, x, y)
+    expected = grads(model, reference)
+    ours = loss.supervised_loss(model, x, y, reduction="example")
+    got = grads(model, ours)
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert ours.item() != pytest.approx(loss.supervised_loss(model, x, y).item(), rel=1e-3)
+    for name, g in expected.items():
+        assert torch.allclose(got[name], g, atol=1e-6), name
+
+
 def test_nothing_supervised_is_nan_as_cross_entropy():
     model, x, y = model_and_batch(tie=True)
     y[:] = -100

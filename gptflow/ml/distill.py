@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gptflow.ml.instruct import IGNORE, real_positions
 from gptflow.ml.lm import CausalLM
-from gptflow.ml.loss import chunk_rows, head_loss, shared_prefix
+from gptflow.ml.loss import chunk_rows, example_weights, head_loss, shared_prefix
 from gptflow.ml.model import GPT
 from gptflow.ml.optim import Optim
 
@@ -54,10 +54,12 @@ def student_from_teacher(teacher: GPT, keep: int) -> GPT:
 
 
 def kd_loss(student: Tensor, teacher: Tensor, targets: Tensor, heads: tuple[nn.Module, nn.Module],
-            alpha: float, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+            alpha: float, temperature: float, weights: Tensor | None = None
+            ) -> tuple[Tensor, Tensor, Tensor]:
     """(total, soft KL term, hard CE term) for the student's and the teacher's hidden
     states (N, C) at N positions, their ``heads`` (student's, teacher's) and the
-    targets (N,), IGNORE where only the soft term applies."""
+    targets (N,), IGNORE where only the soft term applies; ``weights`` (one per
+    target, summing to 1) weigh the hard term's, else it is their mean."""
     student_head, teacher_head = heads
     rows = chunk_rows(student_head)
     soft = sum((checkpoint(_kl_sum, student_head, teacher_head, student[s:s + rows],
@@ -65,7 +67,8 @@ def kd_loss(student: Tensor, teacher: Tensor, targets: Tensor, heads: tuple[nn.M
                 for s in range(0, len(student), rows)), student.new_zeros((), dtype=torch.float32))
     soft = soft / len(student) * temperature**2
     supervised = targets != IGNORE
-    hard = head_loss(student_head, student[supervised], targets[supervised], "mean")
+    hard = head_loss(student_head, student[supervised], targets[supervised],
+                     "mean" if weights is None else "sum", weights)
     return alpha * soft + (1 - alpha) * hard, soft, hard
 
 
@@ -84,8 +87,8 @@ class DistillLM(CausalLM):
     student's parameters are in the optimizer."""
 
     def __init__(self, student: GPT, teacher: GPT, optim: Optim, max_steps: int,
-                 alpha: float, temperature: float) -> None:
-        super().__init__(student, optim, max_steps)
+                 alpha: float, temperature: float, reduction: str = "mean") -> None:
+        super().__init__(student, optim, max_steps, reduction)
         self.teacher = [teacher.eval().requires_grad_(False)]  # a list: not a submodule
         self.alpha, self.temperature = alpha, temperature
 
@@ -100,9 +103,10 @@ class DistillLM(CausalLM):
         real = real_positions(y)[:, shared:]
         with torch.no_grad():
             teacher = self.teacher[0].hidden(x, shared=shared)[real]
+        targets = y[:, shared:]
+        weights = example_weights(targets != IGNORE) if self.reduction == "example" else None
         loss, soft, hard = kd_loss(self.model.hidden(x, shared=shared)[real], teacher,
-                                   y[:, shared:][real],
-                                   (self.model.lm_head, self.teacher[0].lm_head),
-                                   self.alpha, self.temperature)
+                                   targets[real], (self.model.lm_head, self.teacher[0].lm_head),
+                                   self.alpha, self.temperature, weights)
         self.log_dict({"train_loss": loss, "kd_loss": soft, "ce_loss": hard})
         return loss

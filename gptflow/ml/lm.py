@@ -44,9 +44,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 class CausalLM(L.LightningModule):
-    def __init__(self, model: GPT, optim: Optim, max_steps: int) -> None:
+    def __init__(self, model: GPT, optim: Optim, max_steps: int, reduction: str = "mean"
+                 ) -> None:
         super().__init__()
         self.model, self.optim, self.max_steps = model, optim, max_steps
+        self.reduction = reduction  # of the training loss: supervised_loss's "mean" or "example"
         self._val_sum = torch.zeros((), dtype=torch.float64)
         self._val_count = 0
 
@@ -55,7 +57,7 @@ class CausalLM(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        loss = supervised_loss(self.model, x, y)
+        loss = supervised_loss(self.model, x, y, self.reduction)
         self.log("train_loss", loss, prog_bar=False)
         return loss
 

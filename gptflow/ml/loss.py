@@ -31,12 +31,24 @@ def token_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tens
 
 def supervised_loss(model: GPT, x: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
     """Next-token NLL of ``model`` on inputs ``x`` and targets ``y`` (B, T), with
-    the head computed only where a target is not IGNORE; ``reduction="none"``
-    gives each such target's NLL, in row-major order."""
+    the head computed only where a target is not IGNORE. ``reduction``: "mean" over
+    the targets, "example" (the mean over rows of each row's mean: a row's answer
+    weighs the same however many tokens it has), "sum", or "none" (each target's
+    NLL, in row-major order)."""
     keep = y != IGNORE
     shared = shared_prefix(model, x, keep)
     h = model.hidden(x, shared=shared)[keep[:, shared:]]  # (N, C)
+    if reduction == "example":
+        return head_loss(model.lm_head, h, y[keep], "sum", example_weights(keep))
     return head_loss(model.lm_head, h, y[keep], reduction)
+
+
+def example_weights(keep: Tensor) -> Tensor:
+    """A weight for each True of ``keep`` (B, T), in row-major order: 1 / (its row's
+    Trues x the rows with any), so that every row with a target weighs the same."""
+    counts = keep.sum(dim=1)
+    per_row = 1.0 / (counts.clamp(min=1) * int((counts > 0).sum()))
+    return per_row.float()[keep.nonzero()[:, 0]]
 
 
 def shared_prefix(model: GPT, x: Tensor, keep: Tensor) -> int:
@@ -57,20 +69,23 @@ def chunk_rows(head: torch.nn.Module) -> int:
     return max(1, CHUNK_ELEMENTS // vocab)
 
 
-def head_loss(head: torch.nn.Module, h: Tensor, targets: Tensor, reduction: str) -> Tensor:
+def head_loss(head: torch.nn.Module, h: Tensor, targets: Tensor, reduction: str,
+              weights: Tensor | None = None) -> Tensor:
     """Cross-entropy of ``head(h)`` (N, V) against ``targets`` (N,), ``CHUNK_ELEMENTS``
-    logits at a time."""
+    logits at a time; with ``weights`` (N,), each row's term is weighted."""
     rows = chunk_rows(head)
     plain_linear = type(head) is torch.nn.Linear and head.bias is None
     if torch.is_grad_enabled() and plain_linear and (h.requires_grad or head.weight.requires_grad):
         if reduction == "none":
             raise ValueError("reduction='none' is for scoring, without gradients")
-        total = _LinearCrossEntropy.apply(h, head.weight, targets, rows)  # type: ignore[no-untyped-call]
+        total = _LinearCrossEntropy.apply(h, head.weight, targets, rows, weights)  # type: ignore[no-untyped-call]
     else:  # scoring in chunks; a quantized or adapted head trains through its own backward
         step = max(1, len(h)) if torch.is_grad_enabled() else rows
         losses = torch.cat([F.cross_entropy(head(h[s:s + step]).float(), targets[s:s + step],
                                             reduction="none")
                             for s in range(0, len(h), step)] or [h.new_zeros(0)])
+        if weights is not None:
+            losses = losses * weights
         total = losses if reduction == "none" else losses.sum()
     if reduction == "mean":
         return total / len(targets)  # nan when nothing is supervised, as F.cross_entropy
@@ -78,11 +93,13 @@ def head_loss(head: torch.nn.Module, h: Tensor, targets: Tensor, reduction: str)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """sum of CE(h @ W^T, targets), its gradients computed chunk by chunk in the
-    forward pass (softmax - one-hot), so no chunk's logits outlive it."""
+    """sum of CE(h @ W^T, targets) (each row's times its weight, when given), its
+    gradients computed chunk by chunk in the forward pass (softmax - one-hot), so
+    no chunk's logits outlive it."""
 
     @staticmethod
-    def forward(ctx: Any, h: Tensor, weight: Tensor, targets: Tensor, rows: int) -> Tensor:
+    def forward(ctx: Any, h: Tensor, weight: Tensor, targets: Tensor, rows: int,
+                weights: Tensor | None) -> Tensor:
         device = h.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) \
             else weight.dtype
@@ -95,9 +112,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 hc, t = h[s:s + rows].to(dtype), targets[s:s + rows]
                 logits = (hc @ w.T).float()  # (rows, V)
                 lse = logits.logsumexp(dim=-1)
-                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                nll = lse - logits.gather(1, t[:, None]).squeeze(1)
                 grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place
                 grad[torch.arange(len(t), device=h.device), t] -= 1
+                if weights is not None:
+                    nll = nll * weights[s:s + rows]
+                    grad.mul_(weights[s:s + rows, None])
+                total += nll.sum()
                 grad = grad.to(dtype)
                 if grad_h is not None:
                     grad_h[s:s + rows] = grad @ w
@@ -112,4 +133,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         grad_h, grad_w = ctx.saved_tensors
         return (None if grad_h is None else grad_h * grad_out,
-                None if grad_w is None else grad_w * grad_out, None, None)
+                None if grad_w is None else grad_w * grad_out, None, None, None)

@@ -232,6 +232,11 @@ class InstructionParams(Params):
     oversample: bool = False
     """Repeat the training instances of each classification task's smaller classes
     (drawn at random) until every class is as large as its largest."""
+    loss_weight: Literal["example", "token"] = "example"
+    """example: every training example weighs the same in the loss, its answer's tokens
+    sharing its weight, so a one-word label counts as much as a 56-token translation;
+    token: every answer token weighs the same (Hugging Face's Trainer), and tasks with
+    long answers drown those with short ones."""
     reverse: bool = False
     """Train the tasks backwards — write an input given its output (a review given
     its label): the generator that generate-synthetic-data samples from."""

@@ -30,7 +30,7 @@ from gptflow.recipes.training import Fitted, fit, seed
 
 def tune(context: Context, model: GPT, tokenizer: Tokenizer, p: InstructionParams,
          data: Sequence[Artifact] = (),
-         make_module: Callable[[GPT, Optim, int], CausalLM] = CausalLM) -> Fitted:
+         make_module: Callable[[GPT, Optim, int, str], CausalLM] = CausalLM) -> Fitted:
     """Train ``model`` (its trainable parameters) on the tasks, with the loss of
     ``make_module`` (plain next-token loss by default)."""
     seed(p.seed)
@@ -50,7 +50,8 @@ def tune(context: Context, model: GPT, tokenizer: Tokenizer, p: InstructionParam
         raise NodeError("the tasks have no validation instances")
     context.log.info("%d training and %d validation examples from %d tasks and %d chat "
                      "sources", len(train), len(val), len(tasks), len(p.chats))
-    module = make_module(model, p.optim.config(), p.trainer.max_steps)
+    module = make_module(model, p.optim.config(), p.trainer.max_steps,
+                         "example" if p.loss_weight == "example" else "mean")
     batches = InstructionBatches(train, p.batch_size, tokenizer.pad_id, p.seed)
     val_loader = DataLoader(Batches(val, p.batch_size, tokenizer.pad_id), batch_size=None)
     fitted = fit(context, module, batches, val_loader, p.trainer, p.trainer.max_steps)

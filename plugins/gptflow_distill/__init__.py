@@ -16,7 +16,7 @@ input is given), ``keep_layers`` (instead: the student is the teacher with that
 many of its blocks, evenly spaced, as DistilBERT starts), ``alpha``,
 ``temperature``, ``trainer``, ``optim``, ``batch_size``, ``seed``, and for task
 data the instruction-finetune keys (``tasks``, ``k_examples``, ``template``,
-``max_per_task``, ``max_len``).
+``max_per_task``, ``max_len``, ``loss_weight``: the hard term's).
 
 Inputs: ``teacher`` (model), ``tokens`` or task data, optional ``student`` (a
 model to start from). Output: ``model`` (the student).
@@ -88,8 +88,8 @@ def run(context: Context, inputs: dict[str, Any], p: DistillParams) -> dict[str,
             raise NodeError(f"the {who}'s tokenizer differs from the one the data is encoded "
                             "with: distillation needs one shared tokenizer")
 
-    def module(model: GPT, optim: Optim, steps: int) -> DistillLM:
-        return DistillLM(model, teacher, optim, steps, p.alpha, p.temperature)
+    def module(model: GPT, optim: Optim, steps: int, reduction: str = "mean") -> DistillLM:
+        return DistillLM(model, teacher, optim, steps, p.alpha, p.temperature, reduction)
 
     info: dict[str, Any] = {}
     if tokens is None:

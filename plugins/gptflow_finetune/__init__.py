@@ -10,6 +10,8 @@ YAML keys (``params``):
   examples, input, "Output:"); stored with the model for ``evaluate``;
 * ``max_per_task``: cap on training instances per task (multi-task mixing);
 * ``max_len``: longest prompt + output in tokens (at most the model's context);
+* ``loss_weight``: ``example`` (every example weighs the same, however long its
+  answer; the default) or ``token`` (every answer token does: long answers dominate);
 * ``trainer``, ``optim``, ``batch_size``, ``seed``: as in ``pretrain``.
 
 Inputs: ``model``; optional ``data``, ``dataset`` artifacts with more instances.

@@ -9,8 +9,8 @@ adapter: its weights, its config and the fingerprint of the base it belongs to
 (a few KB to MB).
 
 YAML keys (``params``): everything ``instruction-finetune`` takes (``tasks``,
-``k_examples``, ``template``, ``max_per_task``, ``max_len``, ``trainer``,
-``optim``, ``batch_size``, ``seed``), plus
+``k_examples``, ``template``, ``max_per_task``, ``max_len``, ``loss_weight``,
+``trainer``, ``optim``, ``batch_size``, ``seed``), plus
 
 * ``rank``, ``alpha``, ``dropout``: the adapters (update scale alpha / rank);
 * ``layers``: name patterns of the layers to adapt (``*.q_proj``, ``*.up_proj``, ...);
