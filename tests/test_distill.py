@@ -86,6 +86,29 @@ def test_alpha_zero_trains_without_running_the_teacher():
     assert torch.allclose(loss, token_loss(student(x[:, :-1]), x[:, 1:]))
 
 
+def test_example_weighting_gives_each_rows_answer_one_weight():
+    """loss_weight: example — the hard term (and plain training, alpha 0) is the mean
+    over rows of each row's mean cross-entropy, for answers of 8, 1 and 4 tokens."""
+    torch.manual_seed(0)
+    teacher = GPT(preset_config("tiny", vocab_size=50))
+    student = GPT(preset_config("tiny", vocab_size=50, d_model=32, n_head=2))
+    x = torch.randint(0, 50, (3, 17))
+    y = x[:, 1:].clone()
+    for row, answer in enumerate((8, 1, 4)):
+        y[row, :16 - answer] = -100
+    x = x[:, :-1]
+    expected = torch.stack([token_loss(student(x[r:r + 1]), y[r:r + 1]) for r in range(3)]).mean()
+    assert not torch.allclose(expected, token_loss(student(x), y))
+    logged: dict[str, torch.Tensor] = {}
+    module = DistillLM(student, teacher, Optim(), 5, 0.5, 2.0, "example")
+    module.log_dict = lambda values, **k: logged.update(values)
+    module.training_step((x, y), 0)
+    assert torch.allclose(logged["ce_loss"], expected, atol=1e-5)
+    plain = DistillLM(student, teacher, Optim(), 5, 0.0, 2.0, "example")
+    plain.log = lambda *a, **k: None
+    assert torch.allclose(plain.training_step((x, y), 0), expected, atol=1e-5)
+
+
 def test_only_the_student_learns():
     torch.manual_seed(0)
     teacher = GPT(preset_config("tiny", vocab_size=50))
