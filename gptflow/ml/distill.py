@@ -67,8 +67,7 @@ def kd_loss(student: Tensor, teacher: Tensor, targets: Tensor, heads: tuple[nn.M
                 for s in range(0, len(student), rows)), student.new_zeros((), dtype=torch.float32))
     soft = soft / len(student) * temperature**2
     supervised = targets != IGNORE
-    hard = head_loss(student_head, student[supervised], targets[supervised],
-                     "mean" if weights is None else "sum", weights)
+    hard = head_loss(student_head, student[supervised], targets[supervised], "mean", weights)
     return alpha * soft + (1 - alpha) * hard, soft, hard
 
 

@@ -39,7 +39,7 @@ def supervised_loss(model: GPT, x: Tensor, y: Tensor, reduction: str = "mean") -
     shared = shared_prefix(model, x, keep)
     h = model.hidden(x, shared=shared)[keep[:, shared:]]  # (N, C)
     if reduction == "example":
-        return head_loss(model.lm_head, h, y[keep], "sum", example_weights(keep))
+        return head_loss(model.lm_head, h, y[keep], "mean", example_weights(keep))
     return head_loss(model.lm_head, h, y[keep], reduction)
 
 
@@ -72,7 +72,8 @@ def chunk_rows(head: torch.nn.Module) -> int:
 def head_loss(head: torch.nn.Module, h: Tensor, targets: Tensor, reduction: str,
               weights: Tensor | None = None) -> Tensor:
     """Cross-entropy of ``head(h)`` (N, V) against ``targets`` (N,), ``CHUNK_ELEMENTS``
-    logits at a time; with ``weights`` (N,), each row's term is weighted."""
+    logits at a time; with ``weights`` (N,), each row's term is weighted, and "mean"
+    is their weighted sum (weights that sum to 1, as example_weights gives)."""
     rows = chunk_rows(head)
     plain_linear = type(head) is torch.nn.Linear and head.bias is None
     if torch.is_grad_enabled() and plain_linear and (h.requires_grad or head.weight.requires_grad):
@@ -87,7 +88,7 @@ def head_loss(head: torch.nn.Module, h: Tensor, targets: Tensor, reduction: str,
         if weights is not None:
             losses = losses * weights
         total = losses if reduction == "none" else losses.sum()
-    if reduction == "mean":
+    if reduction == "mean" and weights is None:
         return total / len(targets)  # nan when nothing is supervised, as F.cross_entropy
     return total
 
