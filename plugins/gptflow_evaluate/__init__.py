@@ -8,7 +8,8 @@ YAML keys (``params``):
   confusion matrix, with a majority-class and a random baseline; generation
   tasks exact match and ROUGE-L; translation tasks BLEU and chrF too; every
   prediction is scored against every reference;
-* ``split``: which instances (``test``); ``max_instances`` per task;
+* ``split``: which instances (``test``; ``held-out``: val and test, every instance
+  no training saw, when nothing was chosen by val scores); ``max_instances`` per task;
 * ``classify_by``: ``likelihood`` (the allowed label with the highest
   log-likelihood) or ``generate`` (free generation);
 * ``k_examples``: demonstrations in prompts (default: what the model was tuned with);
@@ -40,7 +41,7 @@ class EvaluateParams(Params):
     """Task sources: NI task .json files, folders, globs, .jsonl, builtin:sentiment4."""
     fields: tuple[str, str, str] = ("instruction", "input", "output")
     """Field names of instruction, input and output in .jsonl sources."""
-    split: Literal["train", "val", "test"] = "test"
+    split: Literal["train", "val", "test", "held-out"] = "test"
     max_instances: int = Field(300, ge=1)
     """Instances scored per task (the first ones of the split, in file order)."""
     classify_by: Literal["likelihood", "generate"] = "likelihood"
