@@ -32,6 +32,9 @@ NAMES = {"base": "zero-shot (chat)", "base-ni": "zero-shot (plain)", "full": "fu
          "scratch": "same shape, from scratch", "undistilled-long": "no teacher, equal compute",
          "scratch-long": "from scratch, equal compute", "majority": "majority", "random": "random",
          "imbalanced": "imbalanced", "oversampled": "oversampled", "balanced": "synthetic"}
+SCORED = {"test": "their test splits",
+          "held-out": "their val and test splits together (every instance no node trained on; "
+                      "nothing is chosen by val scores)"}
 
 
 class Report:
@@ -39,7 +42,8 @@ class Report:
 
     def __init__(self, record: dict[str, Any], node: str) -> None:
         folder = Path(record["nodes"][node]["outputs"]["report"])
-        rows = json.loads((folder / "report.json").read_text())["rows"]
+        report = json.loads((folder / "report.json").read_text())
+        rows, self.split = report["rows"], report["split"]
         self.value = {(r["model"], r["task"], r["metric"]): r["value"] for r in rows}
         self.tasks = list(dict.fromkeys(r["task"] for r in rows if r["task"] != "-"))
         self.kind = {t: ("classification" if any(k[1] == t and k[2] == "accuracy"
@@ -84,12 +88,14 @@ def main() -> None:
     setup = (f"pipelines/smollm2.yaml with {', '.join(overrides[1:]) or 'its defaults'} "
              f"(run {record['run_id']}): SmolLM2-135M-Instruct (GGUF, Q4_1) tuned on the "
              "training splits of the six Natural Instructions tasks of ../shared/data, "
-             "scored on their test splits (classification by label likelihood, generation "
-             f"greedy, 48 new tokens). The nodes ran {sum(seconds.values()) / 60:.0f} min "
-             f"in all, the two evaluate nodes {evaluating / 60:.0f} of them.")
+             f"scored on {SCORED[main_eval.split]} (classification by label likelihood, "
+             "generation greedy, 48 new tokens). The nodes ran "
+             f"{sum(seconds.values()) / 60:.0f} min in all, the two evaluate nodes "
+             f"{evaluating / 60:.0f} of them.")
     command = "python benchmarks/smollm2.py"
     write_section("SmolLM2: instruction tuning", command, setup + (
-        " ± : half-width of a score's 95% bootstrap interval over the test instances. "
+        " ± : half-width of a score's 95% bootstrap interval over the instances (their "
+        "number beside each task). "
         "Gains: each model's macro-F1 minus the zero-shot model's on the same instances, "
         "[2.5%, 97.5%] of the gain over 1000 paired resamples; a gain whose interval "
         "excludes 0 is not noise."), tuning_table(main_eval))
@@ -130,9 +136,11 @@ def tuning_table(r: Report) -> str:
     for task in r.tasks:
         metrics = (["accuracy", "macro_f1"] if r.kind[task] == "classification"
                    else ["rouge_l", "chrf"] if r.get("full", task, "chrf") else ["rouge_l"])
-        rows += [[task, metric] + [r.scored(m, task, metric) for m in models] for metric in metrics]
+        named = f"{task} ({r.get('base', task, 'instances', '.0f')})"
+        rows += [[named, metric] + [r.scored(m, task, metric) for m in models]
+                 for metric in metrics]
         if r.kind[task] == "classification":
-            rows.append([task, "macro_f1 gain over zero-shot (chat), paired 95%"]
+            rows.append([named, "macro_f1 gain over zero-shot (chat), paired 95%"]
                         + [r.gain(m, task, "macro_f1") for m in models])
     return table(["task", "metric", *(NAMES[m] for m in models)], rows)
 

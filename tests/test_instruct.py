@@ -207,13 +207,16 @@ def test_finetune_and_evaluate_end_to_end(run_pipeline, review_corpus):
   eval:
     plugin: evaluate
     inputs: {models: [base, sft], tokens: heldout.tokens}
-    params: {tasks: ["builtin:sentiment4?n=200&test=40"], max_instances: 20, context: 16,
-             compare_to: base}
+    params: {tasks: ["builtin:sentiment4?n=200&test=40"], max_instances: 100, context: 16,
+             compare_to: base, split: held-out}
 """.replace("REVIEWS", str(review_corpus)))
     assert result.code == 0, result.out + result.err
     sft = result.record["nodes"]["sft"]["metrics"]
     assert sft["train_examples"] > 200 * 0.7  # the 5% Mixed class repeated
     report = json.loads((result.output("eval") / "report.json").read_text())
+    assert report["split"] == "held-out"
+    counts = {r["value"] for r in report["rows"] if r["metric"] == "instances"}
+    assert counts == {20 + 40}  # the 10% of 200 in val and the 40 of test
     models = {r["model"] for r in report["rows"]}
     assert models == {"base", "sft", "majority", "random"}
     metrics = {(r["model"], r["metric"]) for r in report["rows"]}

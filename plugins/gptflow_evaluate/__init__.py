@@ -22,7 +22,7 @@ YAML keys (``params``):
 Inputs: ``models`` (a list of model artifacts); optional ``tokens`` for
 perplexity on their validation split, in windows of ``context`` tokens (at most
 each model's own context). Output: ``report`` — ``report.json``
-(flat rows of model, task, metric, value), ``report.md`` (models side by side),
+(the split scored and flat rows of model, task, metric, value), ``report.md`` (models side by side),
 PNG confusion matrices and a bar chart of each task's headline metric.
 """
 
@@ -141,7 +141,7 @@ def run(context: Context, inputs: dict[str, Any], p: EvaluateParams) -> dict[str
             add(name, task_name, paired_gains(preds, classified[(p.compare_to, task_name)][0],
                                               golds, k))
     out = context.output_dir("report")
-    (out / "report.json").write_text(json.dumps({"rows": rows}, indent=2))
+    (out / "report.json").write_text(json.dumps({"split": p.split, "rows": rows}, indent=2))
     render(out, rows, confusions)
     summary: dict[str, Any] = {"models": len(inputs["models"]), "tasks": len(tasks)}
     scored = [r for r in rows if r["metric"] in ("accuracy", "macro_f1")
@@ -158,7 +158,7 @@ def run(context: Context, inputs: dict[str, Any], p: EvaluateParams) -> dict[str
 @hookimpl
 def register_node_types(register: Any) -> None:
     register(NodeType(
-        name="evaluate", run=run, params=EvaluateParams, version="2",
+        name="evaluate", run=run, params=EvaluateParams, version="3",
         inputs={"models": Input("model", "adapter", many=True,
                                 doc="the models (or adapters, applied to their base) to compare"),
                 "tokens": Input("tokens", optional=True, doc="perplexity on its val split")},
