@@ -91,10 +91,16 @@ def shipped(name: str, defaults: list[str] | tuple[str, ...] = ()
     return Path(__file__).resolve().parents[1] / "pipelines" / f"{name}.yaml", store, overrides
 
 
+def evaluation(record: dict[str, Any], node: str = "eval") -> dict[str, Any]:
+    """An evaluate node's report.json: the split it scored and its rows."""
+    folder = Path(record["nodes"][node]["outputs"]["report"])
+    report: dict[str, Any] = json.loads((folder / "report.json").read_text())
+    return report
+
+
 def report_rows(record: dict[str, Any], node: str = "eval") -> list[dict[str, Any]]:
     """The rows of an evaluate node's report.json."""
-    folder = Path(record["nodes"][node]["outputs"]["report"])
-    rows: list[dict[str, Any]] = json.loads((folder / "report.json").read_text())["rows"]
+    rows: list[dict[str, Any]] = evaluation(record, node)["rows"]
     return rows
 
 

@@ -12,13 +12,12 @@ own (so that its peak resident memory is its own); the rest in this process.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 from pathlib import Path
 from typing import Any
 
-from results import run_pipeline, shipped, smollm2, table, write_section
+from results import evaluation, run_pipeline, shipped, smollm2, table, write_section
 
 from gptflow.store import Store
 
@@ -41,8 +40,7 @@ class Report:
     """An evaluate node's rows, looked up by (model, task, metric)."""
 
     def __init__(self, record: dict[str, Any], node: str) -> None:
-        folder = Path(record["nodes"][node]["outputs"]["report"])
-        report = json.loads((folder / "report.json").read_text())
+        report = evaluation(record, node)
         rows, self.split = report["rows"], report["split"]
         self.value = {(r["model"], r["task"], r["metric"]): r["value"] for r in rows}
         self.tasks = list(dict.fromkeys(r["task"] for r in rows if r["task"] != "-"))

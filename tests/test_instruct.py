@@ -63,7 +63,7 @@ def test_loader_on_every_real_task_file():
         ids = [{i.id for i in s} for s in splits]
         assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
         assert len(splits[2]) > 0.1 * count
-        held_out = ids[1] | ids[2]  # val and test, in file order
+        held_out = ids[1] | ids[2]  # val and test
         assert [i.id for i in task.split("held-out")] == [i.id for i in task.instances
                                                           if i.id in held_out]
     assert tasks["task530_europarl_en_es_translation"].kind == "translation"
