@@ -27,10 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from results import smollm2, table, write_section
+from results import ni_task, smollm2, table, write_section
 
-TASK = (Path(__file__).resolve().parents[2] / "shared" / "data" / "natural-instructions"
-        / "task288_gigaword_summarization.json")
+TASK = "task288"
 
 
 def main() -> None:
@@ -39,8 +38,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--task", type=Path, default=TASK)
+    parser.add_argument("--task", type=Path, default=None,
+                        help=f"a task file (default: the real {TASK}, by name)")
     args = parser.parse_args()
+    args.task = args.task or ni_task(TASK)[0]
     import transformers
 
     from gptflow.ml.evaluation import generate_answers, prompts_for

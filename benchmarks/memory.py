@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from results import run_pipeline, shipped, table, write_section
+from results import ni_task, run_pipeline, shipped, table, write_section
 
 MB = 1e6
 NODES = (("base", "load-model"), ("lora", "LoRA r16, bf16-mixed (bf16 base)"),
@@ -38,8 +38,7 @@ def qwen25_05b_shaped(folder: Path) -> int:
     from gptflow.ml.tokenizer import Tokenizer
 
     if not (folder / "model.safetensors").is_file():
-        task = Path(__file__).resolve().parents[2] / "shared/data/natural-instructions"
-        texts = [i.input for t in load_task_files([task]) for i in t.instances]
+        texts = [i.input for t in load_task_files(ni_task()) for i in t.instances]
         tokenizer = Tokenizer.train_bpe(texts, vocab_size=2000)
         config = GPTConfig(vocab_size=151936, context=32768, n_layer=24, n_head=14,
                            n_kv_head=2, d_model=896, d_ff=4864, qkv_bias=True,

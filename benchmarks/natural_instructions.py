@@ -10,14 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from results import report_rows, run_shipped, table, write_section
-
-TASK = (Path(__file__).resolve().parents[2] / "shared" / "data" / "natural-instructions"
-        / "task823_peixian-rtgender_sentiment_analysis.json")
+from results import ni_task, report_rows, run_shipped, table, write_section
 
 
 def main() -> None:
-    record, overrides = run_shipped("natural-instructions", [f"vars.tasks={TASK}"])
+    record, overrides = run_shipped("natural-instructions", [f"vars.tasks={ni_task('task823')[0]}"])
     rows = report_rows(record)
     task = Path([o for o in overrides if o.startswith("vars.tasks=")][-1].partition("=")[2]).stem
     value = {(r["model"], r["metric"]): r["value"] for r in rows if r["task"] == task}

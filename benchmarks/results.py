@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
+ROOT = Path(__file__).resolve().parent.parent
 HEADER = ("# Benchmark results\n\nEach section is written by the script it names, "
           "run on the machine it names. Figures are measured, never typed in.\n")
 
@@ -49,6 +50,17 @@ def write_section(title: str, command: str, note: str, body: str) -> None:
     text = pattern.sub(section + "\n", text) if pattern.search(text) else \
         text.rstrip("\n") + "\n\n" + section
     RESULTS.write_text(text)
+
+
+def ni_task(task: str = "") -> list[Path]:
+    """Real Natural Instructions task files (those whose name starts with ``task``;
+    all six by default), as the shipped pipelines name them, fetched or cached."""
+    import yaml
+
+    from gptflow.fetch import fetch
+
+    names = yaml.safe_load((ROOT / "pipelines" / "natural-instructions.yaml").read_text())
+    return [fetch(n) for n in names["vars"]["tasks"] if n.startswith(f"ni:{task}")]
 
 
 def run_pipeline(path: Path, overrides: list[str], store: Path, only: tuple[str, ...] = (),

@@ -9,16 +9,13 @@ With ``--store`` a previous run of the same pipeline is reused from the cache.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from results import run_shipped, table, write_section
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 TARGETS = {"modern": 1.66, "classic": 1.95}
 
 
 def main() -> None:
-    record, _ = run_shipped("shakespeare-char", [f"vars.data={DATA}"])
+    record, _ = run_shipped("shakespeare-char", [])  # data:tinyshakespeare
     switches = {"modern": "RoPE, RMSNorm, SwiGLU, QK-norm, sdpa",
                 "classic": "learned, LayerNorm, GELU, sdpa"}
     rows = []

@@ -85,7 +85,7 @@ def main() -> None:
     evaluating = sum(t for name, t in seconds.items() if name.startswith("eval"))
     setup = (f"pipelines/smollm2.yaml with {', '.join(overrides[1:]) or 'its defaults'} "
              f"(run {record['run_id']}): SmolLM2-135M-Instruct (GGUF, Q4_1) tuned on the "
-             "training splits of the six Natural Instructions tasks of ../shared/data, "
+             "training splits of the six Natural Instructions tasks it names, "
              f"scored on {SCORED[main_eval.split]} (classification by label likelihood, "
              "generation greedy, 48 new tokens). The nodes ran "
              f"{sum(seconds.values()) / 60:.0f} min in all, the two evaluate nodes "

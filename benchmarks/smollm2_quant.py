@@ -5,7 +5,7 @@ held-out perplexity and generation speed. The fine-tuned model's versions are in
 the "SmolLM2: quantization" section (benchmarks/smollm2.py); this one is the
 pretrained model alone, minutes instead of an hour.
 
-Perplexity: 24 windows of 256 tokens of tinyshakespeare (``../shared/data``) from
+Perplexity: 24 windows of 256 tokens of tinyshakespeare (``data:tinyshakespeare``) from
 character 200,000 on, text SmolLM2's tuning never saw. Generation: 64 new tokens
 at batch 1 with the KV cache, median of interleaved rounds. Writes the
 "SmolLM2: quantizing the pretrained model" section of RESULTS.md.
@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from pathlib import Path
 
 import torch
 from results import smollm2, table, write_section
 
+from gptflow.fetch import fetch
 from gptflow.ml.evaluation import generation_speed, perplexity
 from gptflow.ml.gguf_io import load_gguf
 from gptflow.ml.inference import for_inference
@@ -29,7 +29,6 @@ from gptflow.ml.model import GPT
 from gptflow.ml.quant import quantize_model
 
 PRECISIONS = ("fp32", "bf16", "int8", "int8-dynamic", "int4", "nf4")
-HELDOUT = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
 WINDOWS, WINDOW, FROM = 24, 256, 200_000
 MB = 1e6
 
@@ -54,7 +53,7 @@ def main() -> None:
             quantize_model(model, precision)
         sizes[precision] = stored_bytes(model)
         models[precision] = for_inference(model.eval())
-    ids = torch.tensor(tokenizer.encode(HELDOUT.read_text()[FROM:]))
+    ids = torch.tensor(tokenizer.encode(fetch("data:tinyshakespeare").read_text()[FROM:]))
     windows = [(ids[i:i + WINDOW], ids[i + 1:i + WINDOW + 1])
                for i in range(0, WINDOWS * WINDOW, WINDOW)]
     with torch.inference_mode():

@@ -27,13 +27,13 @@ import numpy as np
 import torch
 from results import run_pipeline, table, write_section
 
+from gptflow.fetch import fetch
 from gptflow.ml.config import preset_config
 from gptflow.ml.lm import lr_lambda, param_groups
 from gptflow.ml.loss import token_loss
 from gptflow.ml.model import GPT, KVCache
 from gptflow.ml.optim import Optim
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 BATCH, CONTEXT, WARMUP_STEPS = 12, 64, 3
 
 
@@ -98,13 +98,14 @@ def gptflow_generate(model: GPT, prompt: list[int], n: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--data", type=Path, default=None,
+                        help="a text file (default: data:tinyshakespeare, fetched once)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     from gptflow.ml.tokenizer import Tokenizer
 
-    text = args.data.read_text(encoding="utf-8")
+    text = (args.data or fetch("data:tinyshakespeare")).read_text(encoding="utf-8")
     tokenizer = Tokenizer.train_char([text])
     tokens = tokenizer.encode_documents([text])[: int(len(text) * 0.9)].astype(np.uint16)
     rows = []

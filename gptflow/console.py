@@ -1,11 +1,14 @@
 """What the user sees while a pipeline runs: one line per node, a live progress
-display for long nodes (on a terminal), and a summary table at the end."""
+display for long nodes (on a terminal; in a pipe or a log, a progress line per
+node every ``$GPTFLOW_PROGRESS_EVERY`` seconds, 20 by default), and a summary
+table at the end."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ from typing import Any
 from rich import box
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -27,6 +31,15 @@ MARK = {NodeStatus.RAN: "✓", NodeStatus.CACHED: "○", NodeStatus.SKIPPED: "-"
 HEADLINE = ("val_loss", "accuracy", "macro_f1", "tokens_per_s", "params", "bytes_on_disk")
 """Shown for node types that declare no headline metrics of their own."""
 SHOWN = 4  # headline metrics per node: three lines at most in 80 columns
+PROGRESS_EVERY_S = 20.0
+
+
+def progress_every() -> float:
+    """Seconds between progress lines in a log: $GPTFLOW_PROGRESS_EVERY, else 20."""
+    try:
+        return max(float(os.environ.get("GPTFLOW_PROGRESS_EVERY", PROGRESS_EVERY_S)), 0.0)
+    except ValueError:
+        return PROGRESS_EVERY_S
 
 
 def styled(status: NodeStatus | RunStatus) -> str:
@@ -67,10 +80,13 @@ def fmt_metric(value: Any) -> str:
 
 
 class Display:
-    """Status lines and live progress; plain lines when not on a terminal."""
+    """Status lines and live progress; plain lines when not on a terminal, a
+    progress line among them every ``every`` seconds for each running node."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, every: float | None = None) -> None:
         self.console = console
+        self.every = progress_every() if every is None else every
+        self.clock: dict[str, tuple[float, float]] = {}  # node -> (started, last line)
         self.progress = Progress(TextColumn("  [magenta]{task.fields[node]}"), BarColumn(),
                                  TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
                                  TextColumn("{task.description}"), console=console)
@@ -94,15 +110,24 @@ class Display:
     def started(self, node: str, plugin: str, reason: str) -> None:
         self.line(f"[magenta]●[/] {node} [dim]({plugin})[/] running: {reason}")
         self.tasks[node] = self.progress.add_task("", node=node, total=None)
+        self.clock[node] = (time.monotonic(), time.monotonic())
 
     def update(self, node: str, completed: float, total: float | None, text: str) -> None:
         if node in self.tasks:
             self.progress.update(self.tasks[node], completed=completed, total=total,
                                  description=text)
+        if self.live is None and node in self.clock:
+            started, last = self.clock[node]
+            now = time.monotonic()
+            if now - last >= self.every:
+                self.clock[node] = started, now
+                line = progress_line(completed, total, text, now - started)
+                self.line(f"  [magenta]{node}[/] {escape(line)}")
 
     def finished(self, node: str, status: NodeStatus, detail: str) -> None:
         if node in self.tasks:
             self.progress.remove_task(self.tasks.pop(node))
+        self.clock.pop(node, None)
         style = STYLE.get(status.value, "default")
         self.line(f"[{style}]{MARK.get(status, '✗')} {node}[/] {detail}")
 
@@ -110,6 +135,16 @@ class Display:
         self.console.print(summary_table(record, headlines))
         for name, text in reports(record):
             self.console.print(f"\n[bold]{name}[/]\n{text}")
+
+
+def progress_line(completed: float, total: float | None, text: str, elapsed: float) -> str:
+    """``step 120 loss 3.214 · 120/300 (40%) · 42.1 s, ETA 1 min 03 s``: the node's own
+    text, how far it is, and how long it has left at its pace so far."""
+    done = f"{completed:g}/{total:g} ({completed / total:.0%})" if total else \
+        "" if text else f"{completed:g}"
+    eta = f", ETA {fmt_duration(elapsed * (total - completed) / completed)}" \
+        if total and completed > 0 else ""
+    return " · ".join(p for p in (text, done, fmt_duration(elapsed) + eta) if p)
 
 
 def summary_table(record: RunRecord, headlines: Mapping[str, tuple[str, ...]]) -> Table:

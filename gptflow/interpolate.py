@@ -1,5 +1,7 @@
 """``--set`` overrides and the two interpolations, ``${vars.X}`` and
-``${env:NAME,default}``: no code is evaluated."""
+``${env:NAME,default}``: no code is evaluated. A list item that is one reference
+to a list is replaced by that list's items (``corpus: [builtin:python-docs,
+"${vars.tasks}"]``), as GitLab CI splices a ``!reference``."""
 
 from __future__ import annotations
 
@@ -44,8 +46,15 @@ def apply_override(data: dict[str, Any], item: str, loader: MarkedYAML) -> None:
 def interpolate(value: Any, variables: Mapping[str, Any], key: Key, loader: MarkedYAML) -> Any:
     if isinstance(value, dict):
         return {k: interpolate(v, variables, (*key, k), loader) for k, v in value.items()}
-    if isinstance(value, list):
-        return [interpolate(v, variables, (*key, i), loader) for i, v in enumerate(value)]
+    if isinstance(value, list):  # an item that is one reference to a list: its items
+        items: list[Any] = []
+        for i, v in enumerate(value):
+            resolved = interpolate(v, variables, (*key, i), loader)
+            if isinstance(resolved, list) and isinstance(v, str) and INTERPOLATION.fullmatch(v):
+                items.extend(resolved)
+            else:
+                items.append(resolved)
+        return items
     if not isinstance(value, str) or "${" not in value:
         return value
     whole = INTERPOLATION.fullmatch(value)

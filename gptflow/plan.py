@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from gptflow.dag import Node, Pipeline, Ref
 from gptflow.errors import InputError, Problem, did_you_mean
+from gptflow.fetch import digest, is_named
 from gptflow.nodes import path_refs, split_observed
 from gptflow.sources import (
     PACKAGE,
@@ -56,6 +57,8 @@ def manifest(node: Node, upstream: Callable[[Ref], str], store: Store) -> dict[s
             files[value] = {"commit": hub_commit(value)}
         elif is_builtin(value):
             files[value] = {"version": builtin_version(value)}
+        elif is_named(value):  # by content, wherever it came from
+            files[value] = {"sha256": digest(value)}
         else:
             files[value] = {_named(p, node.folder, value): store.hash_path(p)
                             for p in expand_path(value, node.folder)}

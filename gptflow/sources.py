@@ -1,5 +1,6 @@
 """What a params value may name: local files, folders and globs, a file an
-installed Python package ships (``package:NAME/PATH``), a Hugging Face Hub model
+installed Python package ships (``package:NAME/PATH``), public data by name
+(``ni:TASK``, ``data:NAME``: :mod:`gptflow.fetch`), a Hugging Face Hub model
 (``hf:org/name@revision``), or a ``builtin:`` source from the one registry below.
 
 Validation consults this module (so a misspelled ``builtin:revews`` is an error
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gptflow.errors import did_you_mean
+from gptflow.fetch import FetchError, fetch, is_named
 
 PREFIX = "builtin:"
 HUB = "hf:"
@@ -86,6 +88,11 @@ def expand_path(value: str, folder: Path | None = None) -> list[Path]:
     """
     if is_builtin(value) or is_hub(value):  # fingerprinted by version / commit instead
         return []
+    if is_named(value):
+        try:
+            return [fetch(value)]
+        except FetchError as e:
+            raise FileNotFoundError(str(e)) from None
     named = value
     if is_package(value):
         value = str(package_path(value))
@@ -107,6 +114,8 @@ def resolve_path(value: str, folder: Path) -> str:
     """A params value as a node opens it: a relative path taken from ``folder``."""
     if is_package(value):
         return str(package_path(value))
+    if is_named(value):
+        return str(fetch(value))
     if is_builtin(value) or is_hub(value) or Path(value).is_absolute():
         return value
     return str(folder / value)

@@ -7,20 +7,36 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 TESTS = Path(__file__).parent
-SHARED_DATA = TESTS.parent.parent / "shared" / "data"
+NI_TASKS: list[str] = yaml.safe_load(
+    (TESTS.parent / "pipelines" / "natural-instructions.yaml").read_text())["vars"]["tasks"]
+"""The six real Natural Instructions tasks, by name, as the shipped pipelines read them."""
 
 
 @pytest.fixture(autouse=True)
 def _toy_plugins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Every test sees the toy node types, no third-party autoload, a hash cache of
-    its own."""
+    its own, and no network: data by name comes from $GPTFLOW_DATA (or a test's own
+    server on 127.0.0.1)."""
     monkeypatch.setenv("GPTFLOW_CACHE_DIR", str(tmp_path / "host-cache"))
+    monkeypatch.setenv("GPTFLOW_OFFLINE", "1")
     monkeypatch.setenv("GPTFLOW_PLUGINS", "toy_nodes")
     monkeypatch.setenv("GPTFLOW_DISABLE_PLUGIN_AUTOLOAD", "1")
     monkeypatch.setenv("PYTHONPATH", str(TESTS))
     monkeypatch.delenv("GPTFLOW_STORE", raising=False)
+
+
+def real_data(*values: str) -> list[Path]:
+    """The files that data named ``ni:`` / ``data:`` stands for; the test is skipped,
+    saying how to provide them, where they cannot be had offline."""
+    from gptflow.fetch import FetchError, fetch
+
+    try:
+        return [fetch(value) for value in values]
+    except FetchError as e:
+        pytest.skip(f"real data not at hand (point $GPTFLOW_DATA at a copy): {e}")
 
 
 def spawn(tmp_path: Path, *args: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen[str]:

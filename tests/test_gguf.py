@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SMOLLM2_TEMPLATE
+import yaml
+from conftest import SMOLLM2_TEMPLATE, real_data
 
 from gptflow.ml.config import preset_config
 from gptflow.ml.model import GPT
@@ -260,11 +261,8 @@ def test_from_hf_pipeline_runs_from_the_smollm2_gguf(run_pipeline, tmp_path):
 
     root = Path(__file__).parent.parent
     text = (root / "pipelines" / "from-hf.yaml").read_text()
-    tasks = root.parent / "shared" / "data" / "natural-instructions" / \
-        "task823_peixian-rtgender_sentiment_analysis.json"
-    if not tasks.is_file():
-        pytest.skip("../shared/data is absent")
-    result = run_pipeline(text, "--set", f"vars.model={SMOLLM2}", "--set", f"vars.tasks={tasks}",
+    real_data(yaml.safe_load(text)["vars"]["tasks"])  # the task it names, or a skip saying so
+    result = run_pipeline(text, "--set", f"vars.model={SMOLLM2}",
                           "--set", "lora.params.trainer.max_steps=3",
                           "--set", "lora.params.batch_size=2", "--set", "lora.params.max_len=256",
                           "--set", "lora.params.max_per_task=16",

@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, TINY_BASE
+from conftest import NI_TASKS, TINY_BASE, real_data
 
 from gptflow.ml.config import preset_config
 from gptflow.ml.evaluation import (
@@ -35,8 +35,6 @@ from gptflow.ml.prompts import PromptFormat
 from gptflow.ml.tasks import Instance, load_task_files, oversampled, sentiment4
 from gptflow.ml.tokenizer import Tokenizer
 
-NI = SHARED_DATA / "natural-instructions"
-needs_ni = pytest.mark.skipif(not NI.is_dir(), reason=f"real NI task files not found at {NI}")
 EXPECTED = {  # from the data README: instances kept, labels of classification tasks
     "task823_peixian-rtgender_sentiment_analysis": (161, ["Mixed", "Negative", "Neutral",
                                                           "Positive"]),
@@ -49,9 +47,8 @@ EXPECTED = {  # from the data README: instances kept, labels of classification t
 }
 
 
-@needs_ni
 def test_loader_on_every_real_task_file():
-    tasks = {t.name: t for t in load_task_files([NI])}
+    tasks = {t.name: t for t in load_task_files(real_data(*NI_TASKS))}
     assert set(tasks) == set(EXPECTED)
     for name, (count, labels) in EXPECTED.items():
         task = tasks[name]

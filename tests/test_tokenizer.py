@@ -111,6 +111,33 @@ def test_tail_split_holds_out_the_end(tmp_path):
     assert meta["splits"]["val"]["tokens"] == 1000
 
 
+def test_one_text_file_tokenizes_with_the_defaults_holding_out_its_tail(run_pipeline,
+                                                                        tmp_path):
+    """The first thing a new user tries: the documents split would send the only
+    document to validation; the node holds out the tail instead and says so."""
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"line {i} of a play, spoken softly.\n" for i in range(400)))
+    result = run_pipeline(f"name: one\nnodes:\n  tok: {{plugin: tokenize, params: "
+                          f"{{corpus: ['{text}'], tokenizer: char}}}}\n")
+    assert result.code == 0, result.out + result.err
+    metrics = result.record["nodes"]["tok"]["metrics"]
+    assert metrics["split"] == "tail" and metrics["documents"] == 1
+    assert metrics["val_tokens"] == pytest.approx(0.05 * (metrics["train_tokens"]
+                                                         + metrics["val_tokens"]), abs=1)
+    assert "too few to hold whole ones out" in result.out
+
+
+@pytest.mark.parametrize(("documents", "fraction", "expected"), [
+    (1, 0.05, "tail"), (2, 0.05, "documents"), (100, 0.05, "documents"), (1, 0.0, "documents"),
+    (5, 0.5, "documents")])
+def test_the_documents_split_stays_where_both_sides_get_documents(documents, fraction,
+                                                                  expected):
+    from gptflow.ml.data import held_out_split
+
+    assert held_out_split(documents, fraction, "documents") == expected
+    assert held_out_split(documents, fraction, "tail") == "tail"
+
+
 def test_tokenize_reads_datasets_from_upstream_nodes(run_pipeline, tmp_path):
     """A third party's cleaning node feeds tokenize through the DAG; a task dataset
     gives its definitions and inputs, never its outputs."""

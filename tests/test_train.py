@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -72,6 +73,23 @@ def test_resume_after_kill_continues_from_saved_step(tmp_path, corpus):
     assert record["nodes"]["tok"]["status"] == "cached"
     assert metrics["resumed_from_step"] >= 40  # continued, not restarted
     assert metrics["steps"] == 150
+
+
+def test_in_a_pipe_a_long_node_prints_progress_lines_a_log_can_show(tmp_path, corpus):
+    """Not a terminal (CI, nohup, | tee): a progress line per interval with step,
+    loss, pace and ETA (a 0.3 s interval standing in for 20 s)."""
+    (tmp_path / "p.yaml").write_text(pipeline(corpus, steps=120))
+    run = subprocess.run([sys.executable, "-m", "gptflow.cli", "run", "p.yaml"], cwd=tmp_path,
+                         capture_output=True, text=True,
+                         env={**os.environ, "GPTFLOW_PROGRESS_EVERY": "0.3"})
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = [line for line in run.stdout.splitlines() if line.startswith("  base step ")]
+    assert len(lines) >= 4, run.stdout
+    for line in lines:
+        assert re.fullmatch(r"  base step \d+ loss \d+\.\d+ [\d,]+ tokens/s · \d+/120 "
+                            r"\(\d+%\) · .+, ETA .+", line), line
+    steps = [int(line.split()[2]) for line in lines]
+    assert steps == sorted(steps) and steps[-1] > steps[0]
 
 
 def _checkpoint_step(store: Path) -> int:

@@ -102,6 +102,15 @@ def is_val(index: int, fraction: float) -> bool:
     return (index * GOLDEN) % 1.0 < fraction
 
 
+def held_out_split(documents: int, fraction: float, split: str) -> str:
+    """``split``, or ``tail`` where holding out whole documents would leave train or
+    validation empty (a single text file, a handful of documents)."""
+    if split != "documents" or not fraction:
+        return split
+    val = sum(is_val(i, fraction) for i in range(documents))
+    return split if 0 < val < documents else "tail"
+
+
 class ShardWriter:
     def __init__(self, folder: Path, split: str, dtype: np.dtype[Any], shard_tokens: int) -> None:
         self.folder, self.split, self.dtype, self.limit = folder, split, dtype, shard_tokens

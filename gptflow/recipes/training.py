@@ -81,6 +81,7 @@ class Throughput(Callback):
     def __init__(self, context: Context, max_steps: int) -> None:
         self.context, self.max_steps = context, max_steps
         self.train_time, self.tokens, self._start, self._batch_tokens = 0.0, 0, 0.0, 0
+        self._reported = 0.0  # when progress was last reported
         self.timed_batches, self.seen, self.computed, self._batch_computed = 0, 0, 0, 0
         self.logged: dict[str, float] = {}  # what the module logged, as of the checkpoint
         self._trainer: L.Trainer | None = None
@@ -116,10 +117,13 @@ class Throughput(Callback):
             self.train_time += time.perf_counter() - self._start
             self.tokens += self._batch_tokens
             self.timed_batches += 1
-        step = trainer.global_step
-        if trainer.is_global_zero and (step % 10 == 0 or step == self.max_steps):
+        step, now = trainer.global_step, time.perf_counter()
+        if trainer.is_global_zero and (step % 10 == 0 or step == self.max_steps
+                                       or now - self._reported >= 5):  # slow steps too
+            self._reported = now
             loss = outputs["loss"].item() if isinstance(outputs, dict) else float("nan")
-            self.context.progress(step, self.max_steps, f"step {step} loss {loss:.3f}")
+            self.context.progress(step, self.max_steps, f"step {step} loss {loss:.3f} "
+                                  f"{self.tokens_per_s:,.0f} tokens/s")
 
     @property
     def tokens_per_s(self) -> float:

@@ -8,7 +8,9 @@ YAML keys (``params``):
 * ``tokenizer``: ``bpe`` (byte-level BPE, trained here), ``char`` (one token per
   character) or the path of an existing ``tokenizer.json``;
 * ``vocab_size``, ``min_frequency``, ``tokenizer_train_chars``: BPE training;
-* ``val_fraction`` and ``split`` (``documents`` or ``tail``): the held-out split.
+* ``val_fraction`` and ``split`` (``documents`` or ``tail``): the held-out split; a
+  corpus with too few documents to hold whole ones out (one text file) holds out
+  its tail instead, and says so (metric ``split``).
 
 Inputs: optional ``data``, ``dataset`` artifacts from upstream nodes (a cleaning
 node, synthetic data): each record's ``text_field``, or a task dataset's
@@ -48,7 +50,8 @@ class TokenizeParams(Params):
     val_fraction: float = Field(0.05, ge=0, lt=1)
     """Share of the corpus held out for validation."""
     split: Literal["documents", "tail"] = "documents"
-    """documents: whole documents held out; tail: the end of the text (nanoGPT)."""
+    """documents: whole documents held out (tail when there are too few documents to
+    leave some on each side); tail: the end of the text (nanoGPT)."""
     text_field: str = "text"
     """Field holding the text in .jsonl sources and text datasets."""
     split_by: Literal["file", "paragraph", "line"] = "file"
@@ -62,7 +65,7 @@ class TokenizeParams(Params):
 
 
 def run(context: Context, inputs: dict[str, Any], p: TokenizeParams) -> dict[str, Any]:
-    from gptflow.ml.data import dataset_documents, write_tokens
+    from gptflow.ml.data import dataset_documents, held_out_split, write_tokens
     from gptflow.ml.tokenizer import Tokenizer
     from gptflow.recipes.sources import documents
 
@@ -76,9 +79,15 @@ def run(context: Context, inputs: dict[str, Any], p: TokenizeParams) -> dict[str
         docs = itertools.chain(
             *(documents(source, p.text_field, p.split_by) for source in p.corpus),
             *(dataset_documents(d.path, p.text_field) for d in datasets))
+        count = 0
         for doc in docs:
             f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+            count += 1
     context.log.info("read the corpus in %.1f s", time.perf_counter() - started)
+    split = held_out_split(count, p.val_fraction, p.split)
+    if split != p.split:
+        context.warn(f"{count} document(s): too few to hold whole ones out; the last "
+                     f"{p.val_fraction:.0%} of the text is the validation split (split: tail)")
 
     if inputs.get("model") is not None:
         if p.tokenizer != "builtin:bpe":
@@ -96,29 +105,19 @@ def run(context: Context, inputs: dict[str, Any], p: TokenizeParams) -> dict[str
 
     started = time.perf_counter()
     meta = write_tokens(_documents(spool), tokenizer, context.output_dir("tokens"),
-                        p.val_fraction, p.split,
+                        p.val_fraction, split,
                         progress=lambda docs, chars: context.progress(
                             docs, None, f"{docs} documents, {chars / 1e6:.1f} M chars"))
     seconds = time.perf_counter() - started
     spool.unlink()
-    if not meta["splits"]["train"]["tokens"]:
-        raise NodeError(_empty_train(meta, p))
+    if not meta["splits"]["train"]["tokens"]:  # the tail split leaves text on both sides
+        raise NodeError(f"the corpus ({', '.join(p.corpus) or 'the data input'}) holds no text")
     tokens = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
     return {"documents": meta["documents"], "chars": meta["chars"],
             "train_tokens": meta["splits"]["train"]["tokens"],
             "val_tokens": meta["splits"]["val"]["tokens"], "vocab_size": tokenizer.vocab_size,
-            "chars_per_token": meta["chars"] / max(tokens, 1),
+            "chars_per_token": meta["chars"] / max(tokens, 1), "split": split,
             "encode_mb_per_s": meta["chars"] / 1e6 / max(seconds, 1e-9)}
-
-
-def _empty_train(meta: dict[str, Any], p: TokenizeParams) -> str:
-    if not meta["chars"]:
-        return f"the corpus ({', '.join(p.corpus) or 'the data input'}) holds no text"
-    return (f"no training tokens: all {meta['documents']} document(s) went to validation "
-            f"(val_fraction {p.val_fraction}, split: documents holds out whole documents, and "
-            f"split_by: {p.split_by} makes a text file one document"
-            f"{'' if p.split_by == 'file' else ' per ' + p.split_by}); use split: tail, "
-            "split_by: paragraph, or more documents")
 
 
 def _documents(spool: Path) -> Iterator[str]:
