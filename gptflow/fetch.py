@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
-from gptflow.store import cache_dir
+from gptflow.cachedir import cache_dir
 
 NI, DATA = "ni:", "data:"
 UPSTREAM = "https://raw.githubusercontent.com"

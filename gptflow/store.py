@@ -36,6 +36,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from gptflow.cachedir import cache_dir
 from gptflow.errors import one_line
 from gptflow.liveness import LEASE_S, Heartbeat, alive, current_owner, pid_alive
 from gptflow.nodes import Artifact
@@ -48,15 +49,6 @@ LOCK_POLL_S = 0.1
 
 def default_root() -> Path:
     return Path(os.environ.get("GPTFLOW_STORE", ".gptflow"))
-
-
-def cache_dir() -> Path:
-    """What this machine keeps for itself: $GPTFLOW_CACHE_DIR, else
-    $XDG_CACHE_HOME/gptflow, else ~/.cache/gptflow."""
-    if os.environ.get("GPTFLOW_CACHE_DIR"):
-        return Path(os.environ["GPTFLOW_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "gptflow"
 
 
 def canonical_json(value: Any) -> str:

@@ -110,7 +110,7 @@ def run(context: Context, inputs: dict[str, Any], p: TokenizeParams) -> dict[str
                             docs, None, f"{docs} documents, {chars / 1e6:.1f} M chars"))
     seconds = time.perf_counter() - started
     spool.unlink()
-    if not meta["splits"]["train"]["tokens"]:  # the tail split leaves text on both sides
+    if not meta["chars"]:  # else both splits hold text: see held_out_split
         raise NodeError(f"the corpus ({', '.join(p.corpus) or 'the data input'}) holds no text")
     tokens = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
     return {"documents": meta["documents"], "chars": meta["chars"],
