@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +56,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         model, tokenizer, _ = load_any(model_path(args.model), inference=True)
         prompt = (tokenizer.render_chat([{"role": "user", "content": args.prompt}])
                   if args.chat else args.prompt)
-    except ValueError as e:  # ModelLoadError, HFError, GGUFError, no chat template
+    except ValueError as e:  # ModelLoadError, HFError, GGUFError, the chat template
         raise InputError(f"{folder}: {e}") from None
+    except Exception as e:  # a file that breaks the reader: still the file's fault
+        if os.environ.get("GPTFLOW_DEBUG") == "1":
+            raise
+        raise InputError(f"{folder}: cannot be read as a model: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
         ids = generate(model, tokenizer.encode_prompt(prompt), args.max_new_tokens,

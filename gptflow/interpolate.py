@@ -10,8 +10,6 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import yaml
-
 from gptflow.errors import InputError, Problem, did_you_mean
 from gptflow.yamlfile import Key, MarkedYAML
 
@@ -35,10 +33,7 @@ def apply_override(data: dict[str, Any], item: str, loader: MarkedYAML) -> None:
         if not isinstance(target.get(k, {}), dict):
             raise InputError([Problem(f"--set {dotted}: {k!r} is not a mapping")])
         target = target.setdefault(k, {})
-    try:
-        target[keys[-1]] = yaml.safe_load(value)
-    except yaml.YAMLError:
-        target[keys[-1]] = value
+    target[keys[-1]] = MarkedYAML(f"--set {dotted}").load(value)
     full = ("vars", *keys) if parts[0] == "vars" else ("nodes", *keys)
     loader.marks[full] = (f"--set {dotted}", None, None)
 
@@ -86,10 +81,7 @@ def _resolve(expr: str, variables: Mapping[str, Any], key: Key, loader: MarkedYA
             loader.error(key, f"environment variable {name} is not set and ${{{expr}}} "
                               "has no default (write ${env:NAME,default})")
             return None
-        try:
-            return yaml.safe_load(raw) if raw.strip() else raw
-        except yaml.YAMLError:
-            return raw
+        return MarkedYAML(f"${{env:{name}}}").load(raw) if raw.strip() else raw
     loader.error(key, f"unknown interpolation ${{{expr}}}: only ${{vars.NAME}} and "
                       "${env:NAME,default} are allowed")
     return None

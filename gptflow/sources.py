@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 from gptflow.errors import did_you_mean
 from gptflow.fetch import FetchError, fetch, is_named
@@ -34,8 +35,30 @@ class Builtin:
 
     kind: str  # corpus, tasks or tokenizer: which params fields may name it
     doc: str
-    options: bool = False  # takes ``?key=value&...`` after its name
+    options: Callable[[dict[str, str]], str | None] | None = None
+    """Why ``?key=value&...`` after its name is not accepted, or None; None: it takes none."""
     version: Callable[[], str] = lambda: "1"  # of its content: part of the fingerprint
+
+
+MAX_GENERATED = 1_000_000  # instances a built-in task makes: bounded, as a file would be
+
+
+def _sentiment4_options(options: dict[str, str]) -> str | None:
+    """n and test: whole numbers up to a million; seed: a whole number; any other key a
+    class share between 0 and 1 (the class names are checked when it is made)."""
+    for key, value in options.items():
+        if key in ("n", "test", "seed"):
+            top = MAX_GENERATED if key != "seed" else 2**63
+            if not value.isdigit() or int(value) > top:
+                return f"?{key}={value}: a whole number from 0 to {top:,}"
+        else:
+            try:
+                share = float(value)
+            except ValueError:
+                share = -1.0
+            if not 0 <= share <= 1:
+                return f"?{key}={value}: a class share is a number from 0 to 1"
+    return None
 
 
 BUILTINS: dict[str, Builtin] = {
@@ -43,7 +66,8 @@ BUILTINS: dict[str, Builtin] = {
                            version=lambda: f"python {sys.version}"),
     "reviews": Builtin("corpus", "generated reviews, each with its sentiment"),
     "sentiment4": Builtin("tasks", "the 4-class review task (Positive, Negative, Neutral, "
-                                   "Mixed); ?n=2000&seed=0&test=400&Mixed=0.05", options=True),
+                                   "Mixed); ?n=2000&seed=0&test=400&Mixed=0.05",
+                           options=_sentiment4_options),
     "bpe": Builtin("tokenizer", "train a byte-level BPE tokenizer on the corpus"),
     "char": Builtin("tokenizer", "one token per character of the corpus"),
 }
@@ -74,9 +98,11 @@ def check_builtin(value: str, kinds: tuple[str, ...]) -> str | None:
     if name not in known:
         return (f"unknown built-in source {value!r}{did_you_mean(name, known)}; "
                 f"known here: {', '.join(PREFIX + n for n in known)}")
-    if query and not BUILTINS[name].options:
+    check = BUILTINS[name].options
+    if query and check is None:
         return f"{PREFIX}{name} takes no options (got ?{query})"
-    return None
+    problem = check(dict(parse_qsl(query, keep_blank_values=True))) if query and check else None
+    return f"{value!r}: {problem}" if problem else None
 
 
 def expand_path(value: str, folder: Path | None = None) -> list[Path]:

@@ -62,6 +62,16 @@ class MarkedYAML:
             raise InputError([Problem("the pipeline file is empty", self.file, 1, 1)])
         return self._value(root, ())
 
+    def load(self, text: str) -> Any:
+        """One value written in YAML outside the file (a ``--set`` value), under the
+        same depth and size limits; text that is not YAML stays the string it is."""
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+        except (yaml.YAMLError, RecursionError):
+            return text
+        self._values = 0
+        return None if node is None else self._value(node, ())
+
     def _value(self, node: yaml.Node, key: Key) -> Any:
         mark = (self.file, node.start_mark.line + 1, node.start_mark.column + 1)
         self._values += 1

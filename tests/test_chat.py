@@ -88,6 +88,32 @@ def test_a_template_can_refuse_a_conversation():
         Tokenizer.train_char(["ab"]).render_chat([])
 
 
+@pytest.mark.parametrize(("template", "expected"), [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+     "loops over more than 1,048,576 items"),
+    ("{% set s = namespace(v='ab') %}{% for i in range(40) %}{% set s.v = s.v ~ s.v %}"
+     "{% endfor %}{{ s.v }}", "builds a value of more than 4,194,304 items"),
+    ("{{ 'ab' * 10000000000 }}", "builds a value of more than 4,194,304 items"),
+    ("{{ 10000000000 * 'ab' }}", "builds a value of more than 4,194,304 items"),
+    ("{% for i in range(90000) %}{{ 'x' * 1000 }}{% endfor %}",
+     "writes more than 4,194,304 characters"),
+    ("{{ 7 ** 100000000 }}", "refuses 7 ** 100000000"),
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "RecursionError"),
+    ("{{ messages[0].content.__class__ }}{% if 1 %}", "model chat template: "),
+])
+def test_a_model_chat_template_renders_within_bounds_or_says_it(template, expected):
+    """A template comes with someone else's model file: its loops, strings and output
+    are bounded, and what it breaks is said to be the template's."""
+    import time
+
+    tok = Tokenizer(Tokenizer.train_char(["ab"]).hf, TokenizerConfig(chat_template=template))
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match="^model chat template: ") as e:
+        tok.render_chat([{"role": "user", "content": "hi"}])
+    assert expected in str(e.value) and "\n" not in str(e.value)
+    assert time.perf_counter() - started < 5
+
+
 def test_chat_format_tunes_and_evaluates_through_the_template(run_pipeline, tmp_path):
     """format: chat: NI prompts go through the model's chat template as a user turn,
     the answer is the assistant's, and evaluate prompts the tuned model the same way."""

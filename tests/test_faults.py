@@ -501,6 +501,27 @@ def test_malformed_natural_instructions_name_the_file_and_field(tmp_path, change
     assert str(e.value).startswith(f"{path}: ") and expected in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize(("record", "expected"), [
+    ({"input": "b", "output": None}, ":2: field 'output' is null, not a string"),
+    ({"input": "b", "output": 3}, ":2: field 'output' is a number, not a string"),
+    ({"input": "b", "output": []}, ":2: field 'output' is a list, not a string"),
+    ({"input": ["b"], "output": "yes"}, ":2: field 'input' is a list, not a string"),
+    ({"instruction": {"x": 1}, "input": "b", "output": "yes"},
+     ":2: field 'instruction' is an object, not a string"),
+])
+def test_instruction_data_that_is_not_text_names_the_row(tmp_path, record, expected):
+    """Not trained on as the text "None": refused, naming the file, row and field."""
+    from gptflow.ml.tasks import load_jsonl
+
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"input": "a", "output": ["yes", "aye"]}) + "\n"
+                    + json.dumps(record) + "\n")
+    with pytest.raises(ValueError) as e:
+        load_jsonl(path, ("instruction", "input", "output"))
+    assert str(e.value) == f"{path}{expected}" + (
+        " (or a list of reference strings)" if "'output'" in expected else "")
+
+
 @pytest.mark.torch
 def test_a_shard_index_may_not_reach_outside_the_model_folder(tmp_path):
     from gptflow.ml.families import HFError

@@ -134,6 +134,58 @@ def test_k_quants_dequantize_as_the_package_does(tmp_path, tokenizer, ktype):
         assert torch.isfinite(expected).all() and torch.equal(state[name], expected), name
 
 
+@pytest.mark.parametrize("claim", [{"n_layer": 10**6}, {"context": 1 << 26}])
+def test_a_lying_gguf_header_costs_seconds_not_gigabytes(tmp_path, tokenizer, claim):
+    """10^6 layers are refused before a block is built; a 2^26-token context is
+    believed (the tensors cannot contradict it) but allocates RoPE tables only for
+    the positions used."""
+    import dataclasses
+    import time
+
+    from gptflow.ml.gguf_io import GGUFError, load_gguf
+
+    model = tiny_llama(tokenizer.vocab_size)
+    write_gguf(tmp_path / "honest.gguf", model, tokenizer)
+    load_gguf(tmp_path / "honest.gguf")  # imports and first-call costs: not the lie's
+    model.config = dataclasses.replace(model.config, **claim)  # what the header will say
+    path = tmp_path / "lying.gguf"
+    write_gguf(path, model, tokenizer)
+    started = time.perf_counter()
+    if "n_layer" in claim:
+        with pytest.raises(GGUFError, match="llama.block_count claims 1,000,000 layers; "
+                                             "the tensors hold 2"):
+            load_gguf(path)
+    else:
+        loaded, _ = load_gguf(path)
+        assert len(loaded.get_buffer("rope_cos")) <= 4096
+    assert time.perf_counter() - started < 2
+
+
+@pytest.mark.parametrize(("damage", "expected"), [
+    (lambda b: b[:len(b) // 3], "past the end of the file"),
+    (lambda b: b[:200], "the header is truncated|claims"),
+    (lambda b: b[:16] + (10**15).to_bytes(8, "little") + b[24:],
+     "the metadata at byte 24 claims 1,000,000,000,000,000 items"),
+    (lambda b: b[:24] + (1 << 60).to_bytes(8, "little") + b[32:],
+     "a string at byte 32 claims 1,152,921,504,606,846,976 items"),
+    (lambda b: b[:10], "not a GGUF file"),
+])
+def test_a_truncated_or_lying_gguf_is_one_line_naming_where(tmp_path, tokenizer, damage,
+                                                              expected):
+    """Sizes a header claims are checked against the bytes that follow before anything
+    is read or allocated for them: a GGUFError, never struct's or numpy's words."""
+    import re
+
+    from gptflow.ml.gguf_io import GGUFError, load_gguf
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, tiny_llama(tokenizer.vocab_size), tokenizer)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(GGUFError) as e:
+        load_gguf(path)
+    assert str(e.value).startswith(f"{path}: ") and re.search(expected, str(e.value)), e.value
+
+
 def test_tokenizer_specials_and_chat_template_from_the_metadata(tmp_path, tokenizer):
     from gptflow.ml.gguf_io import load_gguf
 

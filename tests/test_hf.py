@@ -76,6 +76,46 @@ def test_export_then_import_is_exact(tmp_path, tokenizer, family, overrides):
     assert loaded_tokenizer.encode(TEXTS[1]) == tokenizer.encode(TEXTS[1])
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_folder_claiming_a_million_layers_is_refused_before_any_is_built(tmp_path,
+                                                                          tokenizer, family):
+    import time
+
+    export_hf(gptflow_model(family, tokenizer), tokenizer, tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    config = json.loads(path.read_text())
+    config["n_layer" if family == "gpt2" else "num_hidden_layers"] = 10**6
+    path.write_text(json.dumps(config))
+    started = time.perf_counter()
+    with pytest.raises(HFError, match="config.json claims 1,000,000 layers; the tensors hold"):
+        import_hf(tmp_path / "hf")
+    assert time.perf_counter() - started < 2
+
+
+class _Payload:
+    """What a malicious pickle would run on load; weights_only never lets it."""
+
+    def __reduce__(self):
+        return (print, ("ran code from a model file",))
+
+
+def test_a_pickle_with_code_in_it_is_refused_in_one_line(tmp_path, tokenizer, capfd):
+    from gptflow.cli import main
+
+    export_hf(gptflow_model("llama", tokenizer), tokenizer, tmp_path / "hf")
+    state = {"x": torch.zeros(1), "payload": _Payload()}
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    torch.save(state, tmp_path / "hf" / "pytorch_model.bin")
+    with pytest.raises(HFError, match=r"pytorch_model.bin: refused: the pickle holds Python "
+                                      r"objects besides tensors"):
+        import_hf(tmp_path / "hf")
+    capfd.readouterr()
+    assert main(["generate", str(tmp_path / "hf"), "--prompt", "x"]) == 2
+    out, err = capfd.readouterr()
+    assert len(err.strip().splitlines()) == 1 and "refused" in err, err
+    assert "ran code" not in out + err and "weights_only" not in err
+
+
 def test_unmappable_configs_name_the_field(tmp_path, tokenizer):
     with pytest.raises(HFError, match="model_type: 'mamba' is not supported"):
         read_family({"model_type": "mamba"}, "x/config.json")

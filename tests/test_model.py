@@ -181,6 +181,21 @@ def test_load_names_shape_mismatch(tmp_path):
         load_model(tmp_path)
 
 
+def test_a_config_claiming_a_million_layers_is_refused_before_any_is_built(tmp_path):
+    import time
+
+    tokenizer = Tokenizer.train_char(["abc"])
+    save_model(tmp_path, GPT(preset_config("tiny", vocab_size=tokenizer.vocab_size)), tokenizer)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["n_layer"] = 10**6
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    started = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="config.json claims 1,000,000 layers; the "
+                                             "tensors hold 2"):
+        load_model(tmp_path)
+    assert time.perf_counter() - started < 1
+
+
 def test_bad_config_is_clear():
     with pytest.raises(ValueError, match=r"n_head \(4\) must be divisible by n_kv_head \(3\)"):
         preset_config("tiny", n_kv_head=3)
@@ -223,3 +238,27 @@ def test_prompts_of_different_lengths_decode_together_as_each_alone(overrides):
     stop = alone[1][4]  # rows stop at their own stop token, the others go on
     assert sample_batch(model, prompts, 12, temperature=0, stop_id=stop) == [
         generate(model, p, 12, temperature=0, stop_id=stop) for p in prompts]
+
+
+def test_rope_tables_grow_with_use_and_a_claimed_context_costs_nothing(monkeypatch):
+    """Tables cover the positions used so far, growing on demand with the same values
+    a full-length table holds; a 2^26-token context a file claims allocates none."""
+    import time
+
+    from gptflow.ml import model as module
+
+    torch.manual_seed(0)
+    full = tiny(context=256, rope_local_theta=None)
+    monkeypatch.setattr(module, "ROPE_START", 16)
+    grown = GPT(full.config)
+    grown.load_state_dict(full.state_dict())
+    assert len(grown.get_buffer("rope_cos")) == 16 < len(full.get_buffer("rope_cos"))
+    idx = torch.randint(0, 97, (2, 200))
+    with torch.no_grad():
+        assert torch.equal(grown(idx), full(idx))
+    assert len(grown.get_buffer("rope_cos")) == 200
+    monkeypatch.undo()
+    started = time.perf_counter()
+    huge = GPT(preset_config("tiny", vocab_size=97, context=1 << 26))
+    assert time.perf_counter() - started < 2
+    assert len(huge.get_buffer("rope_cos")) == module.ROPE_START

@@ -268,6 +268,26 @@ def test_a_worker_with_other_code_refuses_the_job(run_pipeline, tmp_path, monkey
     assert json.loads(line)["event"] == "Failed"
 
 
+def test_a_cluster_that_is_not_there_fails_the_run_within_the_timeout(run_pipeline):
+    """A closed port: one line naming the address, in seconds (Ray's client alone
+    would wait about 14 minutes)."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    started = time.monotonic()
+    result = run_pipeline(INDEPENDENT, "--executor", "ray", "--executor-opt",
+                          f"address=127.0.0.1:{port}", "--executor-opt", "connect_timeout_s=2")
+    assert result.code == 1
+    assert time.monotonic() - started < 30
+    line = result.err.strip()
+    assert "\n" not in line
+    assert f"the Ray cluster at 127.0.0.1:{port} did not answer within 2 s" in line
+    assert result.record["nodes"]["a"]["status"] == "failed"
+
+
 def test_a_remote_cluster_needs_a_shared_store(run_pipeline):
     remote = ["--executor", "ray", "--executor-opt", "address=10.1.2.3:6379"]
     result = run_pipeline(INDEPENDENT, *remote, verb="validate")

@@ -114,6 +114,25 @@ def test_mlflow_parent_and_child_runs(run_pipeline, review_corpus, mlflow_server
         assert child.data.tags["gptflow.computed_by"] == run_id
 
 
+def test_a_tracking_server_that_is_not_there_is_skipped_quickly(run_pipeline, review_corpus):
+    """A closed port: the run warns once, naming the address, within the connect
+    timeout; every model is still trained and published."""
+    pytest.importorskip("mlflow", reason="mlflow is not installed (the tracking extra)")
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.monotonic()
+    result = run_pipeline("name: trk\ntracking: {mlflow: {uri: '" + uri + "', "
+                          "connect_timeout_s: 1}}\nnodes:\n"
+                          + TINY_BASE.format(corpus=review_corpus))
+    assert result.code == 0, result.out + result.err
+    assert time.monotonic() - started < 60
+    assert all(n["status"] == "ran" for n in result.record["nodes"].values())
+    assert result.output("base", "model").is_dir()
+    warnings = result.record["warnings"]
+    assert len(warnings) == 1 and f"MLflow server {uri} did not answer within 1 s" in \
+        warnings[0], warnings
+    assert "tracking skipped" in result.out
+
+
 def test_tensorboard_files_outlive_the_node(run_pipeline, review_corpus, capfd):
     pytest.importorskip("tensorboard", reason="tensorboard is not installed")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -152,6 +152,21 @@ name: t
 nodes:
   m: {plugin: pretrain, params: {optim: {lr: .nan}}}
 """, r":3:\d+: error: param 'optim.lr': Input should be a finite number"),
+    "a generated task of 10^12 instances": ("""\
+name: t
+nodes:
+  m: {plugin: load-model, params: {path: "package:gptflow/__init__.py"}}
+  f: {plugin: instruction-finetune, inputs: {model: m},
+      params: {tasks: ["builtin:sentiment4?n=1000000000000"]}}
+""", r":5:\d+: error: 'builtin:sentiment4\?n=1000000000000': \?n=1000000000000: a whole "
+     r"number from 0 to 1,000,000"),
+    "a template that pads to 10 GB": ("""\
+name: t
+nodes:
+  m: {plugin: load-model, params: {path: "package:gptflow/__init__.py"}}
+  f: {plugin: instruction-finetune, inputs: {model: m},
+      params: {tasks: [builtin:sentiment4], template: "{input:>10000000000}"}}
+""", r":5:\d+: error: param 'template': \{input\} takes no format spec or conversion"),
 }
 
 
@@ -179,6 +194,31 @@ def test_not_utf8_pipeline_and_bombs_are_quick(run_pipeline, tmp_path):
     started = time.perf_counter()
     assert run_pipeline(CASES["alias bomb"][0], verb="validate").code == 2
     assert time.perf_counter() - started < 1.0
+
+
+def test_a_set_value_and_an_env_value_meet_the_pipeline_files_limits(run_pipeline,
+                                                                      monkeypatch):
+    """One YAML loader: a 300-byte alias bomb given with --set or in ${env:X} is
+    refused at once, as it is in the file."""
+    import time
+
+    bomb = "[&a [x, x, x, x, x, x, x, x, x, x], " + ", ".join(
+        f"&{c} [{', '.join([f'*{p}'] * 10)}]" for p, c in zip("abcdefg", "bcdefgh",
+                                                              strict=True)) + "]"
+    started = time.perf_counter()
+    result = run_pipeline("name: t\nnodes:\n  a: {plugin: text}\n", "--set",
+                          f"vars.x={bomb}", verb="validate")
+    assert result.code == 2
+    assert result.err.startswith("--set vars.x:1:")
+    assert "expands to more than 100000 values" in result.err
+    monkeypatch.setenv("GPTFLOW_TEST_BOMB", bomb)
+    result = run_pipeline("name: t\nvars: {x: '${env:GPTFLOW_TEST_BOMB}'}\n"
+                          "nodes:\n  a: {plugin: text}\n", verb="validate")
+    assert result.code == 2 and "expands to more than 100000 values" in result.err
+    assert time.perf_counter() - started < 2.0
+    lenient = run_pipeline("name: t\nvars: {x: 1}\nnodes:\n  a: {plugin: text}\n",
+                           "--set", "vars.x=a: b: c", verb="validate")
+    assert lenient.code == 0, lenient.err  # not YAML: the string as written
 
 
 def test_all_problems_reported_at_once(run_pipeline):

@@ -12,6 +12,7 @@ step and saves a checkpoint.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -56,6 +57,9 @@ class RayOptions(Params):
     shared_store: bool | None = None
     """Whether every machine of the cluster sees the store; default: judged by its
     file system (NFS, SMB, Lustre, GPFS, CephFS, FUSE mounts count as shared)."""
+    connect_timeout_s: float = Field(10.0, gt=0, le=3600)
+    """Seconds to wait for a cluster at HOST:PORT to answer before the run fails
+    (Ray's own client waits minutes, silently)."""
     num_cpus: int | None = Field(None, ge=1)
     """Without an address: start a Ray of this run's own with this many CPUs (default:
     a running local Ray, else one started with every CPU)."""
@@ -72,6 +76,9 @@ class Ray(Executor):
 
         self.ray = ray
         self.connected = not ray.is_initialized()  # by this executor, which disconnects
+        problem = unreachable(options.address, options.connect_timeout_s)
+        if self.connected and problem:
+            raise ConnectionError(problem)
         if self.connected:  # num_cpus: a Ray of its own, whatever else runs here
             own = {"address": "local", "num_cpus": options.num_cpus} \
                 if options.num_cpus and options.address is None else {"address": options.address}
@@ -171,6 +178,23 @@ def _is_remote(address: str | None) -> bool:
         return False
     host = urlparse(address if "://" in address else f"ray://{address}").hostname
     return address == "auto" or host not in LOCAL_HOSTS
+
+
+def unreachable(address: str | None, timeout: float) -> str | None:
+    """Why the cluster at ``HOST:PORT`` (or ``ray://HOST:PORT``) does not accept a
+    connection within ``timeout`` seconds, or None (it does, or the address names no
+    host: ``auto``, a local Ray)."""
+    if address in (None, "auto", "local"):
+        return None
+    url = urlparse(address if "://" in address else f"ray://{address}")
+    port = url.port or (10001 if "://" in address else 6379)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout).close()
+    except OSError as e:
+        return (f"the Ray cluster at {address} did not answer within {timeout:g} s "
+                f"({e.strerror or type(e).__name__}); is it running? (executor option "
+                "connect_timeout_s)")
+    return None
 
 
 def file_system(path: Any) -> str:

@@ -22,7 +22,7 @@ from gptflow.ml.adapter import LoraConfig
 from gptflow.ml.config import GPTConfig
 from gptflow.ml.inference import DecodeLinear, for_inference
 from gptflow.ml.lora import adapter_state_dict, base_layer, load_adapter, merge_lora, prepare
-from gptflow.ml.model import GPT, shape_problems
+from gptflow.ml.model import GPT, claimed_layers, shape_problems
 from gptflow.ml.prompts import PromptFormat
 from gptflow.ml.quant import correct_low_rank, dequantize_model, quantize_model
 from gptflow.ml.tokenizer import Tokenizer
@@ -85,15 +85,18 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu",
     folder = Path(folder)
     config, data = read_config(folder)
     quant = data.get("quantization")
+    path = folder / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    problem = claimed_layers(config, found, "config.json")
+    if problem:
+        raise ModelLoadError(f"{path} does not match config.json: {problem}")
     with torch.device("meta"):
         model = GPT(config)
         if quant:
             quantized_layers(model, quant)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()
                 if not (config.tie_embeddings and k.startswith("lm_head."))}
-    path = folder / "model.safetensors"
-    with safe_open(str(path), framework="pt") as f:
-        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     problem = shape_problems(expected, found, "config.json")
     if problem:
         raise ModelLoadError(f"{path} does not match config.json: {problem}")

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from gptflow.ml.tasks import (
     check_dataset_layout,
+    json_kind,
     jsonl_records,
     load_natural_instructions,
     read_text,
@@ -92,9 +93,7 @@ def dataset_documents(folder: Path, text_field: str = "text") -> Iterator[str]:
 
 
 def _kind(record: dict[str, Any], key: str) -> str:
-    if key not in record:
-        return "missing"
-    return "null" if record[key] is None else type(record[key]).__name__
+    return json_kind(record[key]) if key in record else "missing"
 
 
 def is_val(index: int, fraction: float) -> bool:

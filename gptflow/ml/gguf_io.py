@@ -34,7 +34,7 @@ from torch import Tensor
 
 from gptflow.ml.config import GPTConfig
 from gptflow.ml.families import HFError
-from gptflow.ml.model import GPT, shape_problems, state_shapes
+from gptflow.ml.model import GPT, claimed_layers, shape_problems, state_shapes
 from gptflow.ml.tokenizer import Tokenizer, TokenizerConfig
 
 MAGIC = b"GGUF"
@@ -83,12 +83,43 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], list[TensorInfo]]:
-    """The metadata and the tensor table of a GGUF file (versions 2 and 3)."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+    """The metadata and the tensor table of a GGUF file (versions 2 and 3). Every
+    count and length the header claims is checked against the bytes that follow it
+    before anything is read or allocated for it; a lie is a GGUFError naming where."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            raise GGUFError(f"{path}: not a GGUF file ({size} bytes)")
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     buf = memoryview(mapped)  # pages are read as the header is parsed, no further
+    try:
+        metadata, tensors = _parse_header(path, buf)
+    except struct.error:
+        raise GGUFError(f"{path}: the header is truncated (the file ends at byte "
+                        f"{size:,})") from None
+    finally:
+        buf.release()
+        mapped.close()
+    for t in tensors:
+        if t.qtype not in GGML_QUANT_SIZES:
+            raise GGUFError(f"{path}: tensor {t.name}: unknown type {t.qtype}")
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(t.qtype)]
+        elements = int(np.prod(t.shape, dtype=np.float64))
+        if any(d < 1 for d in t.shape) or t.shape[-1] % block:
+            raise GGUFError(f"{path}: tensor {t.name}: shape {t.shape} does not fit its "
+                            f"type's blocks of {block}")
+        end = t.offset + elements // block * type_size
+        if end > size:
+            raise GGUFError(f"{path}: tensor {t.name}: its data ends at byte {end:,}, past "
+                            f"the end of the file ({size:,} bytes)")
+    return metadata, tensors
+
+
+def _parse_header(path: Path, buf: memoryview) -> tuple[dict[str, Any], list[TensorInfo]]:
+    from gguf import GGUFValueType
+
     pos = 0
 
     def take(fmt: str) -> Any:
@@ -97,9 +128,16 @@ def read_header(path: Path) -> tuple[dict[str, Any], list[TensorInfo]]:
         pos += struct.calcsize(fmt)
         return value
 
+    def room(count: int, item_bytes: int, what: str) -> int:
+        """``count`` items of at least ``item_bytes`` each fit in what is left."""
+        if count * item_bytes > len(buf) - pos:
+            raise GGUFError(f"{path}: {what} at byte {pos:,} claims {count:,} items; the "
+                            f"{len(buf) - pos:,} bytes left cannot hold them")
+        return count
+
     def text() -> str:
         nonlocal pos
-        n = take("Q")
+        n = room(take("Q"), 1, "a string")
         pos += n
         return bytes(buf[pos - n:pos]).decode("utf-8", errors="replace")
 
@@ -108,7 +146,7 @@ def read_header(path: Path) -> tuple[dict[str, Any], list[TensorInfo]]:
               GGUFValueType.FLOAT32: "f", GGUFValueType.BOOL: "?", GGUFValueType.UINT64: "Q",
               GGUFValueType.INT64: "q", GGUFValueType.FLOAT64: "d"}
 
-    def value(kind: int) -> Any:
+    def value(kind: int, depth: int = 0) -> Any:
         nonlocal pos
         if kind == GGUFValueType.STRING:
             return text()
@@ -116,10 +154,15 @@ def read_header(path: Path) -> tuple[dict[str, Any], list[TensorInfo]]:
             item, count = take("I"), take("Q")
             if item in scalar:  # numbers: one vectorised read
                 dtype = np.dtype("<" + scalar[GGUFValueType(item)])
-                values = np.frombuffer(buf, dtype, count, pos).tolist()
+                values = np.frombuffer(buf, dtype, room(count, dtype.itemsize, "an array"),
+                                       pos).tolist()
                 pos += dtype.itemsize * count
                 return values
-            return [value(item) for _ in range(count)]
+            if depth > 2 or item not in (GGUFValueType.STRING, GGUFValueType.ARRAY):
+                raise GGUFError(f"{path}: an array at byte {pos:,} of value type {item}")
+            return [value(item, depth + 1) for _ in range(room(count, 8, "an array"))]
+        if kind not in scalar:
+            raise GGUFError(f"{path}: a value at byte {pos:,} of unknown type {kind}")
         return take(scalar[GGUFValueType(kind)])
 
     if bytes(buf[:4]) != MAGIC:
@@ -129,26 +172,24 @@ def read_header(path: Path) -> tuple[dict[str, Any], list[TensorInfo]]:
     if version not in (2, 3):
         raise GGUFError(f"{path}: GGUF version {version} is not supported (2, 3)")
     metadata = {}
-    for _ in range(n_kv):
+    for _ in range(room(n_kv, 12, "the metadata")):  # a key's length and a value's type
         key = text()
         metadata[key] = value(take("I"))
     infos = []
-    for _ in range(n_tensors):
+    for _ in range(room(n_tensors, 24, "the tensor table")):
         name = text()
-        dims = [take("Q") for _ in range(take("I"))]
+        rank = take("I")
+        if not 1 <= rank <= 4:
+            raise GGUFError(f"{path}: tensor {name}: {rank} dimensions (1 to 4)")
+        dims = [take("Q") for _ in range(rank)]
         qtype, offset = take("I"), take("Q")
         infos.append((name, tuple(reversed(dims)), qtype, offset))
-    align = int(metadata.get("general.alignment", 32))
+    align = metadata.get("general.alignment", 32)
+    if not isinstance(align, int) or not 1 <= align <= 1 << 20:
+        raise GGUFError(f"{path}: general.alignment {align!r} is not a sane alignment")
     start = pos + (-pos) % align
-    tensors = [TensorInfo(name, shape, qtype, start + offset)
-               for name, shape, qtype, offset in infos]
-    buf.release()
-    mapped.close()
-    for t in tensors:
-        if t.qtype not in GGML_QUANT_SIZES:
-            raise GGUFError(f"{path}: tensor {t.name}: unknown type {t.qtype}")
-        GGMLQuantizationType(t.qtype)
-    return metadata, tensors
+    return metadata, [TensorInfo(name, shape, qtype, start + offset)
+                      for name, shape, qtype, offset in infos]
 
 
 def load_gguf(path: Path) -> tuple[GPT, Tokenizer]:
@@ -159,8 +200,9 @@ def load_gguf(path: Path) -> tuple[GPT, Tokenizer]:
     meta = _Metadata(metadata, {t.name for t in tensors}, path)
     config = config_from_gguf(meta)
     names = {t.name: gptflow_name(t.name, meta) for t in tensors}
-    problem = shape_problems(state_shapes(config), {names[t.name]: t.shape for t in tensors},
-                             "the metadata")
+    problem = claimed_layers(config, names.values(), f"{meta.arch}.block_count") or \
+        shape_problems(state_shapes(config), {names[t.name]: t.shape for t in tensors},
+                       "the metadata")
     if problem:
         raise GGUFError(f"{path}: tensors do not match the metadata: {problem}")
     data = np.memmap(path, dtype=np.uint8, mode="r")

@@ -10,6 +10,7 @@ map); both directions walk that record's weight map.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from torch import Tensor
 from gptflow.ml.adapter import LoraConfig
 from gptflow.ml.config import GPTConfig
 from gptflow.ml.families import Family, HFError, family_of, read_family
-from gptflow.ml.model import GPT, state_shapes
+from gptflow.ml.model import GPT, claimed_layers, state_shapes
 from gptflow.ml.tokenizer import EOT, PAD, Tokenizer
 
 
@@ -57,7 +58,12 @@ def read_tensors(folder: Path) -> dict[str, Tensor]:
             with safe_open(str(path), framework="pt") as f:
                 state.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
         else:
-            state.update(torch.load(path, map_location="cpu", weights_only=True))
+            try:
+                state.update(torch.load(path, map_location="cpu", weights_only=True))
+            except pickle.UnpicklingError:  # torch's own text advises turning the check off
+                raise HFError(f"{path}: refused: the pickle holds Python objects besides "
+                              "tensors, and gptflow runs no code from a model file "
+                              "(convert it to safetensors)") from None
     return state
 
 
@@ -74,6 +80,9 @@ def from_hf(theirs: dict[str, Tensor], config: GPTConfig, family: Family, where:
     theirs = {k: v for k, v in theirs.items() if not k.endswith(IGNORED)}
     if config.tie_embeddings:
         theirs.pop("lm_head.weight", None)
+    problem = claimed_layers(config, theirs, "config.json")
+    if problem:
+        raise HFError(f"{where}: weights do not match config.json: {problem}")
     shapes = state_shapes(config)
     rows = family.weight_map(config)
     missing = [r.theirs for r in rows if r.theirs not in theirs]

@@ -9,6 +9,7 @@ nkv key/value heads, hs head size, V vocabulary.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache, partial
@@ -43,6 +44,9 @@ def make_norm(config: GPTConfig, dim: int | None = None) -> nn.Module:
     if config.norm == "rmsnorm":
         return RMSNorm(dim or config.d_model, config.norm_eps, config.norm_offset)
     return nn.LayerNorm(dim or config.d_model, eps=config.norm_eps, bias=config.bias)
+
+
+ROPE_START = 4096  # positions of RoPE tables a model starts with
 
 
 def rope_cache(config: GPTConfig, length: int, device: torch.device | None = None,
@@ -271,12 +275,16 @@ class GPT(nn.Module):
         and run the block again there (a third more compute, a fraction of the
         activation memory). A training switch, never saved with the model."""
 
-    def _rope_tables(self, dtype: torch.dtype, device: torch.device | None = None) -> None:
-        """RoPE's cos and sin tables as buffers (never saved), the sliding layers' own too."""
+    def _rope_tables(self, dtype: torch.dtype, device: torch.device | None = None,
+                     length: int | None = None) -> None:
+        """RoPE's cos and sin tables as buffers (never saved), the sliding layers' own too,
+        for the first ``length`` positions: they grow as sequences need them (see
+        :meth:`hidden`), so a context a file merely claims (2^26) costs nothing."""
+        length = min(ROPE_START if length is None else length, self.config.context)
         for local, prefix in ((False, "rope"), (True, "rope_local")):
             if local and self.config.rope_local_theta is None:
                 continue
-            cos, sin = rope_cache(self.config, self.config.context, device, local)
+            cos, sin = rope_cache(self.config, length, device, local)
             self.register_buffer(f"{prefix}_cos", cos.to(dtype), persistent=False)
             self.register_buffer(f"{prefix}_sin", sin.to(dtype), persistent=False)
 
@@ -357,6 +365,9 @@ class GPT(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         else:
+            table = self.get_buffer("rope_cos")
+            if start + T > len(table):  # twice as long, or as needed: a few growths at most
+                self._rope_tables(table.dtype, table.device, max(start + T, 2 * len(table)))
             for local in {local for _, local in self.layer_kinds}:
                 prefix = "rope_local" if local else "rope"
                 ropes[local] = (self.get_buffer(f"{prefix}_cos")[positions],
@@ -410,6 +421,19 @@ def state_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         return {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()
                 if not (config.tie_embeddings and k == "lm_head.weight")}
+
+
+LAYER_INDEX = re.compile(r"\.(\d+)\.")  # blocks.3.attn..., model.layers.3..., blk.3...
+
+
+def claimed_layers(config: GPTConfig, names: Iterable[str], source: str) -> str | None:
+    """Whether ``source`` claims more layers than the tensors ``names`` hold, said
+    before anything is built for it: a lying file's 10^6 layers would otherwise
+    build 10^6 blocks (minutes, gigabytes) on the way to the shape check."""
+    present = len({m.group(1) for name in names if (m := LAYER_INDEX.search(name))})
+    if config.n_layer <= present:
+        return None
+    return f"{source} claims {config.n_layer:,} layers; the tensors hold {present}"
 
 
 def shape_problems(expected: Mapping[str, tuple[int, ...]],

@@ -199,14 +199,30 @@ def load_jsonl(path: Path, fields: tuple[str, str, str]) -> Task:
         for key in (input_, output):
             if key not in record:
                 raise ValueError(f"{path}:{n}: no field {key!r}")
-        definitions[str(record.get(instruction, ""))] += 1
         out = record[output]
+        if not (isinstance(out, str) or (isinstance(out, list) and out
+                and all(isinstance(o, str) for o in out))):
+            raise ValueError(f"{path}:{n}: field {output!r} is {json_kind(out)}, not a string "
+                             "(or a list of reference strings)")
+        for key in (input_, instruction):
+            if not isinstance(record.get(key, ""), str):
+                raise ValueError(f"{path}:{n}: field {key!r} is {json_kind(record[key])}, "
+                                 "not a string")
+        definitions[record.get(instruction, "")] += 1
         split = record.get("split")
         if split is not None and split not in SPLITS:
             raise ValueError(f"{path}:{n}: split {split!r} is not one of {SPLITS}")
-        instances.append(Instance(str(record.get("id", n)), str(record[input_]),
-                                  tuple(out) if isinstance(out, list) else (str(out),), split))
+        instances.append(Instance(str(record.get("id", n)), record[input_],
+                                  tuple(out) if isinstance(out, list) else (out,), split))
     return Task(path.stem, definitions.most_common(1)[0][0] if definitions else "", instances)
+
+
+def json_kind(value: Any) -> str:
+    """How a wrong JSON value reads in an error: null, a number, a list, ..."""
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", list: "a list",
+            dict: "an object", str: "a string"}.get(type(value), type(value).__name__)
 
 
 Message = dict[str, str]

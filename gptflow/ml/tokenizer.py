@@ -183,9 +183,10 @@ class Tokenizer:
         sandbox, with transformers' settings), ready to encode."""
         if not self.config.chat_template:
             raise ValueError("this tokenizer has no chat template")
-        return _chat_template(self.config.chat_template).render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt,
-            bos_token=self.config.bos_token or "", eos_token=self.config.eos_token or "")
+        return render_template(self.config.chat_template, messages=list(messages),
+                               add_generation_prompt=add_generation_prompt,
+                               bos_token=self.config.bos_token or "",
+                               eos_token=self.config.eos_token or "")
 
     def encode_documents(self, docs: Sequence[str], chunk_chars: int = 1 << 20) -> np.ndarray:
         """One stream of ids with end-of-text after every document (an integer array).
@@ -258,26 +259,88 @@ class Tokenizer:
                                  special_tokens=added)
 
 
-def _chat_template(source: str) -> Any:
-    """A chat template compiled as transformers compiles it: a sandbox that cannot
-    touch Python objects, trimmed blocks, ``raise_exception`` and ``tojson``."""
+MAX_RENDER_CHARS = 1 << 22  # what one rendering may write: far beyond any context
+MAX_LOOP_ITEMS = 1 << 20  # items all of one rendering's range() calls may yield
+
+
+def render_template(source: str, **context: Any) -> str:
+    """A model's chat template rendered as transformers renders it (a sandbox that
+    cannot touch Python objects, trimmed blocks, ``raise_exception``, ``tojson``),
+    within bounds: a template comes with a model file, and nested loops or string
+    doubling would otherwise take minutes and gigabytes. Raises ValueError
+    ("model chat template: ...")."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        pieces, written = [], 0
+        for piece in _chat_environment().from_string(source).generate(**context):
+            written += len(piece)
+            if written > MAX_RENDER_CHARS:
+                raise TemplateError(f"writes more than {MAX_RENDER_CHARS:,} characters")
+            pieces.append(piece)
+        return "".join(pieces)
+    except (TemplateError, RecursionError, TypeError, ValueError, OverflowError) as e:
+        raise ValueError(f"model chat template: {type(e).__name__}: {e}") from None
+
+
+def _chat_environment() -> Any:
+    """A sandboxed jinja2 environment of its own for one rendering, with its budget."""
+    from jinja2.compiler import CodeGenerator, Frame
     from jinja2.exceptions import TemplateError
     from jinja2.ext import loopcontrols
+    from jinja2.nodes import Concat
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def bounded(value: Any) -> Any:
+        if isinstance(value, str | list | tuple) and len(value) > MAX_RENDER_CHARS:
+            raise TemplateError(f"builds a value of more than {MAX_RENDER_CHARS:,} items")
+        return value
+
+    class Generator(CodeGenerator):
+        def visit_Concat(self, node: Concat, frame: Frame) -> None:  # ``a ~ b``, bounded
+            self.write("environment.concat_bounded((")
+            for arg in node.nodes:
+                self.visit(arg, frame)
+                self.write(", ")
+            self.write("))")
+
+    class Bounded(ImmutableSandboxedEnvironment):
+        code_generator_class = Generator
+        intercepted_binops = frozenset(["*", "**", "+"])
+        loop_items = 0
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            if operator == "**" and isinstance(right, int) and abs(right) > 64:
+                raise TemplateError(f"refuses {left!r} ** {right}")
+            seq, times = (left, right) if isinstance(right, int) else (right, left)
+            if operator == "*" and isinstance(seq, str | list | tuple) and isinstance(
+                    times, int) and len(seq) * times > MAX_RENDER_CHARS:
+                raise TemplateError(f"builds a value of more than {MAX_RENDER_CHARS:,} items")
+            return bounded(super().call_binop(context, operator, left, right))
+
+        def concat_bounded(self, parts: tuple[Any, ...]) -> str:
+            return str(bounded("".join(map(str, parts))))
+
+    env = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+
+    def counted_range(*args: int) -> range:
+        items = range(*args)
+        env.loop_items += len(items)
+        if env.loop_items > MAX_LOOP_ITEMS:
+            raise TemplateError(f"loops over more than {MAX_LOOP_ITEMS:,} items")
+        return items
 
     def raise_exception(message: str) -> None:
         raise TemplateError(message)
 
     def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
                separators: Any = None, sort_keys: bool = False) -> str:
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
-                          separators=separators, sort_keys=sort_keys)
+        return str(bounded(json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
+                                      separators=separators, sort_keys=sort_keys)))
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[loopcontrols])
     env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(source)
+    env.globals.update(raise_exception=raise_exception, range=counted_range)
+    return env
 
 
 def _kind(spec: dict[str, Any]) -> str:

@@ -7,6 +7,7 @@ Schema; cross-field checks name the YAML key in their message.
 from __future__ import annotations
 
 import re
+import string
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -208,6 +209,9 @@ class Budget(Params):
         return max(1, round(total / tokens_per_step))
 
 
+TEMPLATE_FIELDS = ("definition", "examples", "input")
+
+
 class InstructionParams(Params):
     """Instruction tuning on tasks: what full fine-tuning and LoRA share."""
 
@@ -240,6 +244,24 @@ class InstructionParams(Params):
     reverse: bool = False
     """Train the tasks backwards — write an input given its output (a review given
     its label): the generator that generate-synthetic-data samples from."""
+
+    @field_validator("template")
+    @classmethod
+    def _plain_fields(cls, v: str) -> str:
+        """Only {definition}, {examples} and {input}, as they are: a format spec such
+        as {input:>10000000000} would build a 10 GB string for every prompt."""
+        try:
+            fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(v)
+                      if name is not None]
+        except ValueError as e:
+            raise ValueError(f"not a template: {e}") from None
+        for name, spec, conversion in fields:
+            if name not in TEMPLATE_FIELDS:
+                raise ValueError(f"unknown field {{{name}}}: a template has "
+                                 f"{', '.join('{' + f + '}' for f in TEMPLATE_FIELDS)}")
+            if spec or conversion:
+                raise ValueError(f"{{{name}}} takes no format spec or conversion here")
+        return v
 
     def prompt(self) -> PromptFormat:
         """How the tuned model is prompted: stored with it for evaluate and synth."""

@@ -15,17 +15,24 @@ Turned on in a pipeline file or on the command line::
     gptflow run pipeline.yaml --track mlflow     # MLFLOW_TRACKING_URI is honoured
 
 Options (``tracking.mlflow``): ``uri`` (default: ``$MLFLOW_TRACKING_URI``, else
-MLflow's own default, ``sqlite:///mlflow.db`` in the working folder) and
-``experiment`` (default: the pipeline's name). Needs the ``tracking`` extra.
-MLflow is imported only by runs that track.
+MLflow's own default, ``sqlite:///mlflow.db`` in the working folder),
+``experiment`` (default: the pipeline's name) and ``connect_timeout_s``: a server
+that does not answer within it is skipped for the run, with a warning; tracking
+never fails a node. Needs the ``tracking`` extra. MLflow is imported only by runs
+that track.
 """
 
 from __future__ import annotations
 
+import logging
+import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+
+from pydantic import Field
 
 from gptflow import Params, hookimpl
 
@@ -40,6 +47,8 @@ class MlflowOptions(Params):
     default: $MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db)."""
     experiment: str | None = None
     """Experiment that holds the runs; default: the pipeline's name."""
+    connect_timeout_s: float = Field(5.0, gt=0, le=600)
+    """Seconds to wait for an http(s) tracking server before skipping it for the run."""
 
 
 @dataclass
@@ -56,6 +65,23 @@ def tracking_uri(options: Mapping[str, Any]) -> str:
     import mlflow
 
     return str(options.get("uri") or mlflow.get_tracking_uri())
+
+
+def unreachable(uri: str, options: Mapping[str, Any]) -> str | None:
+    """Why an http(s) tracking server does not answer within the connect timeout, or
+    None (it does, or the URI is a local database). MLflow's own client would retry
+    for minutes."""
+    url = urlparse(uri)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        return None
+    timeout = float(options.get("connect_timeout_s", 5.0))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https"
+                                                             else 80)), timeout).close()
+    except OSError as e:
+        return (f"MLflow server {uri} did not answer within {timeout:g} s "
+                f"({e.strerror or type(e).__name__}): tracking skipped")
+    return None
 
 
 ACTIVE: dict[str, Active] = {}  # gptflow run id -> its MLflow runs (in the runner's process)
@@ -76,6 +102,9 @@ def before_pipeline_run(run_id: str, pipeline: str, path: str,
     from mlflow import MlflowClient
 
     options = tracking["mlflow"]
+    problem = unreachable(tracking_uri(options), options)
+    if problem:  # the runner records it as the run's warning and goes on
+        raise ConnectionError(problem)
     client = MlflowClient(tracking_uri(options))
     name = options.get("experiment") or pipeline
     found = client.get_experiment_by_name(name)
@@ -145,7 +174,7 @@ def after_pipeline_run(run_id: str, status: str) -> None:
 def register_training_callbacks(node: str, run_id: str, tracking: Mapping[str, Any],
                                 register: Any) -> None:
     if "mlflow" in tracking:
-        register(step_curves(tracking_uri(tracking["mlflow"]), run_id, node))
+        register(step_curves(tracking_uri(tracking["mlflow"]), tracking["mlflow"], run_id, node))
 
 
 def _child(active: Active, run_id: str, node: str, tags: dict[str, str]) -> str:
@@ -172,9 +201,10 @@ def reports(folder: Path) -> list[Path]:
                   and f.suffix in ARTIFACT_SUFFIXES and f.stat().st_size <= ARTIFACT_MAX_BYTES)
 
 
-def step_curves(uri: str, run_id: str, node: str) -> Any:
+def step_curves(uri: str, options: Mapping[str, Any], run_id: str, node: str) -> Any:
     """A callback that adds Lightning's MLFlowLogger, pointed at the node's child run,
-    to the trainer: the training curves land in the child step by step."""
+    to the trainer: the training curves land in the child step by step. A server
+    that cannot be reached leaves the node training without it."""
     from lightning.pytorch.callbacks import Callback
 
     class StepCurves(Callback):
@@ -182,8 +212,16 @@ def step_curves(uri: str, run_id: str, node: str) -> Any:
             from lightning.pytorch.loggers import MLFlowLogger
             from mlflow import MlflowClient
 
-            child = _find_child(MlflowClient(uri), run_id, node)
-            if child is not None and trainer.is_global_zero:
+            if not trainer.is_global_zero:
+                return
+            problem = unreachable(uri, options)
+            try:
+                child = None if problem else _find_child(MlflowClient(uri), run_id, node)
+            except Exception as e:  # tracking never fails a node
+                problem = f"MLflow: {type(e).__name__}: {e}".splitlines()[0]
+            if problem:
+                logging.getLogger(__name__).warning("%s (training curves)", problem)
+            elif child is not None:
                 trainer.loggers = [*trainer.loggers, MLFlowLogger(tracking_uri=uri, run_id=child)]
 
     return StepCurves()
