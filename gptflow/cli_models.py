@@ -9,6 +9,7 @@ import contextlib
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,17 +53,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from gptflow.ml.generate import generate
     from gptflow.recipes.sources import model_path
 
-    try:
+    with reading_model(folder):
         model, tokenizer, _ = load_any(model_path(args.model), inference=True)
         prompt = (tokenizer.render_chat([{"role": "user", "content": args.prompt}])
                   if args.chat else args.prompt)
-    except ValueError as e:  # ModelLoadError, HFError, GGUFError, the chat template
-        raise InputError(f"{folder}: {e}") from None
-    except Exception as e:  # a file that breaks the reader: still the file's fault
-        if os.environ.get("GPTFLOW_DEBUG") == "1":
-            raise
-        raise InputError(f"{folder}: cannot be read as a model: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
         ids = generate(model, tokenizer.encode_prompt(prompt), args.max_new_tokens,
@@ -85,16 +79,29 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise InputError(f"{target}: exists; a GGUF export writes a new file")
     if target.is_file() or (target.is_dir() and any(target.iterdir())):
         raise InputError(f"{target}: exists and is not empty; export needs a new folder")
-    from gptflow.ml.checkpoint import ModelLoadError
     from gptflow.ml.export import export
-    from gptflow.ml.families import HFError
 
-    try:
+    with reading_model(source):
         what = export(source, target, args.format, args.gguf_type)
-    except (ModelLoadError, HFError) as e:  # GGUFError is an HFError
-        raise InputError(f"{source}: {e}") from None
     print(f"{target}: {what}")
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def reading_model(folder: Path) -> Iterator[None]:
+    """What goes wrong reading a model file is the file's doing: one line naming it,
+    an input error (exit 2), whatever the reader raised (GPTFLOW_DEBUG=1: the
+    traceback)."""
+    try:
+        yield
+    except ValueError as e:  # ModelLoadError, HFError, GGUFError, the chat template
+        raise InputError(str(e) if str(e).startswith(str(folder)) else f"{folder}: {e}") \
+            from None
+    except Exception as e:
+        if os.environ.get("GPTFLOW_DEBUG") == "1":
+            raise
+        raise InputError(f"{folder}: cannot be read as a model: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 def verify_stored(folder: Path) -> None:

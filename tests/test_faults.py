@@ -522,6 +522,17 @@ def test_instruction_data_that_is_not_text_names_the_row(tmp_path, record, expec
         " (or a list of reference strings)" if "'output'" in expected else "")
 
 
+def test_chat_data_without_an_assistant_turn_names_the_row(tmp_path):
+    from gptflow.ml.tasks import load_conversations
+
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]})
+                    + "\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}))
+    with pytest.raises(ValueError, match=f"^{path}:2: no assistant message"):
+        load_conversations(path, "train")
+
+
 @pytest.mark.torch
 def test_a_shard_index_may_not_reach_outside_the_model_folder(tmp_path):
     from gptflow.ml.families import HFError

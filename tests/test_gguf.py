@@ -186,6 +186,49 @@ def test_a_truncated_or_lying_gguf_is_one_line_naming_where(tmp_path, tokenizer,
     assert str(e.value).startswith(f"{path}: ") and re.search(expected, str(e.value)), e.value
 
 
+@pytest.mark.parametrize(("types", "bos", "expected"), [
+    (-1, 0, r"tokenizer.ggml.token_type has 299 entries, tokenizer.ggml.tokens 300"),
+    (0, 10**6, r"tokenizer.ggml.bos_token_id 1000000 is not a token id \(0 to 299\)"),
+])
+def test_inconsistent_token_tables_are_named(tmp_path, types, bos, expected):
+    from gptflow.ml.gguf_io import GGUFError, gguf_name, gguf_writer, load_gguf
+
+    model = tiny_llama(300)
+    path = tmp_path / "tokens.gguf"
+    writer = gguf_writer(model.config, None, path)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"t{i}" for i in range(300)])
+    writer.add_token_types([1] * (300 + types))
+    writer.add_token_merges([])
+    writer.add_bos_token_id(bos)
+    for name, tensor in model.state_dict().items():
+        if name != "lm_head.weight":
+            writer.add_tensor(gguf_name(name), tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(GGUFError, match=expected):
+        load_gguf(path)
+
+
+def test_generate_and_export_say_a_bad_model_file_is_input(tmp_path, tokenizer, capfd):
+    """Exit 2 and one line naming the file, whatever the reader tripped on."""
+    from gptflow.cli import main
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, tiny_llama(tokenizer.vocab_size), tokenizer)
+    path.write_bytes(path.read_bytes()[:300])
+    (tmp_path / "notes.txt").write_text("not a model")
+    for args in (["generate", str(path), "--prompt", "x"],
+                 ["generate", str(tmp_path / "notes.txt"), "--prompt", "x"]):
+        capfd.readouterr()
+        assert main(args) == 2
+        err = capfd.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(tmp_path) in err, err
+        assert err.count(str(tmp_path)) == 1 and "Traceback" not in err, err
+
+
 def test_tokenizer_specials_and_chat_template_from_the_metadata(tmp_path, tokenizer):
     from gptflow.ml.gguf_io import load_gguf
 

@@ -178,6 +178,9 @@ def _load_any(folder: Path, device: str) -> tuple[GPT, Tokenizer, Loaded]:
     if is_gguf(folder):
         model, tokenizer = load_gguf(folder)
         return model.to(device), tokenizer, Loaded({})
+    if folder.is_file():
+        raise ModelLoadError(f"{folder}: a file that is not GGUF (it does not begin with "
+                             "GGUF's magic bytes); a model is a GGUF file or a folder")
     if is_hf_folder(folder):
         model, tokenizer = load_hf(folder)
         return model.to(device), tokenizer, Loaded({})

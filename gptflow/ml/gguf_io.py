@@ -321,10 +321,21 @@ def tokenizer_from_gguf(meta: _Metadata) -> Tokenizer:
     kind = meta.get("tokenizer.ggml.model")
     tokens = [str(t) for t in meta.get("tokenizer.ggml.tokens")]
     types = list(meta.get("tokenizer.ggml.token_type", [TOKEN_NORMAL] * len(tokens)))
+    scores = list(meta.get("tokenizer.ggml.scores") if kind == "llama"  # merges by score
+                  else meta.get("tokenizer.ggml.scores", [0.0] * len(tokens)))
+    for key, table in (("token_type", types), ("scores", scores)):
+        if len(table) != len(tokens):
+            raise GGUFError(f"{meta.path}: tokenizer.ggml.{key} has {len(table):,} entries, "
+                            f"tokenizer.ggml.tokens {len(tokens):,}")
+    for key in ("bos_token_id", "eos_token_id", "padding_token_id"):
+        index = meta.get(f"tokenizer.ggml.{key}", None)
+        if index is not None and not (isinstance(index, int) and 0 <= index < len(tokens)):
+            raise GGUFError(f"{meta.path}: tokenizer.ggml.{key} {index!r} is not a token id "
+                            f"(0 to {len(tokens) - 1:,})")
     if kind == "gpt2":
         hf = _byte_level_bpe(meta, tokens)
     elif kind == "llama":
-        hf = _sentencepiece(tokens, list(meta.get("tokenizer.ggml.scores")), types,
+        hf = _sentencepiece(tokens, scores, types,
                             bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
     else:
         raise GGUFError(f"{meta.path}: tokenizer.ggml.model {kind!r} is not supported "
@@ -337,7 +348,7 @@ def tokenizer_from_gguf(meta: _Metadata) -> Tokenizer:
 
     def token(key: str) -> str | None:
         index = meta.get(f"tokenizer.ggml.{key}", None)
-        return tokens[int(index)] if index is not None else None
+        return tokens[index] if index is not None else None
 
     return Tokenizer(hf, TokenizerConfig(
         bos_token=token("bos_token_id"), eos_token=token("eos_token_id"),

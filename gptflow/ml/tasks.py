@@ -239,6 +239,9 @@ def load_conversations(path: Path, split: str) -> list[list[Message]]:
                 isinstance(m, dict) and isinstance(m.get("role"), str)
                 and isinstance(m.get("content"), str) for m in messages):
             raise ValueError(f"{path}:{n}: messages must be a list of {{role, content}}")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ValueError(f"{path}:{n}: no assistant message: nothing to train on (the "
+                             "loss is on the assistant's turns)")
         own = record.get("split")
         if split_of(messages[0]["content"], own) == split:
             chats.append([{"role": m["role"], "content": m["content"]} for m in messages])
