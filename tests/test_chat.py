@@ -108,7 +108,7 @@ def test_a_model_chat_template_renders_within_bounds_or_says_it(template, expect
 
     tok = Tokenizer(Tokenizer.train_char(["ab"]).hf, TokenizerConfig(chat_template=template))
     started = time.perf_counter()
-    with pytest.raises(ValueError, match="^model chat template: ") as e:
+    with pytest.raises(ValueError, match=r"^model chat template: ") as e:
         tok.render_chat([{"role": "user", "content": "hi"}])
     assert expected in str(e.value) and "\n" not in str(e.value)
     assert time.perf_counter() - started < 5

@@ -152,8 +152,8 @@ def test_a_lying_gguf_header_costs_seconds_not_gigabytes(tmp_path, tokenizer, cl
     write_gguf(path, model, tokenizer)
     started = time.perf_counter()
     if "n_layer" in claim:
-        with pytest.raises(GGUFError, match="llama.block_count claims 1,000,000 layers; "
-                                             "the tensors hold 2"):
+        with pytest.raises(GGUFError, match=r"llama\.block_count claims 1,000,000 layers; "
+                                             r"the tensors hold 2"):
             load_gguf(path)
     else:
         loaded, _ = load_gguf(path)

@@ -190,8 +190,8 @@ def test_a_config_claiming_a_million_layers_is_refused_before_any_is_built(tmp_p
     config["n_layer"] = 10**6
     (tmp_path / "config.json").write_text(json.dumps(config))
     started = time.perf_counter()
-    with pytest.raises(ModelLoadError, match="config.json claims 1,000,000 layers; the "
-                                             "tensors hold 2"):
+    with pytest.raises(ModelLoadError, match=r"config\.json claims 1,000,000 layers; the "
+                                             r"tensors hold 2"):
         load_model(tmp_path)
     assert time.perf_counter() - started < 1
 
