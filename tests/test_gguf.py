@@ -6,6 +6,9 @@ template from the metadata; the real SmolLM2 file in the slow tests."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +162,24 @@ def test_a_lying_gguf_header_costs_seconds_not_gigabytes(tmp_path, tokenizer, cl
         loaded, _ = load_gguf(path)
         assert len(loaded.get_buffer("rope_cos")) <= 4096
     assert time.perf_counter() - started < 2
+    # in a process of its own: how much its peak memory grows while the lie is read
+    script = ("import json, time\n"
+              "from gptflow.ml.gguf_io import GGUFError, load_gguf\n"
+              "def peak():\n"
+              "    return next(int(line.split()[1]) * 1024 for line in open('/proc/self/status')"
+              " if line.startswith('VmHWM'))\n"
+              f"load_gguf({str(tmp_path / 'honest.gguf')!r})\n"
+              "before, started = peak(), time.perf_counter()\n"
+              "try:\n"
+              f"    load_gguf({str(path)!r})\n"
+              "except GGUFError:\n"
+              "    pass\n"
+              "print(json.dumps([peak() - before, time.perf_counter() - started]))\n")
+    if Path("/proc/self/status").is_file():
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             timeout=120)
+        grew, seconds = json.loads(run.stdout.strip().splitlines()[-1])
+        assert grew < 500 << 20 and seconds < 2, (grew, seconds)
 
 
 @pytest.mark.parametrize(("damage", "expected"), [
