@@ -48,17 +48,15 @@ _FAILED: dict[str, str] = {}  # url -> why, for this process
 class Text:
     """A public text file with a pinned checksum."""
 
-    path: str  # under the upstream host; also where $GPTFLOW_DATA holds it, less the owner
-    local: str
+    path: str  # under the upstream host
+    local: str  # where a folder of $GPTFLOW_DATA holds it
     sha256: str
-    doc: str
 
 
 TEXTS: dict[str, Text] = {
     "tinyshakespeare": Text(
         "karpathy/char-rnn/master/data/tinyshakespeare/input.txt", "tinyshakespeare/input.txt",
-        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
-        "40,000 lines of Shakespeare, 1.1 MB (Karpathy's char-rnn)"),
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),  # 1.1 MB
 }
 
 
@@ -132,7 +130,7 @@ def _task(task: Task, value: str) -> Path:
     ref = cache_dir() / "data" / "refs" / f"{task.name}@{task.commit}"
     name = f"{task.name}.json"
     local = _local_task(task)
-    known = ref.read_text().strip() if ref.is_file() else ""
+    known = ref.read_text().strip() if local is None and ref.is_file() else ""
     cached = _blob(known, name) if re.fullmatch(r"[0-9a-f]{64}", known) else None
     if local is not None:
         raw, where = local.read_bytes(), str(local)
@@ -161,8 +159,8 @@ def _local_task(task: Task) -> Path | None:
     (in name order) with at least ``n``."""
     found = [p for folder in _local_folders()
              for p in sorted(folder.glob(f"natural-instructions*/{task.name}.json"))]
-    if not found:
-        return None
+    if len(found) < 2:  # nothing to choose between: no file parsed to count
+        return found[0] if found else None
     counts = {p: _instance_count(p) for p in found}
     enough = [p for p in found if task.n is not None and counts[p] >= task.n]
     return enough[0] if enough else max(found, key=counts.__getitem__)

@@ -99,7 +99,7 @@ def test_a_pinned_checksum_refuses_other_bytes(upstream, monkeypatch):
     path.parent.mkdir(parents=True)
     path.write_bytes(b"To be, or not to be?\n" * 100)  # not what was pinned
     monkeypatch.setitem(fetch.TEXTS, "play", fetch.Text(
-        "someone/texts/main/play.txt", "play/play.txt", hashlib.sha256(text).hexdigest(), "x"))
+        "someone/texts/main/play.txt", "play/play.txt", hashlib.sha256(text).hexdigest()))
     with pytest.raises(FetchError, match="not the pinned"):
         fetch.fetch("data:play")
     assert not list((fetch.cache_dir() / "data").glob("*/play.txt"))  # nothing kept

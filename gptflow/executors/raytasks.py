@@ -76,8 +76,8 @@ class Ray(Executor):
 
         self.ray = ray
         self.connected = not ray.is_initialized()  # by this executor, which disconnects
-        problem = unreachable(options.address, options.connect_timeout_s)
-        if self.connected and problem:
+        problem = self.connected and unreachable(options.address, options.connect_timeout_s)
+        if problem:
             raise ConnectionError(problem)
         if self.connected:  # num_cpus: a Ray of its own, whatever else runs here
             own = {"address": "local", "num_cpus": options.num_cpus} \

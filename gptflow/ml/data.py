@@ -106,8 +106,9 @@ def held_out_split(documents: int, fraction: float, split: str) -> str:
     validation empty (a single text file, a handful of documents)."""
     if split != "documents" or not fraction:
         return split
-    val = sum(is_val(i, fraction) for i in range(documents))
-    return split if 0 < val < documents else "tail"
+    some_val = any(is_val(i, fraction) for i in range(documents))
+    some_train = any(not is_val(i, fraction) for i in range(documents))  # both stop early
+    return split if some_val and some_train else "tail"
 
 
 class ShardWriter:

@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -272,8 +272,10 @@ def render_template(source: str, **context: Any) -> str:
     from jinja2.exceptions import TemplateError
 
     try:
+        template = _compiled(source)
+        template.environment.loop_items = 0  # each rendering has the whole budget
         pieces, written = [], 0
-        for piece in _chat_environment().from_string(source).generate(**context):
+        for piece in template.generate(**context):
             written += len(piece)
             if written > MAX_RENDER_CHARS:
                 raise TemplateError(f"writes more than {MAX_RENDER_CHARS:,} characters")
@@ -283,8 +285,15 @@ def render_template(source: str, **context: Any) -> str:
         raise ValueError(f"model chat template: {type(e).__name__}: {e}") from None
 
 
+@lru_cache(maxsize=8)
+def _compiled(source: str) -> Any:
+    """A chat template compiled once, in a sandboxed environment of its own that
+    holds its rendering budget (a model's template is rendered once per example)."""
+    return _chat_environment().from_string(source)
+
+
 def _chat_environment() -> Any:
-    """A sandboxed jinja2 environment of its own for one rendering, with its budget."""
+    """A sandboxed jinja2 environment with a loop budget that each rendering resets."""
     from jinja2.compiler import CodeGenerator, Frame
     from jinja2.exceptions import TemplateError
     from jinja2.ext import loopcontrols
